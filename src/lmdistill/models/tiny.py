@@ -1,0 +1,88 @@
+"""Small models and tokenizers built locally, with no hub: used by the demo and the tests.
+
+The tokenizer is a byte-level BPE trained on the given texts with a ChatML-style chat template, so it
+exercises the same code paths (chat templates, special tokens, padding) as a hub tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template:
+        wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def tiny_causal_lm(vocab_size: int, num_layers: int, hidden_size: int, num_heads: int = 4, seed: int = 0,
+                   max_position_embeddings: int = 512, tie_word_embeddings: bool = False, **extra) -> LlamaForCausalLM:
+    """A Llama-architecture causal LM of the given size, randomly initialised with a fixed seed."""
+    import torch
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def tiny_seq2seq_lm(vocab_size: int, num_layers: int, d_model: int, num_heads: int = 4, seed: int = 0) -> T5ForConditionalGeneration:
+    """A T5-architecture encoder-decoder of the given size, randomly initialised with a fixed seed."""
+    import torch
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_model * 4,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=num_heads,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config)
