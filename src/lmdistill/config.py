@@ -1,0 +1,347 @@
+"""The typed config for a whole pipeline: loaded from YAML or JSON, validated at load, saved as run.
+
+Layering: class defaults, then the file, then CLI overrides (`apply_overrides`). Unknown keys and wrong types fail
+at load with the key path, e.g. `stages[1].temperature: Input should be a valid number`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmdistill.errors import ConfigError
+
+LOGIT_LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "cross_entropy")
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors, and assignments (CLI overrides) are validated like the file."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- models
+class Quantization(Strict):
+    bits: Literal[4, 8] = Field(description="Load the teacher in 4-bit (nf4) or 8-bit through bitsandbytes.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class LoraSettings(Strict):
+    method: Literal["lora", "qlora", "adalora"] = "lora"
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (lora_alpha); unrelated to the CE weight alpha.")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge_on_save: bool = Field(True, description="Merge adapters into the weights when exporting final/.")
+
+
+class FromTeacher(Strict):
+    """Build the student from the teacher by keeping a subset of its layers (seed 000's 'reduce layers')."""
+
+    keep_layers: list[int] | None = None
+    num_layers: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.keep_layers is None) == (self.num_layers is None):
+            raise ValueError("give exactly one of keep_layers (list of layer indices) or num_layers (evenly spaced)")
+        return self
+
+
+class ModelSettings(Strict):
+    name: str | None = Field(None, description="Hub name or local folder (save_pretrained layout).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    quantization: Quantization | None = None
+    attn_implementation: Literal["eager", "sdpa"] | None = Field(
+        None, description="Attention kernel; the attention loss needs 'eager' (set automatically when it is used).")
+    trust_remote_code: bool = False
+
+
+class TeacherSettings(ModelSettings):
+    pass
+
+
+class StudentSettings(ModelSettings):
+    from_teacher: FromTeacher | None = None
+    lora: LoraSettings | None = None
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.name and self.from_teacher:
+            raise ValueError("give either name (a checkpoint) or from_teacher (layer dropping), not both")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- data
+class SourceSettings(Strict):
+    path: str = Field(description="File, folder, datasets save_to_disk folder, or hub dataset name.")
+    format: Literal["auto", "text", "alpaca", "pair", "dolly", "chat", "sharegpt", "seq2seq"] = "auto"
+    split: str = "train"
+    max_rows: int | None = Field(None, gt=0)
+
+
+class DataSettings(Strict):
+    sources: dict[str, SourceSettings] = Field(default_factory=dict, description="Named training sources.")
+    eval: dict[str, SourceSettings] = Field(default_factory=dict, description="Named evaluation sets.")
+    max_length: int = Field(512, gt=8)
+    strict: bool = Field(False, description="Fail on the first bad row instead of skipping and counting it.")
+    eval_max_rows: int | None = Field(256, gt=0, description="Cap on rows per eval set (None: all).")
+
+
+# --------------------------------------------------------------------------------------------------- losses
+class LogitTerm(Strict):
+    name: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "cross_entropy"]
+    weight: float = Field(1.0, ge=0)
+    beta: float | None = Field(None, ge=0, le=1, description="jsd only: interpolation (0 -> forward KL, 1 -> reverse).")
+    skew: float | None = Field(None, gt=0, lt=1, description="skew_kl / skew_reverse_kl only: DistiLLM's mixing alpha.")
+
+    @model_validator(mode="after")
+    def _params_belong(self):
+        if self.beta is not None and self.name != "jsd":
+            raise ValueError(f"beta applies to jsd only, not {self.name}")
+        if self.skew is not None and self.name not in ("skew_kl", "skew_reverse_kl"):
+            raise ValueError(f"skew applies to skew_kl/skew_reverse_kl only, not {self.name}")
+        return self
+
+    def params(self) -> dict[str, float]:
+        if self.name == "jsd":
+            return {"beta": 0.5 if self.beta is None else self.beta}
+        if self.name in ("skew_kl", "skew_reverse_kl"):
+            return {"alpha": 0.1 if self.skew is None else self.skew}
+        return {}
+
+
+class FeatureTerm(Strict):
+    name: Literal["feature"]
+    weight: float = Field(0.1, ge=0)
+    kind: Literal["mse", "cosine"] = "mse"
+    layers: Literal["uniform"] | list[tuple[int, int]] = Field(
+        "uniform", description="'uniform' or explicit [[student_layer, teacher_layer], ...] (1-based, 0 = embeddings).")
+
+
+class AttentionTerm(Strict):
+    name: Literal["attention"]
+    weight: float = Field(0.05, ge=0)
+    layers: Literal["uniform"] | list[tuple[int, int]] = "uniform"
+
+
+class ContrastiveTerm(Strict):
+    name: Literal["contrastive"]
+    weight: float = Field(0.05, ge=0)
+    temperature: float = Field(0.1, gt=0)
+
+
+_LOSS_TAGS = set(LOGIT_LOSS_NAMES) | {"feature", "attention", "contrastive"}
+LossTermSettings = Annotated[Union[LogitTerm, FeatureTerm, AttentionTerm, ContrastiveTerm], Field(discriminator="name")]
+
+
+# --------------------------------------------------------------------------------------------------- stages
+class ScheduleSettings(Strict):
+    kind: Literal["constant", "linear", "cosine"] = "linear"
+    source: str = Field(description="The source whose share follows the schedule.")
+    start: float = Field(ge=0, le=1)
+    end: float = Field(ge=0, le=1)
+
+
+class MixtureSettings(Strict):
+    weights: dict[str, float] = Field(default_factory=dict, description="Source name -> relative weight.")
+    schedule: ScheduleSettings | None = None
+
+
+class EvalDrivenSettings(Strict):
+    enabled: bool = True
+    sharpness: float = Field(1.0, gt=0)
+    min_weight: float = Field(0.05, ge=0, lt=1)
+
+
+class OnPolicySettings(Strict):
+    lmbda: float = Field(0.5, ge=0, le=1, description="Probability per batch that the student samples completions.")
+    seq_kd: bool = Field(False, description="When not on-policy, train on teacher generations (sequence-level KD).")
+
+
+class StageSettings(Strict):
+    name: str
+    kind: Literal["distill", "finetune", "non_policy", "policy"] = "distill"
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    gradient_accumulation_steps: int | None = Field(None, gt=0)
+    temperature: float = Field(1.0, gt=0, description="KD temperature inside the loss (T^2 scaling applied).")
+    alpha: float | None = Field(
+        None, ge=0, le=1, description="Seed-002 sugar: alpha*CE + (1-alpha)*KD, KD = the stage's first KD term.")
+    losses: list[LossTermSettings] = Field(default_factory=lambda: [LogitTerm(name="forward_kl")])
+    balance: Literal["none", "loss_scale", "gradnorm"] = "none"
+    mixture: MixtureSettings = Field(default_factory=MixtureSettings)
+    eval_driven_sampling: EvalDrivenSettings | None = None
+    teacher_source: Literal["live", "cache", "generations"] = "live"
+    onpolicy: OnPolicySettings | None = None
+    chunk_size: int | None = Field(None, gt=0, description="Tokens per loss chunk (memory bound); None: no chunking.")
+    fused: bool = Field(False, description="Compute logits inside the loss chunk by chunk (full logits never exist).")
+    eval_steps: int | None = Field(None, gt=0)
+    save_steps: int | None = Field(None, gt=0)
+    metric_for_best: str = "eval_loss"
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1.0
+        if self.kind == "finetune":
+            bad = [t.name for t in self.losses if t.name != "cross_entropy"]
+            if bad:
+                raise ValueError(f"a finetune stage trains on cross_entropy only; remove {bad} or use kind: distill")
+        if self.alpha is not None:
+            if not any(t.name not in ("cross_entropy",) and isinstance(t, LogitTerm) for t in self.losses):
+                raise ValueError("alpha weighs CE against a KD term, but the stage lists no logit KD term")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- training
+class TrainingSettings(Strict):
+    """Defaults every stage inherits unless the stage sets its own value."""
+
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(8, gt=0)
+    eval_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    optimizer: Literal["adamw", "sgd", "adafactor"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    clip_grad_norm: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+    fp16: bool = False
+    bf16: bool = False
+    no_cuda: bool = Field(False, description="Train on CPU even when CUDA is present.")
+    seed: int = 42
+    logging_steps: int = Field(10, gt=0)
+    save_every: int | None = Field(None, gt=0, description="Save a checkpoint every N steps (per stage).")
+    save_total_limit: int | None = Field(2, gt=0)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+
+    @model_validator(mode="after")
+    def _precision(self):
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 are exclusive; choose one")
+        return self
+
+
+class GenerationSettings(Strict):
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (not the KD temperature).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    do_sample: bool = True
+    thinking_prob: float = Field(0.5, ge=0, le=1)
+
+
+class PipelineConfig(Strict):
+    task_type: Literal["auto", "causal", "seq2seq"] = "auto"
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    student: StudentSettings = Field(default_factory=StudentSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    stages: list[StageSettings]
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    output_dir: str = "./lmdistill_output"
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, stages):
+        if not stages:
+            raise ValueError("the stage list is empty; add at least one stage (see `lmdistill init --preset simple`)")
+        names = [s.name for s in stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {dupes}")
+        return stages
+
+    @model_validator(mode="after")
+    def _references(self):
+        known = set(self.data.sources)
+        for i, stage in enumerate(self.stages):
+            for src in list(stage.mixture.weights) + ([stage.mixture.schedule.source] if stage.mixture.schedule else []):
+                if src not in known:
+                    raise ValueError(f"stages[{i}].mixture names source {src!r}, but data.sources has {sorted(known)}")
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(stage.kind != "finetune" for stage in self.stages)
+
+    def stage_value(self, stage: StageSettings, key: str) -> Any:
+        """A stage's own value, or the training default when the stage leaves it unset."""
+        value = getattr(stage, key)
+        return getattr(self.training, key) if value is None else value
+
+
+# --------------------------------------------------------------------------------------------------- load / save
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    path, previous = "", None
+    for part in first["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(previous, int) and part in _LOSS_TAGS:
+            pass  # the union member pydantic tried (a loss name): noise for a user
+        else:
+            path += f".{part}" if path else str(part)
+        previous = part
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; `lmdistill init` writes every key with comments)"
+    more = len(err.errors()) - 1
+    return f"{source}: {path or '<root>'}: {msg}" + (f" (and {more} more problem(s))" if more else "")
+
+
+def config_from_dict(data: dict, source: str = "config") -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (create one with `lmdistill init --preset simple -o {path}`)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        # YAML 1.1 reads `5e-5` as a string; 1.2 (and JSON) read it as a number. We load with a resolver that
+        # follows 1.2 here so a learning rate written the way everyone writes it is a number.
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Yaml12Loader)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot parse: {str(err).splitlines()[0]}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty")
+    return data
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    return config_from_dict(read_config_file(path), source=str(path))
+
+
+def save_config(config: PipelineConfig, path: str | Path) -> None:
+    path = Path(path)
+    data = config.model_dump(mode="json", exclude_none=True)
+    text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    pass
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
