@@ -1,0 +1,113 @@
+"""Evaluate several models (roles such as teacher, student_before, student_after, baseline) on the same data
+and keep the numbers in RUN_DIR/metrics.json for the report.
+
+metrics.json maps role -> flat metrics, keys with a slash where a metric has a qualifier:
+  perplexity/<eval set>, top1_agreement/<eval set>, mean_kl/<eval set>   (agreement and KL against the teacher)
+  rouge_l, exact_match                                                   (greedy generations vs references)
+  params, memory_mb, disk_mb, tokens_per_s/batch1, tokens_per_s/batch8   (size and speed)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from lmdistill.errors import LmdistillError
+from lmdistill.eval.metrics import agreement_and_kl, exact_match, generate_continuations, perplexity, rouge_l
+from lmdistill.eval.speed import size_and_speed
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+# The roles the report knows, in the order its table shows them; any other role follows these.
+KNOWN_ROLES = ("teacher", "student_before", "student_after", "baseline")
+# References of at most this many words are short answers, for which exact match means something.
+SHORT_ANSWER_WORDS = 8
+_SPEED_PROMPT_TOKENS = 32
+
+
+def _speed_prompts(tokenizer, generation_prompts: Sequence | None,
+                   eval_sets: Mapping[str, Sequence[dict]]) -> list[list[int]]:
+    """Token ids used to time generation: the generation prompts, else the prompt part of up to 8 eval examples
+    (their first tokens when an example has no prompt)."""
+    if generation_prompts:
+        return [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in generation_prompts]
+    for examples in eval_sets.values():
+        return [list(ex["input_ids"][:ex.get("prompt_length") or _SPEED_PROMPT_TOKENS]) for ex in examples[:8]]
+    return []
+
+
+def evaluate_models(models: Mapping[str, torch.nn.Module], tokenizer, eval_sets: Mapping[str, Sequence[dict]],
+                    teacher: torch.nn.Module | None = None, generation_prompts: Sequence | None = None,
+                    references: Sequence[str] | None = None, *, model_dirs: Mapping[str, str | Path] | None = None,
+                    batch_size: int = 8, max_new_tokens: int = 64, score_exact_match: bool | None = None,
+                    measure_speed: bool = True, speed_new_tokens: int = 32) -> dict[str, dict[str, float]]:
+    """Every metric for every model role.
+
+    models: role -> model; `teacher` (which may also be one of `models`) is the reference for top-1 agreement
+    and KL, computed for every other model. eval_sets: name -> encoded examples. generation_prompts (texts or
+    token ids) are answered greedily with up to `max_new_tokens`; with `references` (one per prompt) they are
+    scored by ROUGE-L, and by exact match when `score_exact_match` is True or, when None, when every reference
+    has at most SHORT_ANSWER_WORDS words. model_dirs: role -> saved folder, for the size on disk.
+    Returns role -> {metric: value} (see the module docstring for the keys).
+    """
+    if references is not None and generation_prompts is None:
+        raise LmdistillError("references given without generation prompts: pass the prompts they answer")
+    if score_exact_match is None and references:
+        score_exact_match = all(len(r.split()) <= SHORT_ANSWER_WORDS for r in references)
+    speed_prompts = _speed_prompts(tokenizer, generation_prompts, eval_sets) if measure_speed else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    results: dict[str, dict[str, float]] = {}
+    for role, model in models.items():
+        logger.info("evaluating %s", role)
+        row = size_and_speed(model, speed_prompts, folder=(model_dirs or {}).get(role),
+                             max_new_tokens=speed_new_tokens, pad_token_id=pad_id)
+        for name, examples in eval_sets.items():
+            row[f"perplexity/{name}"] = perplexity(model, examples, batch_size)
+            if teacher is not None and model is not teacher:
+                scores = agreement_and_kl(teacher, model, examples, batch_size)
+                row[f"top1_agreement/{name}"] = scores["top1_agreement"]
+                row[f"mean_kl/{name}"] = scores["mean_kl"]
+        if generation_prompts:
+            predictions = generate_continuations(model, tokenizer, generation_prompts, max_new_tokens, batch_size)
+            if references is not None:
+                row["rouge_l"] = rouge_l(predictions, references)
+                if score_exact_match:
+                    row["exact_match"] = exact_match(predictions, references)
+        logger.info("%s: %s", role, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        results[role] = row
+    return results
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, dict[str, float]]:
+    """RUN_DIR/metrics.json as role -> metrics; {} when the run has not been evaluated yet."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LmdistillError(f"{path} is not valid JSON ({err}): delete it and run `lmdistill eval` again") from err
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise LmdistillError(f"{path} should map each model role to its metrics: delete it and run "
+                             f"`lmdistill eval` again")
+    return data
+
+
+def write_metrics(run_dir: str | Path, metrics: Mapping[str, Mapping[str, float]], merge: bool = True) -> Path:
+    """Write role -> metrics to RUN_DIR/metrics.json atomically (temp file + rename). With `merge`, roles already
+    in the file and not in `metrics` are kept, so evaluations after each stage accumulate."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = read_metrics(run_dir) if merge else {}
+    data.update({role: dict(values) for role, values in metrics.items()})
+    path = run_dir / METRICS_FILE
+    tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
