@@ -1,0 +1,195 @@
+"""The `lmdistill` command line: parse -> config -> pipeline. No training logic lives here.
+
+User mistakes (LmdistillError) print one line and exit 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from lmdistill.errors import ConfigError, LmdistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Distill a large language model (teacher) into a smaller one (student).")
+console = Console(stderr=True)
+PRESETS = {"multistage": "multistage.yaml", "strong-to-weak": "strong_to_weak.yaml", "simple": "simple.yaml",
+           "finetune": "finetune.yaml"}
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def preset_text(name: str) -> str:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return resources.files("lmdistill.presets").joinpath(PRESETS[name]).read_text(encoding="utf-8")
+
+
+def _opt(*names: str, help: str, **kw):
+    """An option spelled both ways (--teacher-model and --teacher_model), as the seeds' users type them."""
+    spellings = []
+    for name in names:
+        spellings += [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+    return typer.Option(None, *spellings, help=help, show_default=False, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ init
+@app.command()
+def init(preset: str = typer.Option("simple", "--preset", "-p", help=f"One of: {', '.join(PRESETS)}."),
+         output: Path = typer.Option(Path("lmdistill.yaml"), "--output", "-o", help="Where to write the config.")):
+    """Write a commented config for a preset (seed 003's --create_config)."""
+    text = preset_text(preset)
+    if output.exists():
+        raise ConfigError(f"{output} exists; choose another --output or remove it")
+    output.write_text(text, encoding="utf-8")
+    console.print(f"wrote {output} (preset {preset}); edit it, then: lmdistill run {output}")
+
+
+# ------------------------------------------------------------------------------------------------ run
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def run(
+    config: Optional[Path] = typer.Argument(None, help="Pipeline config (YAML or JSON). Without one, the `simple` "
+                                                       "preset is used and flags fill it in."),
+    config_opt: Optional[Path] = _opt("config", help="Same as the CONFIG argument (seed 003 spelling)."),
+    stage: str = typer.Option("all", "--stage", help="all | non_policy | policy | test (test: load models and data, "
+                                                     "print a summary, train nothing)."),
+    create_config: Optional[Path] = _opt("create_config", help="Write the `strong-to-weak` preset here and exit."),
+    teacher_model: Optional[str] = _opt("teacher_model", help="Teacher: hub name or local folder."),
+    student_model: Optional[str] = _opt("student_model", help="Student: hub name or local folder."),
+    pretrained_student: Optional[str] = _opt("pretrained_student", help="Start from this student checkpoint."),
+    output_dir: Optional[str] = _opt("output_dir", help="Run directory."),
+    general_dataset: Optional[str] = _opt("general_dataset", help="Source `general`."),
+    domain_dataset: Optional[str] = _opt("domain_dataset", "finance_dataset", "medical_dataset",
+                                         help="Source `domain` (aliases --finance_dataset, --medical_dataset)."),
+    general_csv_path: Optional[str] = _opt("general_csv_path", help="Source `general` from a CSV file."),
+    medical_csv_path: Optional[str] = _opt("medical_csv_path", help="Source `domain` from a CSV file."),
+    eval_csv_path: Optional[str] = _opt("eval_csv_path", help="Eval set `eval` from a CSV file."),
+    dataset: Optional[str] = _opt("dataset", help="The single training source (seed 004)."),
+    num_samples: Optional[int] = _opt("num_samples", help="Cap rows per source."),
+    task_type: Optional[str] = _opt("task_type", help="causal | seq2seq."),
+    max_length: Optional[int] = _opt("max_length", help="Max tokens per example."),
+    batch_size: Optional[int] = _opt("batch_size", help="Per-device batch size (every stage)."),
+    gradient_accumulation_steps: Optional[int] = _opt("gradient_accumulation_steps", help="Micro-batches per update."),
+    optimizer: Optional[str] = _opt("optimizer", help="adamw | sgd | adafactor."),
+    learning_rate: Optional[float] = _opt("learning_rate", help="Peak learning rate (every stage)."),
+    weight_decay: Optional[float] = _opt("weight_decay", help="Weight decay."),
+    temperature: Optional[float] = _opt("temperature", help="KD temperature (every stage)."),
+    epochs: Optional[float] = _opt("epochs", help="Epochs (every stage)."),
+    warmup_ratio: Optional[float] = _opt("warmup_ratio", help="Warmup share of the steps."),
+    lr_scheduler_type: Optional[str] = _opt("lr_scheduler_type", help="linear | cosine | constant | ..."),
+    clip_grad_norm: Optional[float] = _opt("clip_grad_norm", help="Max gradient norm (0: off)."),
+    vocab_chunk_size: Optional[int] = _opt("vocab_chunk_size", help="Tokens per loss chunk (bounds loss memory)."),
+    save_every: Optional[int] = _opt("save_every", help="Checkpoint every N steps."),
+    log_interval: Optional[int] = _opt("log_interval", help="Log every N steps."),
+    seed: Optional[int] = _opt("seed", help="Seed for everything."),
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 mixed precision (CUDA only)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 mixed precision."),
+    no_cuda: bool = typer.Option(False, "--no-cuda", "--no_cuda", help="Train on CPU even with a GPU."),
+    use_lora: bool = typer.Option(False, "--use-lora", "--use_lora", help="Train LoRA adapters on the student."),
+    use_wandb: bool = typer.Option(False, "--use-wandb", "--use_wandb", help="Also log to Weights & Biases."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad data row."),
+    start_stage: Optional[int] = _opt("start_stage", help="First stage to run (1-based)."),
+    end_stage: Optional[int] = _opt("end_stage", help="Last stage to run (1-based)."),
+    checkpoint_path: Optional[str] = _opt("checkpoint_path", help="Student checkpoint the first run stage starts from."),
+):
+    """Run a distillation pipeline (all stages, a slice, or `--stage test`). Re-running resumes."""
+    from lmdistill.config import apply_overrides, config_from_dict, read_config_file
+
+    if create_config is not None:
+        create_config.write_text(preset_text("strong-to-weak"), encoding="utf-8")
+        console.print(f"wrote {create_config}")
+        return
+    if stage not in ("all", "non_policy", "policy", "test"):
+        raise ConfigError(f"--stage must be all, non_policy, policy or test, not {stage!r}")
+    path = config or config_opt
+    raw = read_config_file(path) if path else _preset_dict("simple")
+    flags = {k: v for k, v in locals().items() if k in _FLAG_NAMES}
+    resolved = config_from_dict(apply_overrides(raw, flags), source=str(path or "flags"))
+    if stage == "test":
+        from lmdistill.train.summary import print_summary
+
+        print_summary(resolved, console)
+        return
+    from lmdistill.train.pipeline import run_pipeline
+
+    run_dir = run_pipeline(resolved, start_stage=start_stage, end_stage=end_stage,
+                           checkpoint_path=checkpoint_path or pretrained_student, kinds=stage)
+    console.print(f"done: {run_dir}")
+
+
+_FLAG_NAMES = {
+    "teacher_model", "student_model", "output_dir", "general_dataset", "domain_dataset", "general_csv_path",
+    "medical_csv_path", "eval_csv_path", "dataset", "num_samples", "task_type", "max_length", "batch_size",
+    "gradient_accumulation_steps", "optimizer", "learning_rate", "weight_decay", "temperature", "epochs",
+    "warmup_ratio", "lr_scheduler_type", "clip_grad_norm", "vocab_chunk_size", "save_every", "log_interval", "seed",
+    "fp16", "bf16", "no_cuda", "use_lora", "use_wandb", "strict",
+}
+
+
+def _preset_dict(name: str) -> dict:
+    import yaml
+
+    from lmdistill.config import _Yaml12Loader
+
+    return yaml.load(preset_text(name), Loader=_Yaml12Loader)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@app.command()
+def data(path: str = typer.Argument(..., help="File, folder, datasets folder or hub dataset name."),
+         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder or hub name."),
+         max_length: int = typer.Option(512, "--max-length", "--max_length", help="Max tokens per example."),
+         strict: bool = typer.Option(False, "--strict", help="Fail on the first bad row."),
+         as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")):
+    """Detect a dataset's format, load and tokenize it, and summarise what training would see."""
+    from lmdistill.data.summary import summarize_data
+    from lmdistill.models.load import load_tokenizer
+
+    if tokenizer is None:
+        raise ConfigError("--tokenizer is required (a tokenizer folder or hub name) to count and mask tokens")
+    summary = summarize_data(path, load_tokenizer(tokenizer), max_length=max_length, strict=strict)
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return
+    console.print(f"[bold]{path}[/]: format {summary['format']}, rows {summary['rows']}, kept {summary['kept']}, "
+                  f"skipped {summary['skipped'] or 0}")
+    console.print("example (trained-on tokens in [[ ]]):")
+    console.print(summary["example"], markup=False, highlight=False)
+
+
+def main() -> None:
+    _setup_logging()
+    try:
+        app(standalone_mode=False)
+    except LmdistillError as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as err:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""From a pipeline config and one stage to transformers.TrainingArguments: everything Trainer already does stays
+Trainer's (accumulation, precision, optimizers, schedules, clipping, checkpoints, logging backends)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from lmdistill.config import PipelineConfig, StageSettings
+from lmdistill.errors import ConfigError
+
+_OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
+
+
+def check_precision(config: PipelineConfig) -> None:
+    if config.training.fp16 and (config.training.no_cuda or not torch.cuda.is_available()):
+        raise ConfigError("--fp16 needs a CUDA GPU, and none is available here; drop --fp16 or use --bf16 "
+                          "(bf16 runs on CPU)")
+
+
+def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage_dir: Path,
+                             has_eval: bool) -> TrainingArguments:
+    t = config.training
+    eval_steps = stage.eval_steps
+    save_steps = stage.save_steps or t.save_every
+    kwargs = dict(
+        output_dir=str(stage_dir),
+        learning_rate=config.stage_value(stage, "learning_rate"),
+        per_device_train_batch_size=config.stage_value(stage, "batch_size"),
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=config.stage_value(stage, "gradient_accumulation_steps"),
+        optim=_OPTIMIZERS[t.optimizer],
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_ratio=t.warmup_ratio,
+        max_grad_norm=t.clip_grad_norm,
+        fp16=t.fp16,
+        bf16=t.bf16,
+        use_cpu=t.no_cuda or not torch.cuda.is_available(),
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=list(t.report_to) or "none",
+        # Mixture datasets are drawn in schedule order: reading them in sequence keeps the schedule, and resume then
+        # reproduces the same batches.
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        dataloader_num_workers=0,
+    )
+    if stage.max_steps:
+        kwargs["max_steps"] = stage.max_steps
+    else:
+        kwargs["num_train_epochs"] = stage.epochs
+    if save_steps:
+        kwargs.update(save_strategy="steps", save_steps=save_steps)
+    else:
+        kwargs.update(save_strategy="epoch")
+    if has_eval:
+        strategy = "steps" if eval_steps or save_steps else "epoch"
+        kwargs.update(eval_strategy=strategy, load_best_model_at_end=True, metric_for_best_model=stage.metric_for_best,
+                      greater_is_better=not stage.metric_for_best.endswith("loss"))
+        if strategy == "steps":
+            # Trainer requires save steps to be a multiple of eval steps when it keeps the best model.
+            eval_steps = eval_steps or save_steps
+            kwargs.update(eval_steps=eval_steps, save_strategy="steps", save_steps=save_steps or eval_steps)
+            if kwargs["save_steps"] % eval_steps:
+                raise ConfigError(f"stages[{stage.name}]: save_steps ({kwargs['save_steps']}) must be a multiple of "
+                                  f"eval_steps ({eval_steps}) so the best checkpoint can be kept")
+    return TrainingArguments(**kwargs)

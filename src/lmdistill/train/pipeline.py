@@ -1,0 +1,220 @@
+"""The multi-stage pipeline: load once, run each stage from the previous stage's best student, resume on re-run.
+
+    run_pipeline(config)
+      prepare()          tokenizers, vocab check, data, teacher
+      for each stage:    skip if done; student <- previous best; train (resume from last checkpoint); save best/final
+      finish()           export final/, state, (evaluation and report when available)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmdistill.config import PipelineConfig, StageSettings, save_config
+from lmdistill.data.collate import DistillCollator
+from lmdistill.data.formats import load_source
+from lmdistill.data.tokenize import encode_rows
+from lmdistill.errors import ConfigError
+from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_model, load_student, load_tokenizer,
+                                   resolve_device)
+from lmdistill.models.vocab import check_same_vocab
+from lmdistill.train.args import check_precision, stage_training_arguments
+from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
+                                   stage_draws, stage_sources)
+from lmdistill.train.state import PipelineState, replace_dir_atomic
+from lmdistill.train.trainer import DistillationTrainer
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "lmdistill_config.yaml"
+STAGE_KINDS = {"all": None, "non_policy": {"non_policy"}, "policy": {"policy"}}
+
+
+@dataclass
+class Prepared:
+    """What every stage shares: loaded once per run."""
+
+    task_type: str
+    tokenizer: object
+    sources: dict[str, list[dict]]
+    eval_sets: dict[str, list[dict]]
+    teacher: torch.nn.Module | None
+    shared_vocab: int | None
+    device: torch.device
+    data_report: dict[str, dict] = field(default_factory=dict)
+
+
+def student_tokenizer_name(config: PipelineConfig) -> str:
+    name = config.student.name or config.teacher.name
+    if not name:
+        raise ConfigError("student.name is not set (and no teacher to build it from); set student.name or teacher.name")
+    return name
+
+
+def load_data(config: PipelineConfig, tokenizer, task_type: str) -> tuple[dict, dict, dict]:
+    sources, eval_sets, report = {}, {}, {}
+    for group, target, max_rows_default in (("sources", sources, None), ("eval", eval_sets, config.data.eval_max_rows)):
+        for name, settings in getattr(config.data, group).items():
+            loaded = load_source(settings.path, format=settings.format, split=settings.split,
+                                 max_rows=settings.max_rows or max_rows_default, strict=config.data.strict)
+            encoded = encode_rows(loaded.rows, tokenizer, max_length=config.data.max_length, task_type=task_type,
+                                  strict=config.data.strict, source_name=name)
+            target[name] = encoded.examples
+            skipped = dict(loaded.skipped) | {k: v + loaded.skipped.get(k, 0) for k, v in encoded.skipped.items()}
+            report[name] = {"format": loaded.format, "rows": len(loaded.rows) + sum(loaded.skipped.values()),
+                            "kept": len(encoded.examples), "skipped": skipped}
+            if skipped:
+                firsts = (loaded.first_skipped + encoded.first_skipped)[:3]
+                log.warning("source %s: skipped %s; first: %s", name, skipped, firsts)
+    return sources, eval_sets, report
+
+
+def prepare(config: PipelineConfig, load_teacher: bool = True) -> Prepared:
+    check_precision(config)
+    device = resolve_device("auto", no_cuda=config.training.no_cuda)
+    student_name = student_tokenizer_name(config)
+    task_type = config.task_type if config.task_type != "auto" else detect_task_type(student_name)
+    tokenizer = load_tokenizer(student_name)
+    teacher, shared_vocab = None, None
+    if config.needs_teacher and load_teacher and config.teacher.name:
+        teacher_tokenizer = load_tokenizer(config.teacher.name)
+        teacher_device = resolve_device(config.teacher.device, no_cuda=config.training.no_cuda)
+        teacher = freeze(load_model(config.teacher, task_type, device=teacher_device))
+        student_rows = teacher.get_output_embeddings().weight.shape[0]
+        if config.student.name:
+            from transformers import AutoConfig
+
+            student_rows = AutoConfig.from_pretrained(config.student.name).vocab_size
+        shared_vocab = check_same_vocab(teacher_tokenizer, tokenizer, teacher.get_output_embeddings().weight.shape[0],
+                                        student_rows)
+    elif config.needs_teacher and load_teacher:
+        raise ConfigError("the stages distill from a teacher, but teacher.name is not set (or use --teacher_model)")
+    sources, eval_sets, report = load_data(config, tokenizer, task_type)
+    return Prepared(task_type, tokenizer, sources, eval_sets, teacher, shared_vocab, device, report)
+
+
+def selected_stages(config: PipelineConfig, start_stage: int | None, end_stage: int | None,
+                    kinds: str = "all") -> list[tuple[int, StageSettings]]:
+    """1-based slice of the stage list, then filtered by kind (seed 003's --stage non_policy|policy)."""
+    n = len(config.stages)
+    start, end = start_stage or 1, end_stage or n
+    if not 1 <= start <= end <= n:
+        raise ConfigError(f"--start_stage {start} / --end_stage {end} must satisfy 1 <= start <= end <= {n}")
+    chosen = [(i, s) for i, s in enumerate(config.stages, start=1) if start <= i <= end]
+    wanted = STAGE_KINDS[kinds]
+    if wanted is not None:
+        chosen = [(i, s) for i, s in chosen if s.kind in wanted]
+        if not chosen:
+            raise ConfigError(f"--stage {kinds}: this config has no stage of kind {kinds!r} (its kinds: "
+                              f"{sorted({s.kind for s in config.stages})}); see `lmdistill init --preset strong-to-weak`")
+    return chosen
+
+
+def _save_model_dir(model, tokenizer, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    replace_dir_atomic(tmp, target)
+
+
+def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
+    """A Trainer checkpoint minus optimizer/scheduler/rng state: the weights (or adapters) and the tokenizer."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "aux_terms.pt"}
+    shutil.copytree(checkpoint, tmp, ignore=lambda d, names: [n for n in names if n in skip or n.startswith("rng_state")])
+    tokenizer.save_pretrained(tmp)
+    replace_dir_atomic(tmp, target)
+
+
+def _last_checkpoint(stage_dir: Path) -> Path | None:
+    checkpoints = [p for p in stage_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+
+
+def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSettings, run_dir: Path,
+              start_from: str | None) -> tuple[str, str, float | None]:
+    """Train one stage; returns (best_path, final_path, best_metric)."""
+    import json
+
+    stage_dir = run_dir / stage.name
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    teacher = prep.teacher if stage.kind != "finetune" else None
+    student = load_student(config.student, prep.task_type, device=prep.device, teacher=prep.teacher,
+                           checkpoint=start_from)
+    if config.student.lora is not None:
+        student = apply_lora(student, config.student.lora, prep.task_type,
+                             total_steps=stage.max_steps or None)
+    objective = build_objective(stage)
+    aux = build_aux(stage, student, teacher) if teacher is not None else build_aux(stage, student, None)
+    train_dataset = build_train_dataset(config, stage, prep.sources)
+    eval_examples = [ex for rows in prep.eval_sets.values() for ex in rows]
+    args = stage_training_arguments(config, stage, stage_dir, has_eval=bool(eval_examples))
+    trainer = DistillationTrainer(
+        model=student, args=args, train_dataset=train_dataset,
+        eval_dataset=ListDataset(eval_examples) if eval_examples else None,
+        data_collator=DistillCollator(prep.tokenizer.pad_token_id, task_type=prep.task_type),
+        processing_class=prep.tokenizer, objective=objective, teacher=teacher if objective.needs_teacher or (
+            aux.needs_hidden or aux.needs_attentions) else None, aux=aux, balancer=build_balancer(stage),
+        task_type=prep.task_type, shared_vocab=prep.shared_vocab, fused=stage.fused,
+    )
+    resume = _last_checkpoint(stage_dir)
+    if resume:
+        log.info("stage %s: resuming from %s", stage.name, resume)
+    log.info("stage %d/%d %s: %d draws from %s, losses %s, T=%s", index, len(config.stages), stage.name,
+             len(train_dataset), list(stage_sources(stage, prep.sources)[0]),
+             [(t.name, t.weight) for t in objective.terms], stage.temperature)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    (stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    final_dir, best_dir = stage_dir / "final", stage_dir / "best"
+    _save_model_dir(trainer.model, prep.tokenizer, final_dir)
+    best_ckpt = trainer.state.best_model_checkpoint
+    if best_ckpt and Path(best_ckpt).exists():
+        _copy_checkpoint_model(Path(best_ckpt), prep.tokenizer, best_dir)
+    else:
+        _save_model_dir(trainer.model, prep.tokenizer, best_dir)
+    return str(best_dir), str(final_dir), trainer.state.best_metric
+
+
+def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_stage: int | None = None,
+                 checkpoint_path: str | None = None, kinds: str = "all") -> Path:
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    stages = selected_stages(config, start_stage, end_stage, kinds)
+    state = PipelineState.load(run_dir)
+    prep = prepare(config)
+    start_from = checkpoint_path
+    if start_from is None and stages[0][0] > 1:
+        # A slice starting later continues from the previous stage's best, when the run has it.
+        previous = state.record(config.stages[stages[0][0] - 2].name)
+        start_from = previous.best_path
+    for index, stage in stages:
+        rec = state.record(stage.name)
+        if rec.status == "done" and rec.best_path and Path(rec.best_path).exists():
+            log.info("stage %s already done; its best student is %s", stage.name, rec.best_path)
+            start_from = rec.best_path
+            continue
+        rec.status = "running"
+        state.save(run_dir)
+        best, final, metric = run_stage(config, prep, index, stage, run_dir, start_from)
+        rec.status, rec.best_path, rec.final_path = "done", best, final
+        rec.best_metric, rec.metric_name = metric, stage.metric_for_best
+        state.save(run_dir)
+        start_from = best
+    final_dir = run_dir / "final"
+    from lmdistill.models.load import load_student as _load
+
+    final_model = _load(config.student, prep.task_type, device=prep.device, teacher=prep.teacher, checkpoint=start_from)
+    if hasattr(final_model, "merge_and_unload") and (config.student.lora is None or config.student.lora.merge_on_save):
+        final_model = final_model.merge_and_unload()
+    _save_model_dir(final_model, prep.tokenizer, final_dir)
+    state.final_path = str(final_dir)
+    state.save(run_dir)
+    return run_dir

@@ -1,0 +1,250 @@
+"""DistillationTrainer: transformers.Trainer plus a frozen teacher and a distillation objective.
+
+Only `compute_loss` (and a thin `training_step` guard for non-finite losses) is overridden; accumulation, precision,
+optimizers, schedules, clipping, checkpoints, resume and logging are Trainer's own.
+
+Normalisation: every logit term is a sum over counted tokens divided by `num_items_in_batch`, which Trainer counts over
+the whole accumulated batch (after the causal shift), so N micro-batches give the same update as one batch N times
+larger. We therefore tell Trainer the loss is already scaled for accumulation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from lmdistill.errors import TrainingError
+from lmdistill.losses import DistillObjective, LossBalancer
+
+log = logging.getLogger(__name__)
+
+MAX_NONFINITE_IN_A_ROW = 3
+
+
+@dataclass
+class AuxTerms:
+    """Hidden-state terms beside the logit objective: name -> (module or function, weight)."""
+
+    feature: nn.Module | None = None
+    attention: object | None = None  # callable(student_attentions, teacher_attentions, attention_mask) -> loss
+    contrastive: nn.Module | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.feature is not None or self.contrastive is not None
+
+    @property
+    def needs_attentions(self) -> bool:
+        return self.attention is not None
+
+
+class TeacherCacheLookup:
+    """Interface for an offline teacher: top-k ids/log-probs for a batch of example ids (see lmdistill.teacher)."""
+
+    cache_temperature: float = 1.0
+    tail: str = "bucket"
+
+    def lookup(self, example_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body (returns normed last hidden states) and the output layer of a causal LM (peft or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+def _softcap(model: nn.Module) -> float | None:
+    return getattr(model.config, "final_logit_softcapping", None)
+
+
+class DistillationTrainer(Trainer):
+    def __init__(self, *args, objective: DistillObjective, teacher: nn.Module | None = None,
+                 aux: AuxTerms | None = None, balancer: LossBalancer | None = None, task_type: str = "causal",
+                 shared_vocab: int | None = None, fused: bool = False, teacher_cache: TeacherCacheLookup | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if objective.needs_teacher and teacher is None and teacher_cache is None:
+            raise TrainingError("the stage's losses need a teacher, but neither a live teacher nor a cache was given")
+        if fused and task_type != "causal":
+            raise TrainingError("fused: true is for causal LMs; seq2seq stages use the chunked path (chunk_size)")
+        self.teacher = teacher
+        self.teacher_cache = teacher_cache
+        self.objective = objective
+        self.aux = aux or AuxTerms()
+        self.balancer = balancer or LossBalancer(mode="none")
+        self.task_type = task_type
+        self.shared_vocab = shared_vocab
+        self.fused = fused
+        # Our compute_loss divides by the token count of the whole accumulated batch itself.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self._loss_shifts_labels = task_type == "causal"
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_counts: dict[str, int] = defaultdict(int)
+        self._nonfinite_in_a_row = 0
+        self._skip_optimizer_step = False
+
+    # ------------------------------------------------------------------ optimiser: trainable projections + skip guard
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        extra = [p for module in (self.aux.feature, self.aux.contrastive) if module is not None
+                 for p in module.parameters() if p.requires_grad]
+        if extra:
+            # Projections learned with the student (feature/contrastive widths differ): same lr, no weight decay.
+            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        step = optimizer.step
+
+        def guarded_step(*a, **kw):
+            if self._skip_optimizer_step:
+                self._skip_optimizer_step = False
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            return step(*a, **kw)
+
+        optimizer.step = guarded_step
+        return optimizer
+
+    # ------------------------------------------------------------------ forward passes
+    def _forward(self, model: nn.Module, inputs: dict, labels: torch.Tensor, *, body_only: bool):
+        kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        wants_hidden = self.aux.needs_hidden
+        if self.task_type == "seq2seq":
+            kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            kwargs["output_hidden_states"] = wants_hidden
+            kwargs["output_attentions"] = self.aux.needs_attentions
+            return model(**kwargs)
+        if body_only:
+            body, _ = _decoder_and_head(model)
+            return body(**kwargs, output_hidden_states=wants_hidden, output_attentions=self.aux.needs_attentions)
+        return model(**kwargs, output_hidden_states=wants_hidden, output_attentions=self.aux.needs_attentions)
+
+    def _teacher_outputs(self, inputs: dict, labels: torch.Tensor):
+        with torch.no_grad():
+            return self._forward(self.teacher, inputs, labels, body_only=self.fused)
+
+    # ------------------------------------------------------------------ the loss
+    @property
+    def _needs_teacher_forward(self) -> bool:
+        if self.teacher is None:
+            return False
+        logits_from_teacher = self.objective.needs_teacher and self.teacher_cache is None
+        return logits_from_teacher or self.aux.needs_hidden or self.aux.needs_attentions
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        example_ids = inputs.get("example_id")
+        student_out = self._forward(model, inputs, labels, body_only=self.fused)
+        teacher_out = self._teacher_outputs(inputs, labels) if self._needs_teacher_forward else None
+
+        shift = self.task_type == "causal"
+        target = labels[:, 1:] if shift else labels
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(labels.device)
+
+        if self.fused:
+            s_body, s_head = _decoder_and_head(model)
+            out = self.objective.fused(
+                student_out.last_hidden_state[:, :-1], s_head.weight, s_head.bias,
+                teacher_out.last_hidden_state[:, :-1] if teacher_out is not None else None,
+                _decoder_and_head(self.teacher)[1].weight if teacher_out is not None else None,
+                _decoder_and_head(self.teacher)[1].bias if teacher_out is not None else None,
+                target, num_items=num_items_in_batch,
+                student_softcap=_softcap(model), teacher_softcap=_softcap(self.teacher) if self.teacher else None)
+        else:
+            s_logits = student_out.logits[:, :-1] if shift else student_out.logits
+            if self.shared_vocab is not None:
+                s_logits = s_logits[..., : self.shared_vocab]
+            if self.teacher_cache is not None and self.objective.needs_teacher:
+                ids, logprobs = self.teacher_cache.lookup(example_ids, target)
+                out = self.objective.cached(s_logits, ids, logprobs, target, num_items=num_items_in_batch,
+                                            cache_temperature=self.teacher_cache.cache_temperature,
+                                            tail=self.teacher_cache.tail)
+            else:
+                t_logits = None
+                if teacher_out is not None and self.objective.needs_teacher:
+                    t_logits = teacher_out.logits[:, :-1] if shift else teacher_out.logits
+                    if self.shared_vocab is not None:
+                        t_logits = t_logits[..., : self.shared_vocab]
+                out = self.objective(s_logits, t_logits, target, num_items=num_items_in_batch)
+
+        terms = dict(out.terms)
+        weights = {term.name: term.weight for term in self.objective.terms}
+        terms.update(self._aux_terms(student_out, teacher_out, inputs, weights))
+        shared = [p for p in model.parameters() if p.requires_grad][-1:] if self.balancer.mode == "gradnorm" else None
+        total = self.balancer.combine(terms, weights, shared_params=shared)
+
+        if model.training:
+            total = self._guard_nonfinite(total, terms)
+            self._record(terms, weights)
+        if (self.args.average_tokens_across_devices and num_items_in_batch is not None
+                and self.accelerator.num_processes > 1):
+            # DDP averages gradients over ranks while num_items counts tokens of all ranks: undo the average.
+            total = total * self.accelerator.num_processes
+        return (total, student_out) if return_outputs else total
+
+    def _aux_terms(self, student_out, teacher_out, inputs, weights) -> dict[str, torch.Tensor]:
+        if teacher_out is None or not (self.aux.needs_hidden or self.aux.needs_attentions):
+            return {}
+        # Hidden-state terms are means over this micro-batch; divide by the accumulation steps so their sum over an
+        # accumulated batch is a mean, as for the logit terms.
+        scale = 1.0 / max(1, self.current_gradient_accumulation_steps) if self.model.training else 1.0
+        mask = inputs["attention_mask"]
+        s_hidden = getattr(student_out, "decoder_hidden_states", None) or student_out.hidden_states
+        t_hidden = getattr(teacher_out, "decoder_hidden_states", None) or teacher_out.hidden_states
+        if self.task_type == "seq2seq":
+            mask = (inputs["labels"] != -100).long()
+        terms = {}
+        if self.aux.feature is not None:
+            terms["feature"] = self.aux.feature(s_hidden, t_hidden, mask) * scale
+        if self.aux.contrastive is not None:
+            terms["contrastive"] = self.aux.contrastive(s_hidden[-1], t_hidden[-1], mask) * scale
+        if self.aux.attention is not None:
+            s_att = getattr(student_out, "decoder_attentions", None) or student_out.attentions
+            t_att = getattr(teacher_out, "decoder_attentions", None) or teacher_out.attentions
+            terms["attention"] = self.aux.attention(s_att, t_att, mask) * scale
+        weights.update(self.aux.weights)
+        return terms
+
+    # ------------------------------------------------------------------ non-finite guard and per-term logging
+    def _guard_nonfinite(self, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
+        if not bad and torch.isfinite(total.detach()):
+            self._nonfinite_in_a_row = 0
+            return total
+        self._nonfinite_in_a_row += 1
+        names = ", ".join(bad) or "total"
+        if self._nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise TrainingError(
+                f"loss term(s) {names} were NaN/inf {self._nonfinite_in_a_row} steps in a row (step "
+                f"{self.state.global_step}); lower the learning rate, check the data, or use float32/bf16 instead of fp16")
+        log.warning("step %d: non-finite loss term(s) %s; skipping this step", self.state.global_step, names)
+        self._skip_optimizer_step = True
+        # A leaf with grad so Trainer's backward runs and leaves every parameter's gradient untouched.
+        return torch.zeros((), device=total.device, requires_grad=True)
+
+    def _record(self, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> None:
+        for name, value in terms.items():
+            value = float(value.detach())
+            if math.isfinite(value):
+                self._term_sums[name] += value
+                self._term_counts[name] += 1
+        self._weights = weights
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._term_counts:
+            ga = max(1, self.args.gradient_accumulation_steps)
+            for name, total in self._term_sums.items():
+                # Terms are recorded per micro-batch as parts of an accumulated mean: rescale to a per-step value.
+                logs[f"loss/{name}"] = round(total * ga / self._term_counts[name], 6)
+                logs[f"weight/{name}"] = self.balancer.effective_weight(name, self._weights.get(name, 0.0))
+            self._term_sums.clear()
+            self._term_counts.clear()
+        super().log(logs, start_time)
