@@ -407,6 +407,9 @@ def apply_overrides(data: dict, flags: dict[str, Any]) -> dict:
                 report.append("wandb")
         else:
             raise ConfigError(f"unknown override --{flag}")
+    if "epochs" in given:
+        for stage in data.get("stages", []):
+            stage.pop("max_steps", None)  # --epochs means epochs: a preset's max_steps would otherwise win
     if "student_model" in given:
         data["student"].pop("from_teacher", None)
     return data
