@@ -1,0 +1,123 @@
+"""Memory-bounded evaluation of per-token loss terms, one chunk of counted tokens at a time.
+
+`reduce_rows(fn, rows, shared, counted, chunk_size)` returns fn's term sums over the counted rows. Row
+inputs ([N, ...]: logits, hidden states, labels) are sliced per chunk; shared inputs (lm_head weight and
+bias) are used whole by every chunk. With `chunk_size=None` it is a plain autograd call. With a chunk size
+a custom autograd function computes each chunk's gradient right away, so only one chunk's [chunk, V]
+temporaries ever exist, and keeps just the input gradients (the size of the inputs themselves).
+
+Gradients are formed in the forward pass for the linear combination `coeffs . terms` the caller expects
+to backpropagate (the objective's weights). If backward later arrives with any other combination (a
+balancer rescaling terms, one term's gradient alone), the chunks are recomputed for that combination:
+always exact, and the common case pays no recomputation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+RowFn = Callable[[Sequence[Tensor | None], Sequence[Tensor | None]], Tensor]  # (row chunks, shared) -> [terms]
+
+
+def reduce_rows(fn: RowFn, rows: Sequence[Tensor | None], shared: Sequence[Tensor | None], counted: Tensor | None,
+                chunk_size: int | None, coeffs: Tensor | None = None) -> Tensor:
+    """Sum fn over the counted rows.
+
+    rows: tensors [N, ...] (or None); shared: tensors used whole (or None); counted: int64 [n] indices of the
+    rows to score (None = all N); coeffs: [terms] expected backward weights (default all ones).
+    Returns [terms] float32 sums, differentiable w.r.t. every tensor input.
+    """
+    if chunk_size is None:
+        if counted is not None:
+            rows = [r.index_select(0, counted) if r is not None else None for r in rows]
+        return fn(rows, shared)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    n_rows = next(r for r in rows if r is not None).shape[0]
+    if counted is None:
+        counted = torch.arange(n_rows, device=next(r for r in rows if r is not None).device)
+    plan = _Plan(fn, len(rows), counted, chunk_size, coeffs)
+    tensors = [*rows, *shared]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _ChunkedRows.apply(plan, *tensors)
+    with torch.no_grad():
+        return _run(plan, tensors, needs=[False] * len(tensors), weights=None)[0]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    fn: RowFn
+    n_rows: int
+    counted: Tensor
+    chunk_size: int
+    coeffs: Tensor | None
+
+
+def _run(plan: _Plan, tensors: Sequence[Tensor | None], needs: Sequence[bool],
+         weights: Tensor | None) -> tuple[Tensor, list[Tensor | None]]:
+    """One pass over the chunks: term sums, and gradients of `weights . sums` for the inputs in `needs`."""
+    rows, shared = tensors[: plan.n_rows], tensors[plan.n_rows:]
+    row_needs, shared_needs = needs[: plan.n_rows], needs[plan.n_rows:]
+    grads: list[Tensor | None] = [torch.zeros_like(r) if need else None for r, need in zip(rows, row_needs)]
+    # Shared gradients add up over chunks: accumulate in float32, cast back once at the end.
+    grads += [torch.zeros_like(s, dtype=torch.float32) if need else None for s, need in zip(shared, shared_needs)]
+    shared_leaves = [s.detach().requires_grad_(need) if s is not None else None for s, need in zip(shared, shared_needs)]
+    total: Tensor | None = None
+    for idx in torch.split(plan.counted, plan.chunk_size):
+        chunk = [r.index_select(0, idx).requires_grad_(need) if r is not None else None
+                 for r, need in zip(rows, row_needs)]
+        wanted = [(i, t) for i, t in enumerate([*chunk, *shared_leaves]) if needs[i]]
+        with torch.enable_grad():
+            sums = plan.fn(chunk, shared_leaves)  # [terms]
+            objective = (sums * weights).sum() if wanted and weights is not None else None
+        if objective is not None and objective.requires_grad:
+            parts = torch.autograd.grad(objective, [t for _, t in wanted], allow_unused=True)
+            for (i, _), g in zip(wanted, parts):
+                if g is None:
+                    continue
+                if i < plan.n_rows:
+                    grads[i].index_copy_(0, idx, g.to(grads[i].dtype))
+                else:
+                    grads[i] += g
+        total = sums.detach() if total is None else total + sums.detach()
+    if total is None:  # no counted rows: every term is an empty sum
+        with torch.no_grad():
+            total = plan.fn([r[:0] if r is not None else None for r in rows], shared)
+    grads = [g.to(t.dtype) if g is not None and i >= plan.n_rows else g
+             for i, (g, t) in enumerate(zip(grads, tensors))]
+    return total, grads
+
+
+class _ChunkedRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, *tensors: Tensor | None) -> Tensor:
+        needs = list(ctx.needs_input_grad[1:])
+        coeffs = plan.coeffs if plan.coeffs is not None else torch.ones((), device=plan.counted.device)
+        sums, grads = _run(plan, tensors, needs, coeffs)
+        ctx.plan, ctx.needs, ctx.grads, ctx.scale = plan, needs, grads, 1.0
+        ctx.save_for_backward(*[t for t in tensors if t is not None])
+        ctx.present = [t is not None for t in tensors]
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums: Tensor) -> tuple[Tensor | None, ...]:
+        plan: _Plan = ctx.plan
+        coeffs = plan.coeffs if plan.coeffs is not None else torch.ones_like(grad_sums)
+        coeffs = coeffs.to(grad_sums).expand_as(grad_sums)
+        scale = float((grad_sums * coeffs).sum() / (coeffs * coeffs).sum())
+        if scale == 0.0 and not grad_sums.any():
+            return (None,) * (1 + len(ctx.present))
+        if torch.allclose(grad_sums, scale * coeffs, rtol=1e-6, atol=0.0):
+            # Rescale the stored gradients in place (scale relative to what they hold now): no copy.
+            factor, ctx.scale = scale / ctx.scale, scale
+            grads = [g.mul_(factor) if g is not None and factor != 1.0 else g for g in ctx.grads]
+        else:
+            saved = iter(ctx.saved_tensors)
+            tensors = [next(saved) if present else None for present in ctx.present]
+            with torch.no_grad():
+                grads = _run(plan, tensors, ctx.needs, grad_sums)[1]
+        return (None, *grads)

@@ -1,0 +1,98 @@
+"""Losses fused with the output layer: logits are formed one chunk of tokens at a time inside the loss.
+
+Full [B, T, V] logits never exist: per chunk, both models' logits are computed from hidden states and the
+lm_head, scored, and differentiated right away (see `engine.py`), so the memory is the lm_head weight
+gradient plus one [chunk, V] block per model. Handles tied embeddings (pass the embedding matrix: autograd
+adds the gradient into the shared parameter), an lm_head bias, a logit scale (Cohere's `logit_scale`,
+applied first) and final-logit soft-capping (Gemma's `final_logit_softcapping`, applied after). Student
+and teacher vocabularies that differ only by padding rows are compared on the shared prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmdistill.losses.divergences import TermSpec, check_params, check_temperature, score_rows
+from lmdistill.losses.engine import reduce_rows
+from lmdistill.losses.errors import LossInputError
+from lmdistill.losses.functional import counted_rows, finish
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """A model's output layer: weight [V, H], optional bias [V], soft-cap and scale as in its config."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+    def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """hidden [n, H] -> float32 logits [n, V]. weight/bias are this head's (possibly detached) tensors."""
+        logits = F.linear(hidden, weight, bias).float()
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def _check_head(hidden: Tensor, head: LMHead, who: str) -> None:
+    if hidden.shape[-1] != head.weight.shape[-1]:
+        raise LossInputError(f"{who} hidden size {hidden.shape[-1]} does not match its lm_head weight "
+                             f"{tuple(head.weight.shape)}; pass the last hidden states and the output layer "
+                             "of the same model")
+
+
+def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head: LMHead,
+                teacher_hidden: Tensor | None, teacher_head: LMHead | None, labels: Tensor | None,
+                chunk_size: int | None, coeffs: Tensor | None = None) -> tuple[Tensor, int]:
+    """Term sums over counted tokens. student_hidden [..., Hs]; teacher_hidden [..., Ht] (or None when no term
+    needs the teacher); labels [...]. Returns ([terms] float32, count of counted tokens)."""
+    _check_head(student_hidden, student_head, "student")
+    s_rows = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, Hs]
+    t_rows = None
+    if teacher_hidden is not None and teacher_head is not None:
+        _check_head(teacher_hidden, teacher_head, "teacher")
+        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+            raise LossInputError(f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+                                 f"{tuple(teacher_hidden.shape)} must cover the same tokens")
+        t_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # [N, Ht]
+    flat_labels, counted, count = counted_rows(labels, s_rows.shape[0])
+    t_head = teacher_head if t_rows is not None else None
+
+    def fn(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None]) -> Tensor:
+        s_hidden, t_hidden, chunk_labels = rows
+        s_logits = student_head.logits(s_hidden, shared[0], shared[1])  # [n, Vs]
+        t_logits = t_head.logits(t_hidden, shared[2], shared[3]) if t_head is not None else None  # [n, Vt]
+        return score_rows(specs, s_logits, t_logits, chunk_labels)
+
+    shared = [student_head.weight, student_head.bias,
+              t_head.weight if t_head else None, t_head.bias if t_head else None]
+    return reduce_rows(fn, [s_rows, t_rows, flat_labels], shared, counted, chunk_size, coeffs), count
+
+
+def fused_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
+                       teacher_lm_head_weight: Tensor, labels: Tensor | None = None, *, loss: str = "forward_kl",
+                       temperature: float = 1.0, reduction: str = "mean", chunk_size: int | None = 1024,
+                       student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
+                       student_softcap: float | None = None, teacher_softcap: float | None = None,
+                       student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                       **loss_params: float) -> Tensor:
+    """One logit loss (a divergence name, or 'cross_entropy') computed from hidden states and lm_heads.
+
+    student_hidden [..., Hs], student_lm_head_weight [Vs, Hs]; teacher_hidden [..., Ht], teacher weight
+    [Vt, Ht]; labels [...] aligned with the hidden states (-100 = not counted). `loss_params` are the
+    divergence's keywords (e.g. beta=0.5). Equals the same loss on `hidden @ weight.T (+ bias)` logits.
+    """
+    params = check_params(loss, loss_params)
+    spec = TermSpec(loss, 1.0 if loss == "cross_entropy" else check_temperature(temperature), params)
+    student = LMHead(student_lm_head_weight, student_bias, student_softcap, student_logit_scale)
+    teacher = LMHead(teacher_lm_head_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
+    sums, count = fused_terms([spec], student_hidden, student, teacher_hidden, teacher, labels, chunk_size)
+    return finish(sums[0], count, reduction)
