@@ -152,6 +152,20 @@ def _offline() -> bool:
     return env or constants.HF_HUB_OFFLINE
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level error classes of the HTTP client huggingface_hub uses: httpx in its 1.x releases,
+    httpx2 in 2.x; both are looked up so that either version reports "no connection" the same way."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
 def push_to_hub(run_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False,
                 endpoint: str | None = None) -> str:
     """Upload RUN_DIR/final (never the checkpoints) to the Hub model repo `repo_id`, creating it if needed.
@@ -159,7 +173,6 @@ def push_to_hub(run_dir: str | Path, repo_id: str, token: str | None = None, pri
     `endpoint` overrides the Hub address (default: HF_ENDPOINT or huggingface.co). Returns the commit URL.
     Offline mode, no connection, or a refused token raise an LmdistillError with a one-line message.
     """
-    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -176,12 +189,12 @@ def push_to_hub(run_dir: str | Path, repo_id: str, token: str | None = None, pri
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=final, repo_type="model",
                                    commit_message="Upload distilled student (lmdistill)")
-    except (OfflineModeIsEnabled, httpx.TransportError) as err:
-        raise LmdistillError(f"{where}: no connection to the Hub ({type(err).__name__}); check the network "
-                             f"and run push again") from err
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else "?"
         hint = ("log in with `hf auth login` or pass --token" if status in (401, 403)
                 else "check the repo id and your rights on it")
         raise LmdistillError(f"{where}: the Hub answered HTTP {status}; {hint}") from err
+    except (OfflineModeIsEnabled, *_transport_errors()) as err:
+        raise LmdistillError(f"{where}: no connection to the Hub ({type(err).__name__}); check the network "
+                             f"and run push again") from err
     return str(commit.commit_url)

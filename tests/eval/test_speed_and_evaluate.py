@@ -1,0 +1,76 @@
+"""Size/speed numbers and evaluate_models -> metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lmdistill.errors import LmdistillError, ModelError
+from lmdistill.eval.evaluate import evaluate_models, read_metrics, write_metrics
+from lmdistill.eval.speed import count_parameters, disk_mb, size_and_speed
+from lmdistill.models.tiny import tiny_causal_lm
+
+
+def test_parameter_count_counts_tied_weights_once():
+    untied = tiny_causal_lm(100, num_layers=1, hidden_size=32)
+    tied = tiny_causal_lm(100, num_layers=1, hidden_size=32, tie_word_embeddings=True)
+    per_layer = sum(p.numel() for p in untied.model.layers.parameters())
+    embeddings, norm = 100 * 32, 32
+    assert count_parameters(untied) == per_layer + 2 * embeddings + norm
+    assert count_parameters(tied) == per_layer + embeddings + norm
+
+
+def test_disk_size_counts_weight_files_only(student_dir, tmp_path):
+    assert disk_mb(student_dir) == pytest.approx((student_dir / "model.safetensors").stat().st_size / 1e6)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="no weight files .* in .*: pass the folder written by save_pretrained"):
+        disk_mb(tmp_path)
+
+
+def test_size_and_speed_times_batch_1_and_8(student, student_dir, tokenizer):
+    prompts = [tokenizer("What does the bank report?")["input_ids"], tokenizer("Cash")["input_ids"]]
+    row = size_and_speed(student, prompts, folder=student_dir, max_new_tokens=4)
+    assert row["params"] == count_parameters(student)
+    assert row["memory_mb"] == pytest.approx(row["params"] * 4 / 1e6, rel=0.01)  # float32, no big buffers
+    assert row["disk_mb"] == pytest.approx(row["memory_mb"], rel=0.05)
+    for key in ("tokens_per_s/batch1", "tokens_per_s/batch8"):
+        assert math.isfinite(row[key]) and row[key] > 0
+
+
+def test_evaluate_models_writes_every_metric_per_role(teacher, student, teacher_dir, tokenizer, qa_examples,
+                                                      text_examples, tmp_path):
+    prompts = ["What does the bank report?", "What does a trader expect?"]
+    metrics = evaluate_models({"teacher": teacher, "student_after": student}, tokenizer,
+                              {"domain": qa_examples, "general": text_examples}, teacher=teacher,
+                              generation_prompts=prompts, references=["Higher yields.", "Strong growth."],
+                              model_dirs={"teacher": teacher_dir}, max_new_tokens=4, speed_new_tokens=2)
+    teacher_row, student_row = metrics["teacher"], metrics["student_after"]
+    assert "top1_agreement/domain" not in teacher_row and "disk_mb" in teacher_row
+    assert {"perplexity/domain", "perplexity/general", "top1_agreement/general", "mean_kl/domain", "rouge_l",
+            "exact_match", "params", "tokens_per_s/batch1", "tokens_per_s/batch8"} <= set(student_row)
+    assert 0.0 <= student_row["top1_agreement/domain"] <= 1.0 and student_row["mean_kl/domain"] > 0
+    assert teacher_row["params"] > student_row["params"]
+    path = write_metrics(tmp_path, metrics)
+    assert read_metrics(tmp_path) == json.loads(path.read_text()) == metrics
+
+
+def test_long_references_skip_exact_match_and_no_speed_when_asked(student, tokenizer, qa_examples):
+    long_reference = "the bank reports higher yields today and expects strong growth this year for investors"
+    metrics = evaluate_models({"student": student}, tokenizer, {"domain": qa_examples[:2]},
+                              generation_prompts=["What does the bank report?"], references=[long_reference],
+                              max_new_tokens=2, measure_speed=False)
+    assert "rouge_l" in metrics["student"] and "exact_match" not in metrics["student"]
+    assert "tokens_per_s/batch1" not in metrics["student"]
+
+
+def test_write_metrics_merges_roles_and_rejects_a_corrupt_file(tmp_path):
+    write_metrics(tmp_path, {"teacher": {"rouge_l": 0.5}})
+    write_metrics(tmp_path, {"student_after": {"rouge_l": 0.4}})
+    assert read_metrics(tmp_path) == {"teacher": {"rouge_l": 0.5}, "student_after": {"rouge_l": 0.4}}
+    assert list(tmp_path.iterdir()) == [tmp_path / "metrics.json"]  # no temp file left behind
+    (tmp_path / "metrics.json").write_text("{not json")
+    with pytest.raises(LmdistillError, match="metrics.json is not valid JSON .*run `lmdistill eval` again"):
+        read_metrics(tmp_path)
+    assert read_metrics(tmp_path / "missing") == {}
