@@ -1,0 +1,61 @@
+"""Batching: pad tokenised examples (see tokenize.py) into tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from lmdistill.data.tokenize import IGNORE_INDEX, TASK_TYPES
+from lmdistill.errors import DataError
+
+
+def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """[B] ragged lists -> [B, T] LongTensor padded with `value` on the right (or on the left)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, slice(width - len(r), width) if left else slice(0, len(r))] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+class DistillCollator:
+    """Right-pads examples into a batch.
+
+    Returns input_ids [B, T] (pad_token_id), attention_mask [B, T] (1 on real tokens), labels [B, T] for
+    causal or [B, T_target] for seq2seq (-100 on padding), and example_id [B] when every example has one
+    (MixtureDataset items do). Other keys (source, bucket, prompt_length) stay out of the batch.
+    """
+
+    def __init__(self, pad_token_id: int, task_type: str = "causal") -> None:
+        if task_type not in TASK_TYPES:
+            raise DataError(f"unknown task_type '{task_type}': use one of {', '.join(TASK_TYPES)}.")
+        self.pad_token_id = pad_token_id
+        self.task_type = task_type
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [e["input_ids"] for e in examples]
+        batch = {
+            "input_ids": _pad(ids, self.pad_token_id),
+            "attention_mask": _pad([[1] * len(r) for r in ids], 0),
+            "labels": _pad([e["labels"] for e in examples], IGNORE_INDEX),
+        }
+        if all("example_id" in e for e in examples):
+            batch["example_id"] = torch.tensor([e["example_id"] for e in examples], dtype=torch.long)
+        return batch
+
+    def collate_prompts(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt parts for generation: (input_ids [B, P], attention_mask [B, P]).
+
+        Causal prompts (the first prompt_length tokens) are left-padded so generated tokens follow them
+        directly; seq2seq prompts are the encoder inputs, right-padded.
+        """
+        if self.task_type == "seq2seq":
+            prompts = [e["input_ids"] for e in examples]
+        else:
+            prompts = [e["input_ids"][:e["prompt_length"]] for e in examples]
+            empty = [e.get("row_id") for e, p in zip(examples, prompts) if not p]
+            if empty:
+                raise DataError(f"examples with row_id {empty} have no prompt (plain text rows): generation needs "
+                                f"prompt/response or chat rows.")
+        left = self.task_type == "causal"
+        return _pad(prompts, self.pad_token_id, left=left), _pad([[1] * len(p) for p in prompts], 0, left=left)
