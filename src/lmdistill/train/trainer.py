@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer
 
 from lmdistill.errors import TrainingError
-from lmdistill.losses import DistillObjective, LossBalancer
+from lmdistill.losses import DistillObjective
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _softcap(model: nn.Module) -> float | None:
 
 class DistillationTrainer(Trainer):
     def __init__(self, *args, objective: DistillObjective, teacher: nn.Module | None = None,
-                 aux: AuxTerms | None = None, balancer: LossBalancer | None = None, task_type: str = "causal",
+                 aux: AuxTerms | None = None, balancer=None, task_type: str = "causal",
                  shared_vocab: int | None = None, fused: bool = False, teacher_cache: TeacherCacheLookup | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
@@ -79,7 +79,7 @@ class DistillationTrainer(Trainer):
         self.teacher_cache = teacher_cache
         self.objective = objective
         self.aux = aux or AuxTerms()
-        self.balancer = balancer or LossBalancer(mode="none")
+        self.balancer = balancer  # None: the plain weighted sum
         self.task_type = task_type
         self.shared_vocab = shared_vocab
         self.fused = fused
@@ -178,8 +178,7 @@ class DistillationTrainer(Trainer):
         terms = dict(out.terms)
         weights = {term.name: term.weight for term in self.objective.terms}
         terms.update(self._aux_terms(student_out, teacher_out, inputs, weights))
-        shared = [p for p in model.parameters() if p.requires_grad][-1:] if self.balancer.mode == "gradnorm" else None
-        total = self.balancer.combine(terms, weights, shared_params=shared)
+        total = self._combine(model, terms, weights)
 
         if model.training:
             total = self._guard_nonfinite(total, terms)
@@ -189,6 +188,12 @@ class DistillationTrainer(Trainer):
             # DDP averages gradients over ranks while num_items counts tokens of all ranks: undo the average.
             total = total * self.accelerator.num_processes
         return (total, student_out) if return_outputs else total
+
+    def _combine(self, model, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+        if self.balancer is None:
+            return sum(weights[name] * value for name, value in terms.items())
+        shared = [p for p in model.parameters() if p.requires_grad][-1:]
+        return self.balancer.combine(terms, weights, shared_params=shared)
 
     def _aux_terms(self, student_out, teacher_out, inputs, weights) -> dict[str, torch.Tensor]:
         if teacher_out is None or not (self.aux.needs_hidden or self.aux.needs_attentions):
@@ -244,7 +249,7 @@ class DistillationTrainer(Trainer):
             for name, total in self._term_sums.items():
                 # Terms are recorded per micro-batch as parts of an accumulated mean: rescale to a per-step value.
                 logs[f"loss/{name}"] = round(total * ga / self._term_counts[name], 6)
-                logs[f"weight/{name}"] = self.balancer.effective_weight(name, self._weights.get(name, 0.0))
+                logs[f"weight/{name}"] = self._weights.get(name, 0.0)
             self._term_sums.clear()
             self._term_counts.clear()
         super().log(logs, start_time)

@@ -1,0 +1,127 @@
+"""The multi-stage pipeline end to end on tiny models: outputs, loss falls, slices, resume after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmdistill.config import config_from_dict
+from lmdistill.train.pipeline import run_pipeline
+
+KD = [{"name": "forward_kl", "weight": 0.8}, {"name": "cross_entropy", "weight": 0.2}]
+
+
+def _losses(run_dir: Path, stage: str) -> list[float]:
+    history = json.loads((run_dir / stage / "log_history.json").read_text())
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def test_multistage_preset_runs_end_to_end(tiny_pipeline):
+    from lmdistill.cli import preset_text
+
+    preset = yaml.safe_load(preset_text("multistage"))
+    for stage in preset["stages"]:
+        stage.update(max_steps=8, learning_rate=3e-3, eval_steps=4, save_steps=4)
+        stage.pop("epochs")
+    config = config_from_dict(tiny_pipeline(preset["stages"]))
+    run_dir = run_pipeline(config)
+    state = json.loads((run_dir / "pipeline_state.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done"] * 3
+    for name in ("stage1", "stage2", "stage3"):
+        for sub in ("best", "final"):
+            assert (run_dir / name / sub / "model.safetensors").exists(), (name, sub)
+        assert list((run_dir / name).glob("checkpoint-*"))
+        losses = _losses(run_dir, name)
+        assert losses[-1] < losses[0], (name, losses)
+        history = json.loads((run_dir / name / "log_history.json").read_text())
+        assert any("loss/forward_kl" in h for h in history)
+    assert "loss/feature" in json.dumps(json.loads((run_dir / "stage2" / "log_history.json").read_text()))
+    assert (run_dir / "lmdistill_config.yaml").exists()
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    out = final.generate(**tok("The bank", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > 2
+
+
+def test_slice_starts_from_given_checkpoint(tiny_pipeline, tmp_path):
+    stages = [{"name": "a", "max_steps": 2, "losses": KD}, {"name": "b", "max_steps": 2, "losses": KD}]
+    config = config_from_dict(tiny_pipeline(stages))
+    run_dir = run_pipeline(config, end_stage=1)
+    state = json.loads((run_dir / "pipeline_state.json").read_text())
+    assert [s["name"] for s in state["stages"]] == ["a"]
+    other = config.model_copy(update={"output_dir": str(tmp_path / "other")})
+    run_dir2 = run_pipeline(other, start_stage=2, checkpoint_path=str(run_dir / "a" / "best"))
+    state2 = json.loads((run_dir2 / "pipeline_state.json").read_text())
+    assert [s["name"] for s in state2["stages"]] == ["b"]
+    assert (run_dir2 / "b" / "best" / "model.safetensors").exists()
+
+
+def test_finetune_stage_needs_no_teacher(tiny_pipeline):
+    stages = [{"name": "ft", "kind": "finetune", "max_steps": 3, "losses": [{"name": "cross_entropy"}]}]
+    data = tiny_pipeline(stages)
+    data.pop("teacher")
+    data["student"]["lora"] = {"r": 4, "alpha": 8}
+    run_dir = run_pipeline(config_from_dict(data))
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")  # LoRA merged into plain weights
+    assert not any("lora" in k for k in final.state_dict())
+
+
+def test_lora_adapters_stay_trainable_in_next_stage(tiny_pipeline):
+    stages = [{"name": "a", "max_steps": 2, "losses": KD}, {"name": "b", "max_steps": 2, "losses": KD}]
+    data = tiny_pipeline(stages)
+    data["student"]["lora"] = {"r": 4, "alpha": 8, "merge_on_save": False}
+    run_dir = run_pipeline(config_from_dict(data))
+    history_b = json.loads((run_dir / "b" / "log_history.json").read_text())
+    assert (run_dir / "a" / "best" / "adapter_config.json").exists()
+    assert any(h.get("grad_norm", 0) > 0 for h in history_b)  # adapters loaded from stage a got gradients
+    from lmdistill.config import StudentSettings
+    from lmdistill.models.load import apply_lora, load_student
+    import torch
+
+    s = StudentSettings(name=data["student"]["name"], lora=data["student"]["lora"])
+    model = apply_lora(load_student(s, "causal", device=torch.device("cpu"), teacher=None,
+                                    checkpoint=str(run_dir / "a" / "best")), s.lora, "causal")
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_student_from_teacher_layers_reloads(tiny_pipeline):
+    stages = [{"name": "a", "max_steps": 2, "losses": KD}]
+    data = tiny_pipeline(stages)
+    data["student"] = {"from_teacher": {"num_layers": 2}}
+    run_dir = run_pipeline(config_from_dict(data))
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert final.config.num_hidden_layers == 2 and len(final.model.layers) == 2
+
+
+def test_resume_after_sigkill(tiny_pipeline, tmp_path):
+    stages = [{"name": "a", "max_steps": 2, "losses": KD},
+              {"name": "b", "max_steps": 40, "save_steps": 2, "losses": KD}]
+    data = tiny_pipeline(stages)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    run_dir = Path(data["output_dir"])
+    cmd = [sys.executable, "-m", "lmdistill.cli", "run", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((run_dir / "b").glob("checkpoint-4")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads((run_dir / "pipeline_state.json").read_text())
+    assert state["stages"][0]["status"] == "done" and state["stages"][1]["status"] == "running"
+    a_best = run_dir / "a" / "best" / "model.safetensors"
+    a_mtime = a_best.stat().st_mtime
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = json.loads((run_dir / "pipeline_state.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done", "done"]
+    assert a_best.stat().st_mtime == a_mtime  # finished stage untouched
+    steps = [h["step"] for h in json.loads((run_dir / "b" / "log_history.json").read_text()) if "loss" in h]
+    assert steps[-1] == 40 and steps[0] > 1  # the second run started after the checkpoint, not from step 1

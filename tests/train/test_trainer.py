@@ -1,0 +1,96 @@
+"""DistillationTrainer: accumulation equals a big batch, teacher stays frozen, non-finite steps are skipped."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from lmdistill.data.collate import DistillCollator
+from lmdistill.errors import TrainingError
+from lmdistill.losses import DistillObjective, LossTerm
+from lmdistill.train.trainer import DistillationTrainer
+
+
+def _examples(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(6, 20, (1,), generator=g))
+        ids = torch.randint(5, 300, (length,), generator=g).tolist()
+        prompt = int(torch.randint(1, length - 2, (1,), generator=g))
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "example_id": i})
+    return out
+
+
+def _train_once(student_dir, teacher, batch, accum, tmp_path, objective=None, steps=1, clip=0.0):
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    args = TrainingArguments(output_dir=str(tmp_path / f"o{batch}x{accum}"), per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accum, max_steps=steps, learning_rate=0.1, optim="sgd",
+                             lr_scheduler_type="constant", max_grad_norm=clip, report_to="none", use_cpu=True,
+                             train_sampling_strategy="sequential", remove_unused_columns=False, save_strategy="no",
+                             logging_steps=1)
+    objective = objective or DistillObjective(terms=[LossTerm("forward_kl", 0.7, {}), LossTerm("cross_entropy", 0.3, {})],
+                                              temperature=2.0)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=_examples(),
+                                  data_collator=DistillCollator(0), objective=objective, teacher=teacher)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer.train()
+    return before, student, trainer
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_dir):
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    return model.eval().requires_grad_(False)
+
+
+def test_accumulation_matches_one_big_batch(student_dir, teacher, tmp_path):
+    before, small, _ = _train_once(student_dir, teacher, batch=2, accum=4, tmp_path=tmp_path)
+    _, big, _ = _train_once(student_dir, teacher, batch=8, accum=1, tmp_path=tmp_path)
+    moved = 0
+    for (name, p_small), p_big in zip(small.state_dict().items(), big.state_dict().values()):
+        delta_small, delta_big = p_small - before[name], p_big - before[name]
+        torch.testing.assert_close(delta_small, delta_big, atol=1e-5, rtol=1e-4, msg=name)
+        moved += int(delta_big.abs().max() > 0)
+    assert moved > 0
+
+
+def test_teacher_is_untouched(student_dir, teacher, tmp_path):
+    snapshot = copy.deepcopy(teacher.state_dict())
+    _train_once(student_dir, teacher, batch=4, accum=1, tmp_path=tmp_path, steps=2)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, snapshot[k])
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+class _NaNOnce(DistillObjective):
+    """An objective whose first call is NaN; the rest are the real objective."""
+
+    calls = 0
+
+    def __call__(self, *a, **kw):
+        out = super().__call__(*a, **kw)
+        type(self).calls += 1
+        if type(self).calls == 1:
+            out.terms["forward_kl"] = out.terms["forward_kl"] * float("nan")
+            out.total = out.total * float("nan")
+        return out
+
+
+def test_nonfinite_step_is_skipped_then_training_continues(student_dir, teacher, tmp_path, caplog):
+    objective = _NaNOnce(terms=[LossTerm("forward_kl", 1.0, {})], temperature=1.0)
+    before, student, trainer = _train_once(student_dir, teacher, batch=8, accum=1, tmp_path=tmp_path,
+                                           objective=objective, steps=1)
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the NaN step changed nothing
+    assert "non-finite loss term(s) forward_kl" in caplog.text
+
+
+def test_three_nonfinite_in_a_row_stop_the_run_naming_the_term(student_dir, tmp_path):
+    bad_teacher = AutoModelForCausalLM.from_pretrained(student_dir).eval().requires_grad_(False)
+    with torch.no_grad():
+        bad_teacher.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"loss term\(s\) forward_kl were NaN/inf 3 steps in a row"):
+        _train_once(student_dir, bad_teacher, batch=8, accum=1, tmp_path=tmp_path, steps=5)
