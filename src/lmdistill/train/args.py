@@ -34,7 +34,7 @@ def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage
         optim=_OPTIMIZERS[t.optimizer],
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a share of the total steps
         max_grad_norm=t.clip_grad_norm,
         fp16=t.fp16,
         bf16=t.bf16,
@@ -61,7 +61,9 @@ def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage
         kwargs.update(save_strategy="epoch")
     if has_eval:
         strategy = "steps" if eval_steps or save_steps else "epoch"
-        kwargs.update(eval_strategy=strategy, load_best_model_at_end=True, metric_for_best_model=stage.metric_for_best,
+        # Trainer tracks (and protects from rotation) the best checkpoint; the pipeline copies it to best/ and saves the
+        # last weights as final/, so the model is not swapped for the best one at the end of training.
+        kwargs.update(eval_strategy=strategy, metric_for_best_model=stage.metric_for_best,
                       greater_is_better=not stage.metric_for_best.endswith("loss"))
         if strategy == "steps":
             # Trainer requires save steps to be a multiple of eval steps when it keeps the best model.

@@ -152,7 +152,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         student = apply_lora(student, config.student.lora, prep.task_type,
                              total_steps=stage.max_steps or None)
     objective = build_objective(stage)
-    aux = build_aux(stage, student, teacher) if teacher is not None else build_aux(stage, student, None)
+    aux = build_aux(stage, student, teacher)
     train_dataset = build_train_dataset(config, stage, prep.sources)
     eval_examples = [ex for rows in prep.eval_sets.values() for ex in rows]
     args = stage_training_arguments(config, stage, stage_dir, has_eval=bool(eval_examples))

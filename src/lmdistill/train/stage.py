@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
-import torch
 from torch.utils.data import Dataset
 
 from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, LogitTerm, PipelineConfig, StageSettings
 from lmdistill.data.mixture import MixtureDataset, RatioSchedule
 from lmdistill.errors import ConfigError
-from lmdistill.losses import DistillObjective, LossBalancer, LossTerm, build_aux_term
+from lmdistill.losses import DistillObjective, LossTerm
 from lmdistill.train.trainer import AuxTerms
 
 
@@ -42,6 +39,10 @@ def build_objective(stage: StageSettings) -> DistillObjective:
 
 def build_aux(stage: StageSettings, student, teacher) -> AuxTerms:
     aux = AuxTerms()
+    if not any(isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm)) for t in stage.losses):
+        return aux
+    from lmdistill.losses import build_aux_term
+
     for term in stage.losses:
         if isinstance(term, (FeatureTerm, AttentionTerm, ContrastiveTerm)):
             if teacher is None:
@@ -87,11 +88,10 @@ def build_train_dataset(config: PipelineConfig, stage: StageSettings, sources: d
                           num_draws=stage_draws(config, stage, used, world_size), seed=config.training.seed)
 
 
-def build_balancer(stage: StageSettings) -> LossBalancer:
+def build_balancer(stage: StageSettings):
+    """None for the plain weighted sum; otherwise a balancer that reweighs terms as training goes."""
+    if stage.balance == "none":
+        return None
+    from lmdistill.losses import LossBalancer
+
     return LossBalancer(mode=stage.balance)
-
-
-@dataclass
-class StageModels:
-    student: torch.nn.Module
-    teacher: torch.nn.Module | None
