@@ -124,4 +124,5 @@ def test_resume_after_sigkill(tiny_pipeline, tmp_path):
     assert [s["status"] for s in state["stages"]] == ["done", "done"]
     assert a_best.stat().st_mtime == a_mtime  # finished stage untouched
     steps = [h["step"] for h in json.loads((run_dir / "b" / "log_history.json").read_text()) if "loss" in h]
-    assert steps[-1] == 40 and steps[0] > 1  # the second run started after the checkpoint, not from step 1
+    assert steps[-1] == 40 and steps == sorted(set(steps))  # each step once: continued, not restarted
+    assert "resuming from" in done.stderr
