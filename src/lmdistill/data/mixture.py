@@ -194,7 +194,10 @@ def _check_sources(sources: Mapping[str, list[dict]], weights: Mapping[str, floa
 
 def reweight_by_gap(gaps: Mapping[str, float], current: Mapping[str, float], *, sharpness: float = 1.0,
                     min_weight: float = 0.05) -> dict[str, float]:
-    """Next sampling weights from teacher-student gaps per source or bucket (multiplicative weights).
+    """Next sampling weights from teacher-student gaps per source or bucket.
+
+    Multiplicative weights, as in Group DRO and DoReMi: a group that stays behind keeps gaining weight over
+    successive evaluations, and loses it again once its gap falls below the others'.
 
     w_k ∝ current_k * exp(sharpness * gap_k / mean|gap|), so the scale of the gap (nats, loss units) does not
     matter and equal gaps keep the current weights; then every weight is raised to at least `min_weight`

@@ -1,0 +1,49 @@
+"""Batches: right padding with pad id / -100, example ids, left-padded prompts for generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmdistill.data.collate import DistillCollator
+from lmdistill.errors import DataError
+
+EXAMPLES = [
+    {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9], "prompt_length": 2, "row_id": 0, "example_id": 10},
+    {"input_ids": [11, 12, 13], "labels": [-100, 12, 13], "prompt_length": 1, "row_id": 1, "example_id": 11},
+]
+
+
+def test_causal_batch_is_right_padded():
+    batch = DistillCollator(pad_token_id=0)(EXAMPLES)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [11, 12, 13, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9], [-100, 12, 13, -100, -100]]
+    assert batch["example_id"].tolist() == [10, 11]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_example_id_only_when_every_example_has_one():
+    plain = [{k: v for k, v in e.items() if k != "example_id"} for e in EXAMPLES]
+    assert "example_id" not in DistillCollator(0)(plain)
+
+
+def test_prompts_are_left_padded_for_generation():
+    ids, mask = DistillCollator(pad_token_id=0).collate_prompts(EXAMPLES)
+    assert ids.tolist() == [[5, 6], [0, 11]]
+    assert mask.tolist() == [[1, 1], [0, 1]]
+
+
+def test_seq2seq_batch_and_prompts():
+    examples = [{"input_ids": [4, 5, 1], "labels": [7, 1]}, {"input_ids": [6, 1], "labels": [8, 9, 1]}]
+    collator = DistillCollator(pad_token_id=0, task_type="seq2seq")
+    batch = collator(examples)
+    assert batch["input_ids"].tolist() == [[4, 5, 1], [6, 1, 0]]
+    assert batch["labels"].tolist() == [[7, 1, -100], [8, 9, 1]]
+    ids, mask = collator.collate_prompts(examples)
+    assert ids.tolist() == [[4, 5, 1], [6, 1, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_text_examples_have_no_prompt():
+    with pytest.raises(DataError, match=r"row_id \[3\] have no prompt"):
+        DistillCollator(0).collate_prompts([{"input_ids": [5, 1], "labels": [5, 1], "prompt_length": 0, "row_id": 3}])
