@@ -47,3 +47,10 @@ def test_seq2seq_batch_and_prompts():
 def test_text_examples_have_no_prompt():
     with pytest.raises(DataError, match=r"row_id \[3\] have no prompt"):
         DistillCollator(0).collate_prompts([{"input_ids": [5, 1], "labels": [5, 1], "prompt_length": 0, "row_id": 3}])
+
+
+def test_eos_used_as_pad_keeps_its_label():
+    """With pad == eos (a tokenizer without a pad token), the trained eos must not be masked as padding."""
+    batch = DistillCollator(pad_token_id=1)([{"input_ids": [5, 1], "labels": [5, 1]}, {"input_ids": [7], "labels": [7]}])
+    assert batch["labels"].tolist() == [[5, 1], [7, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]

@@ -75,6 +75,15 @@ def test_max_rows_and_forced_format(fixtures):
         load_source(fixtures / "alpaca.json", format="chat")
 
 
+def test_pair_family(fixtures):
+    assert load_source(fixtures / "ask_answer.jsonl", format="pair").format == "ask_answer"
+    with pytest.raises(DataError, match=r"columns \[text\] match no known format.* Accepted formats: "
+                                        r"prompt_completion \(prompt, completion\); prompt_response"):
+        load_source(fixtures / "text.jsonl", format="pair")
+    with pytest.raises(DataError, match="unknown data format 'tsv'. Use 'auto', pair, or one of: chat"):
+        load_source(fixtures / "text.jsonl", format="tsv")
+
+
 def test_hub_name_offline_names_the_dataset(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="dataset 'made-up-org/no-such-dataset-4242' is not a local file or folder"):

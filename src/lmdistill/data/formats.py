@@ -8,7 +8,8 @@ Normalised rows (plus "row_id": position in the original source, and "bucket" wh
   {"source": str, "target": str}                 seq2seq pairs
 
 Detection picks the format whose columns match most (ties go to the earlier entry of FORMATS), so an
-alpaca file that also carries a `text` column is read as alpaca.
+alpaca file that also carries a `text` column is read as alpaca. A caller may force one format, or the
+family `pair` (any of the prompt/response-pair layouts).
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
 ]}
 
 
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "pair": ("prompt_completion", "prompt_response", "question_answer", "ask_answer"),
+}
+
+
 @dataclass
 class LoadedSource:
     """Normalised rows of one source, with what was skipped on the way."""
@@ -135,15 +141,16 @@ class LoadedSource:
         return len(self.rows) + sum(self.skipped.values())
 
 
-def detect_format(columns: list[str], origin: str) -> Format:
-    """The best-matching format for these columns, or a DataError listing the columns and the formats accepted."""
-    present = set(columns)
+def detect_format(columns: list[str], origin: str, among: tuple[str, ...] = tuple(FORMATS)) -> Format:
+    """The best-matching format (of `among`) for these columns, or a DataError listing the columns and the
+    formats accepted."""
+    present, candidates = set(columns), [FORMATS[name] for name in among]
     scored = [(len(f.required) + len(present & set(f.optional)), -i, f)
-              for i, f in enumerate(FORMATS.values()) if set(f.required) <= present]
+              for i, f in enumerate(candidates) if set(f.required) <= present]
     if scored:
         return max(scored, key=lambda s: s[:2])[2]
-    accepted = "; ".join(f.describe() for f in FORMATS.values())
-    near = max(FORMATS.values(), key=lambda f: len(present & set(f.required)) / len(f.required))
+    accepted = "; ".join(f.describe() for f in candidates)
+    near = max(candidates, key=lambda f: len(present & set(f.required)) / len(f.required))
     missing = [c for c in near.required if c not in present]
     hint = (f" Closest: {near.name}, which also needs column {', '.join(repr(c) for c in missing)}."
             if len(missing) < len(near.required) else "")
@@ -154,8 +161,11 @@ def detect_format(columns: list[str], origin: str) -> Format:
 def _resolve(format: str, table: RawTable) -> Format:
     if format == "auto":
         return detect_format(table.columns, table.origin)
+    if format in FAMILIES:
+        return detect_format(table.columns, table.origin, FAMILIES[format])
     if format not in FORMATS:
-        raise DataError(f"unknown data format '{format}'. Use 'auto' or one of: {', '.join(FORMATS)}.")
+        raise DataError(f"unknown data format '{format}'. Use 'auto', {', '.join(FAMILIES)}, "
+                        f"or one of: {', '.join(FORMATS)}.")
     chosen = FORMATS[format]
     missing = [c for c in chosen.required if c not in table.columns]
     if missing:

@@ -85,7 +85,7 @@ def _encode_causal(rows: list[dict], tokenizer: Any, max_length: int, bad: BadRo
     eos, prefix = tokenizer.eos_token_id, _prefix(tokenizer)
     templated = bool(getattr(tokenizer, "chat_template", None))
     pairs: list[tuple[dict, str, str]] = []
-    for row in rows:
+    for row in track(rows, description=f"rendering {name}", disable=len(rows) < _PROGRESS_FROM, transient=True):
         if "text" in row:
             pairs.append((row, "", row["text"]))
             continue
