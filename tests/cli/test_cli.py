@@ -1,6 +1,6 @@
 """The real console script: init, run --stage test, seed flags reaching the run, one-line errors."""
 
-import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +13,9 @@ LMDISTILL = shutil.which("lmdistill", path=str(Path(sys.executable).parent)) or 
 
 
 def cli(*args, cwd=None, timeout=300):
-    return subprocess.run([LMDISTILL, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    env = {**os.environ, "COLUMNS": "250", "TERMINAL_WIDTH": "250"}  # help tables unwrapped
+    return subprocess.run([LMDISTILL, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env=env)
 
 
 def test_help_lists_commands():
