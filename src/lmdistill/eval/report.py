@@ -85,6 +85,24 @@ def _compare(key: str, mine: float, theirs: float) -> tuple[str, str]:
     return ("better", "better") if better else ("worse", "worse")
 
 
+def baseline_verdict(metrics: Mapping[str, Mapping[str, float]]) -> str | None:
+    """One sentence on the distilled student against the CE-only baseline over their shared quality metrics,
+    e.g. "Against the CE-only baseline, student_after is better on 2 of 3 quality metrics (exact_match,
+    perplexity/domain) and worse on rouge_l." None unless both were evaluated."""
+    mine, theirs = metrics.get("student_after"), metrics.get("baseline")
+    if mine is None or theirs is None:
+        return None
+    keys = [k for k in mine if k not in SIZE_SPEED_KEYS and _finite(mine[k]) and _finite(theirs.get(k))]
+    if not keys:
+        return None
+    verdicts = {k: _compare(k, mine[k], theirs[k])[0] for k in keys}
+    better = [k for k in keys if verdicts[k] == "better"]
+    worse = [k for k in keys if verdicts[k] == "worse"]
+    text = f"Against the CE-only baseline, student_after is better on {len(better)} of {len(keys)} quality metrics"
+    text += f" ({', '.join(better)})" if better else ""
+    return text + (f" and worse on {', '.join(worse)}." if worse else ".")
+
+
 def metrics_table(metrics: Mapping[str, Mapping[str, float]], keys: Sequence[str]) -> str:
     """HTML table, metrics as rows and roles as columns; with both a distilled student and a baseline, a last
     column says whether the distilled student is better, direction-aware (lower perplexity and KL win)."""
@@ -138,9 +156,9 @@ def render_report(run: RunData, headline_metric: str | None = None, max_samples:
     all_keys = list(dict.fromkeys(k for r in roles for k in metrics[r]))
     quality = [k for k in all_keys if k not in SIZE_SPEED_KEYS]
     size_speed = [k for k in SIZE_SPEED_KEYS if k in all_keys]
-    summary = headline(metrics, headline_metric)
+    summary = [s for s in (headline(metrics, headline_metric), baseline_verdict(metrics)) if s]
     parts = [f"<h1>Distillation report</h1><p>{html.escape(str(run.run_dir))}</p>",
-             f'<p class="headline">{html.escape(summary)}</p>' if summary else ""]
+             f'<p class="headline">{"<br>".join(html.escape(s) for s in summary)}</p>' if summary else ""]
     if run.stages:
         parts += ["<h2>Stages</h2>", _stages_table(run.stages)]
     parts.append("<h2>Evaluation: teacher, student before, student after, baseline</h2>")
