@@ -47,6 +47,9 @@ def test_bos_is_prepended_and_masked_on_plain_rows(plain_tokenizer):
     bos = plain_tokenizer.bos_token_id
     qa, text = one([{"prompt": QUESTION, "response": ANSWER}, {"text": ANSWER}], plain_tokenizer)
     assert qa["input_ids"][:1] == [bos] and qa["labels"][0] == IGNORE_INDEX
+    (cut,) = one([{"prompt": " ".join([QUESTION] * 10), "response": ANSWER}], plain_tokenizer, max_length=30)
+    assert len(cut["input_ids"]) == 30 and cut["input_ids"][0] == bos  # the prompt is cut after the bos
+    assert cut["labels"][-len(ids(plain_tokenizer, ANSWER)) - 1:] == ids(plain_tokenizer, ANSWER) + [1]
     assert text["input_ids"] == [bos] + ids(plain_tokenizer, ANSWER) + [plain_tokenizer.eos_token_id]
     assert text["labels"] == [IGNORE_INDEX] + text["input_ids"][1:] and text["prompt_length"] == 1
 

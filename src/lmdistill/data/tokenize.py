@@ -86,7 +86,7 @@ def _encode_causal(rows: list[dict], tokenizer: Any, max_length: int, bad: BadRo
     templated = bool(getattr(tokenizer, "chat_template", None))
     pairs: list[tuple[dict, str, str]] = []
     for row in track(rows, description=f"rendering {name}", disable=len(rows) < _PROGRESS_FROM, transient=True):
-        if "text" in row:
+        if "text" in row:  # a text row is all "response": every token is trained on
             pairs.append((row, "", row["text"]))
             continue
         try:
@@ -100,17 +100,16 @@ def _encode_causal(rows: list[dict], tokenizer: Any, max_length: int, bad: BadRo
     examples = []
     for (row, _, _), prompt_ids, response_ids in zip(pairs, prompts, responses):
         if "text" in row:
-            ids = (prefix + response_ids + [eos])
-            ids = ids if len(ids) <= max_length else ids[:max_length]
+            ids = (prefix + response_ids + [eos])[:max_length]
             head = len(prefix)
         else:
-            head_ids = prompt_ids if templated else prefix + prompt_ids
+            lead = [] if templated else prefix  # kept in front even when the prompt is cut
             tail_ids = response_ids if response_ids[-1:] == [eos] else response_ids + [eos]
-            fitted = _causal_pair(head_ids, tail_ids, max_length)
+            fitted = _causal_pair(prompt_ids, tail_ids, max_length - len(lead))
             if isinstance(fitted, str):
                 bad.add("too_long", f"row {row['row_id']}", fitted)
                 continue
-            ids, head = fitted[0] + fitted[1], len(fitted[0])
+            ids, head = lead + fitted[0] + fitted[1], len(lead) + len(fitted[0])
         labels = [IGNORE_INDEX] * head + ids[head:]
         examples.append({"input_ids": ids, "labels": labels, "prompt_length": head, "source": name,
                          "row_id": row["row_id"], "bucket": row.get("bucket")})
