@@ -67,6 +67,14 @@ def test_saved_dataset_splits(saved_dataset_dir):
         load_source(saved_dataset_dir, split="validation")
 
 
+def test_saved_single_dataset(tmp_path, qa_records):
+    import datasets
+
+    datasets.Dataset.from_list(qa_records).save_to_disk(str(tmp_path / "one"))
+    assert load_source(tmp_path / "one", max_rows=1).rows == [{"prompt": "What does the bank report?",
+                                                                "response": "Risk.", "row_id": 0, "bucket": "easy"}]
+
+
 def test_max_rows_and_forced_format(fixtures):
     assert len(load_source(fixtures / "folder", max_rows=2).rows) == 2
     src = load_source(fixtures / "alpaca.json", format="text")  # the alpaca file also has a text column
