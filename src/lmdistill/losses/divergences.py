@@ -33,6 +33,11 @@ IGNORE_INDEX = -100
 Kernel = Callable[..., Tensor]
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Compute in float32, or in float64 when given float64 (gradcheck, references)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _kl(lp: Tensor, lq: Tensor) -> Tensor:
     """KL(p || q) per token from log-probs [n, V] -> [n]."""
     return (lp.exp() * (lp - lq)).sum(-1)
@@ -157,9 +162,9 @@ def topk_rows(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, te
     kept ids and one tail, whose re-tempered mass is tail^(T_cache/T)); `drop` renormalises both sides
     over the k kept ids. Both are exact when k = V.
     """
-    lq = F.log_softmax(student.float() / temperature, dim=-1)  # [n, V]
+    lq = F.log_softmax(upcast(student) / temperature, dim=-1)  # [n, V]
     lq_kept = lq.gather(-1, teacher_ids)  # [n, k]
-    tempered = teacher_logprobs.float() * (cache_temperature / temperature)  # [n, k], log p^(Tc/T)
+    tempered = upcast(teacher_logprobs) * (cache_temperature / temperature)  # [n, k], log p^(Tc/T)
     if tail == "drop":
         lp = F.log_softmax(tempered, dim=-1)
         lq_norm = lq_kept - torch.logsumexp(lq_kept, dim=-1, keepdim=True)
@@ -168,7 +173,7 @@ def topk_rows(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, te
         tail_mass = tempered.new_zeros(tempered.shape[:-1])  # k = V: no tail; 1 - sum would be rounding noise
     else:
         # clamp: only rounding in the cached log-probs can push the kept sum past 1
-        tail_mass = (1.0 - teacher_logprobs.double().exp().sum(-1)).clamp_min(0.0).float()  # [n]
+        tail_mass = (1.0 - teacher_logprobs.double().exp().sum(-1)).clamp_min(0.0).to(tempered.dtype)  # [n]
     lp = F.log_softmax(torch.cat([tempered, (tail_mass.log() * (cache_temperature / temperature))[:, None]], -1), -1)
     # Student tail = log of the mass outside the kept ids; a finite fill keeps gradients finite when k = V.
     outside = lq.scatter(-1, teacher_ids, torch.finfo(lq.dtype).min)  # [n, V]
@@ -183,15 +188,15 @@ def score_rows(specs: Sequence[TermSpec], student: Tensor, teacher: Tensor | Non
 
     student [n, V] logits; teacher [n, V] logits (or None when no term needs them); labels [n] (all
     counted: masking happened before); teacher_ids / teacher_logprobs [n, k] for 'topk_kl'.
-    Returns [len(specs)] float32 sums; KD terms include T^2, cross_entropy uses T = 1.
+    Returns [len(specs)] float32 (float64 for float64 input) sums; KD terms include T^2, cross_entropy uses T = 1.
     """
-    student = student.float()
+    student = upcast(student)
     log_probs: dict[tuple[str, float], Tensor] = {}  # shared between terms at the same temperature
 
     def log_softmax(which: str, logits: Tensor, temperature: float) -> Tensor:
         key = (which, temperature)
         if key not in log_probs:
-            log_probs[key] = F.log_softmax(logits.float() / temperature, dim=-1)
+            log_probs[key] = F.log_softmax(upcast(logits) / temperature, dim=-1)
         return log_probs[key]
 
     sums = []

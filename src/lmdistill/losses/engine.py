@@ -64,7 +64,7 @@ def _run(plan: _Plan, tensors: Sequence[Tensor | None], needs: Sequence[bool],
     row_needs, shared_needs = needs[: plan.n_rows], needs[plan.n_rows:]
     grads: list[Tensor | None] = [torch.zeros_like(r) if need else None for r, need in zip(rows, row_needs)]
     # Shared gradients add up over chunks: accumulate in float32, cast back once at the end.
-    grads += [torch.zeros_like(s, dtype=torch.float32) if need else None for s, need in zip(shared, shared_needs)]
+    grads += [torch.zeros_like(s, dtype=torch.promote_types(s.dtype, torch.float32)) if need else None for s, need in zip(shared, shared_needs)]
     shared_leaves = [s.detach().requires_grad_(need) if s is not None else None for s, need in zip(shared, shared_needs)]
     total: Tensor | None = None
     for idx in torch.split(plan.counted, plan.chunk_size):

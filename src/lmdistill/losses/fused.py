@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmdistill.losses.divergences import TermSpec, check_params, check_temperature, score_rows
+from lmdistill.losses.divergences import TermSpec, check_params, check_temperature, score_rows, upcast
 from lmdistill.losses.engine import reduce_rows
 from lmdistill.losses.errors import LossInputError
 from lmdistill.losses.functional import counted_rows, finish
@@ -34,7 +34,7 @@ class LMHead:
 
     def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """hidden [n, H] -> float32 logits [n, V]. weight/bias are this head's (possibly detached) tensors."""
-        logits = F.linear(hidden, weight, bias).float()
+        logits = upcast(F.linear(hidden, weight, bias))
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if self.softcap:
