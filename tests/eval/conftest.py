@@ -43,6 +43,11 @@ def student(student_dir) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def qa_pairs() -> list[tuple[str, str]]:
+    return list(zip(QUESTIONS, ANSWERS))
+
+
+@pytest.fixture(scope="session")
 def qa_examples(tokenizer) -> list[dict]:
     """Prompt/answer examples of different lengths, prompt tokens masked."""
     return [encode_pair(tokenizer, q, a) for q, a in zip(QUESTIONS, ANSWERS)]

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lmdistill.errors import LmdistillError, ModelError
-from lmdistill.eval.evaluate import evaluate_models, read_metrics, write_metrics
+from lmdistill.eval.evaluate import evaluate_models, prompts_and_references, read_metrics, write_metrics
 from lmdistill.eval.speed import count_parameters, disk_mb, size_and_speed
 from lmdistill.models.tiny import tiny_causal_lm
 
@@ -74,3 +74,11 @@ def test_write_metrics_merges_roles_and_rejects_a_corrupt_file(tmp_path):
     with pytest.raises(LmdistillError, match="metrics.json is not valid JSON .*run `lmdistill eval` again"):
         read_metrics(tmp_path)
     assert read_metrics(tmp_path / "missing") == {}
+
+
+def test_prompts_and_references_come_from_encoded_examples(tokenizer, qa_pairs, qa_examples, text_examples):
+    prompts, references = prompts_and_references(text_examples + qa_examples, tokenizer, limit=3)
+    assert [tokenizer.decode(p) for p in prompts] == [q for q, _ in qa_pairs[:3]]  # text examples: skipped
+    assert references == [a for _, a in qa_pairs[:3]]  # counted labels, eos dropped
+    s2s = [{"input_ids": [5, 6, 1], "labels": tokenizer("Cash flow.")["input_ids"] + [1], "source": "s2s"}]
+    assert prompts_and_references(s2s, tokenizer, encoder_decoder=True) == ([[5, 6, 1]], ["Cash flow."])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lmdistill.errors import LmdistillError
-from lmdistill.eval.metrics import agreement_and_kl, exact_match, generate_continuations, perplexity, rouge_l
+from lmdistill.eval.metrics import IGNORE_INDEX, agreement_and_kl, exact_match, generate_continuations, perplexity, rouge_l
 from lmdistill.eval.speed import size_and_speed
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,31 @@ KNOWN_ROLES = ("teacher", "student_before", "student_after", "baseline")
 # References of at most this many words are short answers, for which exact match means something.
 SHORT_ANSWER_WORDS = 8
 _SPEED_PROMPT_TOKENS = 32
+
+
+def prompts_and_references(examples: Sequence[dict], tokenizer, encoder_decoder: bool = False,
+                           limit: int | None = None) -> tuple[list[list[int]], list[str]]:
+    """Generation prompts and their reference answers taken from encoded eval examples.
+
+    Causal examples give their prompt tokens (input_ids[:prompt_length]) and the text of their counted labels;
+    examples without a prompt (plain text, prompt_length 0) are skipped, as there is nothing to answer. For
+    encoder-decoder models the prompt is the encoder input and the reference the decoder labels.
+    Returns (prompt token ids, reference texts) for at most `limit` examples, in order.
+    """
+    prompts, references = [], []
+    for ex in examples:
+        if limit is not None and len(prompts) >= limit:
+            break
+        if encoder_decoder:
+            prompt = list(ex["input_ids"])
+        elif ex.get("prompt_length"):
+            prompt = list(ex["input_ids"][:ex["prompt_length"]])
+        else:
+            continue
+        prompts.append(prompt)
+        answer = [t for t in ex["labels"] if t != IGNORE_INDEX]
+        references.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
+    return prompts, references
 
 
 def _speed_prompts(tokenizer, generation_prompts: Sequence | None,
