@@ -98,3 +98,35 @@ def test_push_without_connection_fails_in_one_line(student, tokenizer, tmp_path,
 def test_push_needs_an_exported_model(tmp_path):
     with pytest.raises(ModelError, match="no exported model in .*final: finish `lmdistill run`"):
         push_to_hub(tmp_path, "someone/tiny-student")
+
+
+def test_push_with_a_refused_token_says_how_to_log_in(student, tokenizer, tmp_path, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from huggingface_hub import constants
+
+    class Unauthorized(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            body = b'{"error": "Invalid credentials"}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    export_student(student, tokenizer, tmp_path / "final", CONFIG_YAML)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    server = HTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(LmdistillError, match="the Hub answered HTTP 401; log in with `hf auth login`") as err:
+            push_to_hub(tmp_path, "someone/tiny-student", token="hf_bad",
+                        endpoint=f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert "\n" not in str(err.value)
