@@ -84,6 +84,17 @@ def test_agreement_and_kl_match_reference(teacher, student, qa_examples, text_ex
     assert scores["mean_kl"] > 0.0
 
 
+def test_results_do_not_depend_on_the_float32_chunk_size(teacher, student, qa_examples, monkeypatch):
+    from lmdistill.eval import metrics
+
+    whole = (perplexity(student, qa_examples), agreement_and_kl(teacher, student, qa_examples))
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 3 * teacher.config.vocab_size)  # 3 tokens per chunk
+    chunked = (perplexity(student, qa_examples), agreement_and_kl(teacher, student, qa_examples))
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-6)
+    assert chunked[1]["top1_agreement"] == whole[1]["top1_agreement"]
+    assert chunked[1]["mean_kl"] == pytest.approx(whole[1]["mean_kl"], rel=1e-6)
+
+
 def test_agreement_uses_the_shared_vocabulary_when_one_model_has_padding_rows(teacher, qa_examples):
     padded = tiny_causal_lm(teacher.config.vocab_size + 8, num_layers=1, hidden_size=32)
     with torch.no_grad():

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from lmdistill.errors import DataError, ModelError
 
 IGNORE_INDEX = -100
-# Elements of one float32 [tokens, vocab] chunk in agreement_and_kl: 2**26 floats = 256 MB, so a 150k vocab
-# is handled ~440 tokens at a time instead of materialising every counted token at once.
+# Elements of one float32 [tokens, vocab] chunk: 2**26 floats = 256 MB, so a 150k vocab is upcast ~440 tokens at
+# a time instead of every counted token of a batch at once.
 _CHUNK_ELEMENTS = 2**26
 _CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 # One token per CJK character, else a run of other word characters, in text order.
@@ -89,6 +89,13 @@ def _batches(examples: Sequence[dict], batch_size: int) -> Iterator[Sequence[dic
         yield examples[start:start + batch_size]
 
 
+def _token_chunks(num_tokens: int, vocab: int) -> Iterator[slice]:
+    """Row slices of a [num_tokens, vocab] logits matrix, each small enough to upcast to float32."""
+    step = max(1, _CHUNK_ELEMENTS // vocab)
+    for start in range(0, num_tokens, step):
+        yield slice(start, start + step)
+
+
 def perplexity(model: torch.nn.Module, examples: Sequence[dict], batch_size: int = 8) -> float:
     """exp(mean negative log-likelihood per counted token) over all `examples` (mean over tokens, not over
     sequences, so padding and batch size do not change the value)."""
@@ -97,7 +104,8 @@ def perplexity(model: torch.nn.Module, examples: Sequence[dict], batch_size: int
     with eval_mode(model), torch.inference_mode():
         for batch in _batches(examples, batch_size):
             logits, targets = counted_logits(model, batch)  # [N, V], [N]
-            total_nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            for rows in _token_chunks(targets.numel(), logits.shape[-1]):
+                total_nll += F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum").item()
             count += targets.numel()
     if count == 0:
         raise DataError("no counted tokens in the eval set (every label is -100): check the prompt masking and "
@@ -121,10 +129,9 @@ def agreement_and_kl(teacher: torch.nn.Module, student: torch.nn.Module, example
             s_logits, _ = counted_logits(student, batch)  # [N, Vs]
             vocab = min(t_logits.shape[-1], s_logits.shape[-1])
             s_logits = s_logits.to(t_logits.device)
-            step = max(1, _CHUNK_ELEMENTS // vocab)
-            for start in range(0, targets.numel(), step):
-                log_p = F.log_softmax(t_logits[start:start + step, :vocab].float(), dim=-1)  # [n, V]
-                log_q = F.log_softmax(s_logits[start:start + step, :vocab].float(), dim=-1)  # [n, V]
+            for rows in _token_chunks(targets.numel(), vocab):
+                log_p = F.log_softmax(t_logits[rows, :vocab].float(), dim=-1)  # [n, V]
+                log_q = F.log_softmax(s_logits[rows, :vocab].float(), dim=-1)  # [n, V]
                 kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
                 agree += (log_p.argmax(-1) == log_q.argmax(-1)).sum().item()
             count += targets.numel()
