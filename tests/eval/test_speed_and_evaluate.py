@@ -82,3 +82,20 @@ def test_prompts_and_references_come_from_encoded_examples(tokenizer, qa_pairs, 
     assert references == [a for _, a in qa_pairs[:3]]  # counted labels, eos dropped
     s2s = [{"input_ids": [5, 6, 1], "labels": tokenizer("Cash flow.")["input_ids"] + [1], "source": "s2s"}]
     assert prompts_and_references(s2s, tokenizer, encoder_decoder=True) == ([[5, 6, 1]], ["Cash flow."])
+
+
+def test_evaluate_models_handles_encoder_decoder_pairs(t5_teacher_dir, t5_student_dir, tokenizer):
+    from transformers import AutoModelForSeq2SeqLM
+
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(t5_teacher_dir)
+    student = AutoModelForSeq2SeqLM.from_pretrained(t5_student_dir)
+    examples = [{"input_ids": tokenizer(s)["input_ids"] + [1], "labels": tokenizer(t)["input_ids"] + [1],
+                 "source": "s2s"} for s, t in [("summarize: the bank reports growth", "growth"),
+                                               ("summarize: a trader sells new bonds", "new bonds")]]
+    prompts, references = prompts_and_references(examples, tokenizer, encoder_decoder=True)
+    metrics = evaluate_models({"teacher": teacher, "student_after": student}, tokenizer, {"s2s": examples},
+                              teacher=teacher, generation_prompts=prompts, references=references,
+                              max_new_tokens=3, speed_new_tokens=2)
+    row = metrics["student_after"]
+    assert row["top1_agreement/s2s"] <= 1.0 and row["mean_kl/s2s"] > 0 and row["tokens_per_s/batch8"] > 0
+    assert 0.0 <= row["exact_match"] <= 1.0 and math.isfinite(row["perplexity/s2s"])

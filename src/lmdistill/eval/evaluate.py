@@ -93,6 +93,7 @@ def evaluate_models(models: Mapping[str, torch.nn.Module], tokenizer, eval_sets:
         row = size_and_speed(model, speed_prompts, folder=(model_dirs or {}).get(role),
                              max_new_tokens=speed_new_tokens, pad_token_id=pad_id)
         for name, examples in eval_sets.items():
+            logger.info("%s: scoring %d examples of eval set %s", role, len(examples), name)
             row[f"perplexity/{name}"] = perplexity(model, examples, batch_size)
             if teacher is not None and model is not teacher:
                 scores = agreement_and_kl(teacher, model, examples, batch_size)
