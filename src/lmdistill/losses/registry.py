@@ -1,0 +1,111 @@
+"""Build every loss from plain dicts, as a config names them.
+
+    {"name": "jsd", "weight": 0.7, "beta": 0.5}                     -> a logit term of the DistillObjective
+    {"name": "feature", "weight": 0.1, "kind": "mse", "layers": "uniform"}
+    {"name": "attention", "weight": 0.05, "heads": "auto"}
+    {"name": "contrastive", "weight": 0.05, "temperature": 0.1}
+
+Logit terms become one `DistillObjective`; the others become modules (`AuxLoss`) that take the models'
+hidden-state or attention tuples. Model sizes come from `ModelDims` (read them from the two model configs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lmdistill.losses.attention import AttentionDistiller
+from lmdistill.losses.contrastive import ContrastiveDistiller
+from lmdistill.losses.errors import LossConfigError
+from lmdistill.losses.features import FeatureDistiller
+from lmdistill.losses.functional import LOGIT_LOSSES
+from lmdistill.losses.objective import DistillObjective, LossTerm
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes the auxiliary losses are built from (hidden_size / num_hidden_layers of each model config)."""
+
+    student_hidden_size: int
+    teacher_hidden_size: int
+    student_layers: int
+    teacher_layers: int
+
+
+AuxFactory = Callable[[ModelDims, dict[str, Any]], nn.Module]
+AUX_LOSSES: dict[str, tuple[tuple[str, ...], AuxFactory]] = {
+    "feature": (("kind", "layers"), lambda d, p: FeatureDistiller(
+        d.student_hidden_size, d.teacher_hidden_size, d.student_layers, d.teacher_layers, **p)),
+    "attention": (("layers", "heads"), lambda d, p: AttentionDistiller(d.student_layers, d.teacher_layers, **p)),
+    "contrastive": (("temperature", "proj_dim"), lambda d, p: ContrastiveDistiller(
+        d.student_hidden_size, d.teacher_hidden_size, **p)),
+}
+LOSS_NAMES = (*LOGIT_LOSSES, *AUX_LOSSES)
+
+
+@dataclass
+class AuxLoss:
+    """A non-logit loss: `module(student_states, teacher_states, attention_mask)` where the states are the
+    models' `module.requires` outputs ("hidden_states" or "attentions")."""
+
+    name: str
+    weight: float
+    module: nn.Module
+
+    @property
+    def requires(self) -> str:
+        return self.module.requires
+
+
+@dataclass
+class BuiltLosses:
+    objective: DistillObjective | None  # None when the config has only auxiliary losses
+    aux: list[AuxLoss]
+
+    def trainable_modules(self) -> nn.ModuleDict:
+        """The auxiliary modules with parameters (projections): add them to the optimiser and save them."""
+        return nn.ModuleDict({a.name: a.module for a in self.aux if any(True for _ in a.module.parameters())})
+
+
+def _weight(spec: Mapping[str, Any]) -> float:
+    weight = spec.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise LossConfigError(f"loss '{spec['name']}': weight must be a finite number >= 0, got {weight!r}")
+    return float(weight)
+
+
+def build_aux_loss(spec: Mapping[str, Any], dims: ModelDims) -> AuxLoss:
+    name = spec["name"]
+    allowed, factory = AUX_LOSSES[name]
+    params = {k: v for k, v in spec.items() if k not in ("name", "weight")}
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise LossConfigError(f"loss '{name}': unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(allowed)}")
+    return AuxLoss(name, _weight(spec), factory(dims, params))
+
+
+def build_losses(specs: Sequence[Mapping[str, Any]], dims: ModelDims | None = None, temperature: float = 1.0,
+                 chunk_size: int | None = None) -> BuiltLosses:
+    """Config entries -> one DistillObjective (logit terms) plus auxiliary loss modules. `dims` is needed only
+    when an auxiliary loss is named."""
+    terms, aux = [], []
+    for n, spec in enumerate(specs):
+        name = spec.get("name")
+        if name in LOGIT_LOSSES:
+            terms.append(LossTerm.from_dict(spec))
+        elif name in AUX_LOSSES:
+            if dims is None:
+                raise LossConfigError(f"losses[{n}] '{name}' needs the models' sizes (ModelDims)")
+            aux.append(build_aux_loss(spec, dims))
+        else:
+            raise LossConfigError(f"losses[{n}]: unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    if not terms and not aux:
+        raise LossConfigError("no losses configured; add e.g. {name: forward_kl}")
+    if len({a.name for a in aux}) != len(aux):
+        raise LossConfigError(f"auxiliary losses repeat in {[a.name for a in aux]}; list each once")
+    objective = DistillObjective(terms, temperature, chunk_size) if terms else None
+    return BuiltLosses(objective, aux)
