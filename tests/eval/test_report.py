@@ -81,7 +81,7 @@ def test_report_has_plots_tables_headline_and_no_external_resources(run_dir):
                      r'<td class="better">better</td>', page)
     assert re.search(r'rouge_l<small></small></td>(<td>.*?</td>){4}<td class="worse">worse</td>', page)
     assert ("student_after is 5.0x smaller (parameters), 4.0x faster (generation, batch 1), keeps 90% of the "
-            "teacher&#x27;s ROUGE-L") in page
+            "teacher&#x27;s ROUGE-L.") in page
     assert ("Against the CE-only baseline, student_after is better on 2 of 3 quality metrics (exact_match, "
             "perplexity/domain) and worse on rouge_l.") in page
     for stage in STAGES:

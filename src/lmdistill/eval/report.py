@@ -75,7 +75,7 @@ def headline(metrics: Mapping[str, Mapping[str, float]], metric: str | None = No
         if _finite(teacher.get(key)) and _finite(student.get(key)) and teacher[key] > 0:
             parts.append(f"keeps {100 * student[key] / teacher[key]:.0f}% of the teacher's {_LABELS.get(key, key)}")
             break
-    return f"{role} is " + ", ".join(parts) if parts else None
+    return f"{role} is " + ", ".join(parts) + "." if parts else None
 
 
 def _compare(key: str, mine: float, theirs: float) -> tuple[str, str]:
