@@ -23,6 +23,14 @@ from lmdistill.losses.errors import LossInputError
 from lmdistill.losses.functional import counted_rows, finish
 
 
+BLOCK_ELEMENTS = 2**25  # per [chunk, V] float32 block: 128 MiB, whatever the vocabulary
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one [chunk, V] float32 block is about BLOCK_ELEMENTS (220 at V = 151,936)."""
+    return max(1, BLOCK_ELEMENTS // vocab_size)
+
+
 @dataclass(frozen=True)
 class LMHead:
     """A model's output layer: weight [V, H], optional bias [V], soft-cap and scale as in its config."""
@@ -79,7 +87,7 @@ def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head:
 
 def fused_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
                        teacher_lm_head_weight: Tensor, labels: Tensor | None = None, *, loss: str = "forward_kl",
-                       temperature: float = 1.0, reduction: str = "mean", chunk_size: int | None = 1024,
+                       temperature: float = 1.0, reduction: str = "mean", chunk_size: int | None = None,
                        student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
                        student_softcap: float | None = None, teacher_softcap: float | None = None,
                        student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
@@ -89,10 +97,12 @@ def fused_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, t
     student_hidden [..., Hs], student_lm_head_weight [Vs, Hs]; teacher_hidden [..., Ht], teacher weight
     [Vt, Ht]; labels [...] aligned with the hidden states (-100 = not counted). `loss_params` are the
     divergence's keywords (e.g. beta=0.5). Equals the same loss on `hidden @ weight.T (+ bias)` logits.
+    `chunk_size` None picks `default_chunk_size` of the larger vocabulary.
     """
     params = check_params(loss, loss_params)
     spec = TermSpec(loss, 1.0 if loss == "cross_entropy" else check_temperature(temperature), params)
     student = LMHead(student_lm_head_weight, student_bias, student_softcap, student_logit_scale)
     teacher = LMHead(teacher_lm_head_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
+    chunk_size = chunk_size or default_chunk_size(max(student.weight.shape[0], teacher.weight.shape[0]))
     sums, count = fused_terms([spec], student_hidden, student, teacher_hidden, teacher, labels, chunk_size)
     return finish(sums[0], count, reduction)

@@ -20,9 +20,7 @@ from torch import Tensor
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature
 from lmdistill.losses.errors import LossConfigError
 from lmdistill.losses.functional import LOGIT_LOSSES, logit_terms, topk_spec
-from lmdistill.losses.fused import LMHead, fused_terms
-
-FUSED_DEFAULT_CHUNK = 1024  # tokens per chunk in fused mode when the objective sets no chunk_size
+from lmdistill.losses.fused import LMHead, default_chunk_size, fused_terms
 
 
 @dataclass(frozen=True)
@@ -114,13 +112,14 @@ class DistillObjective:
               student_softcap: float | None = None, teacher_softcap: float | None = None,
               student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0) -> ObjectiveOutput:
         """Hidden states [..., H] and lm_head weights [V, H] in place of logits; full logits never exist.
-        Chunks of `chunk_size` tokens (FUSED_DEFAULT_CHUNK when the objective has none)."""
+        Chunks of `chunk_size` tokens (`default_chunk_size(V)` when the objective has none)."""
         self._require_teacher(teacher_hidden if teacher_weight is not None else None)
         student = LMHead(student_weight, student_bias, student_softcap, student_logit_scale)
         teacher = (LMHead(teacher_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
                    if teacher_weight is not None and self.needs_teacher else None)
         sums, count = fused_terms(self._specs(), student_hidden, student, teacher_hidden, teacher, labels,
-                                  self.chunk_size or FUSED_DEFAULT_CHUNK, self._weights.to(student_hidden.device))
+                                  self.chunk_size or default_chunk_size(student_weight.shape[0]),
+                                  self._weights.to(student_hidden.device))
         return self._output(sums, count, num_items)
 
     def cached(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, labels: Tensor | None,

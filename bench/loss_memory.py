@@ -1,0 +1,121 @@
+"""Peak memory and fwd+bwd time of the KD loss at V = 151,936 (Qwen2.5 vocabulary), hidden 896.
+
+Each measurement runs in a fresh subprocess: peak RSS during loss forward + backward minus the RSS once the
+inputs exist (hidden states, lm_head weights). All methods compute the same generalized JSD (beta = 0.5, TRL's
+default) except (b), which is the plain cross-entropy ordinary fine-tuning pays:
+  (a) naive    full [N, V] logits of both models, log-softmax, JSD as TRL's non-Liger GKD path does
+  (b) plain CE full student logits + F.cross_entropy
+  (c) chunked  full logits, lmdistill `jsd(..., chunk_size)`
+  (d) fused    lmdistill `fused_distill_loss` from hidden states + lm_head: full logits never exist
+Usage: python bench/loss_memory.py [--tokens 1024 4096] [--mem-limit-gb 16]
+A child that would pass the memory limit (RLIMIT_AS) reports it instead of taking the machine down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+VOCAB, HIDDEN = 151_936, 896
+METHODS = ("naive", "plain_ce", "chunked", "fused")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _naive_jsd(student_logits, teacher_logits, labels, beta=0.5):
+    """TRL GKDTrainer.generalized_jsd_loss (beta in (0, 1)), written out."""
+    import torch
+    import torch.nn.functional as F
+
+    s = F.log_softmax(student_logits, dim=-1)
+    t = F.log_softmax(teacher_logits, dim=-1)
+    beta_t = torch.tensor(beta, dtype=s.dtype)
+    mix = torch.logsumexp(torch.stack([s + torch.log(1 - beta_t), t + torch.log(beta_t)]), dim=0)
+    jsd = beta * F.kl_div(mix, t, reduction="none", log_target=True) + (1 - beta) * F.kl_div(
+        mix, s, reduction="none", log_target=True)
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum()
+
+
+def measure(method: str, tokens: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from lmdistill.losses import fused_distill_loss, jsd
+    from lmdistill.losses.fused import default_chunk_size
+
+    torch.manual_seed(0)
+    h_s = (torch.randn(tokens, HIDDEN) * 0.5).requires_grad_(True)
+    w_s = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN) * 0.02)
+    h_t, w_t = torch.randn(tokens, HIDDEN) * 0.5, torch.randn(VOCAB, HIDDEN) * 0.02
+    labels = torch.randint(0, VOCAB, (tokens,))
+    chunk = default_chunk_size(VOCAB)
+    base = _rss_mb()
+    start = time.perf_counter()
+    if method == "fused":
+        loss = fused_distill_loss(h_s, w_s, h_t, w_t, labels, loss="jsd", beta=0.5, chunk_size=chunk)
+    else:
+        student_logits = h_s @ w_s.T  # [N, V] float32
+        if method == "plain_ce":
+            loss = F.cross_entropy(student_logits, labels)
+        else:
+            with torch.no_grad():
+                teacher_logits = h_t @ w_t.T
+            if method == "naive":
+                loss = _naive_jsd(student_logits, teacher_logits, labels)
+            else:
+                loss = jsd(student_logits, teacher_logits, labels, beta=0.5, chunk_size=chunk)
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    return {"method": method, "tokens": tokens, "peak_mb": _rss_mb() - base, "seconds": elapsed,
+            "loss": float(loss), "chunk": chunk}
+
+
+def _child(method: str, tokens: int, limit_gb: float) -> dict:
+    code = (f"import json, resource, sys; sys.path.insert(0, 'bench');"
+            f"resource.setrlimit(resource.RLIMIT_AS, ({int(limit_gb * 2**30)}, {int(limit_gb * 2**30)}));"
+            f"import loss_memory as m; print(json.dumps(m.measure({method!r}, {tokens})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = "out of memory" if "alloc" in done.stderr.lower() or "memory" in done.stderr.lower() else "failed"
+        return {"method": method, "tokens": tokens, "error": f"{reason} (limit {limit_gb:g} GiB)",
+                "stderr": done.stderr[-300:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--mem-limit-gb", type=float, default=16.0)
+    args = parser.parse_args()
+    rows = [_child(m, n, args.mem_limit_gb) for n in args.tokens for m in args.methods]
+    print(f"\nV={VOCAB:,}, hidden={HIDDEN}, float32, CPU; JSD(beta=0.5) except plain CE")
+    print(f"{'B*T':>6} {'method':<9} {'peak MB':>9} {'fwd+bwd s':>10}  note")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['tokens']:>6} {r['method']:<9} {'-':>9} {'-':>10}  not measured: {r['error']}")
+        else:
+            note = f"chunk {r['chunk']} tokens" if r["method"] in ("chunked", "fused") else ""
+            print(f"{r['tokens']:>6} {r['method']:<9} {r['peak_mb']:>9.0f} {r['seconds']:>10.2f}  {note}")
+    print("\nratios (targets: fused mem <= 0.25x naive and <= 1.0x plain CE; fused time <= 1.2x naive)")
+    for n in args.tokens:
+        got = {r["method"]: r for r in rows if r["tokens"] == n and "error" not in r}
+        fused = got.get("fused")
+        for ref in ("naive", "plain_ce"):
+            if fused and ref in got:
+                print(f"  B*T={n}: fused/{ref}: mem {fused['peak_mb'] / got[ref]['peak_mb']:.2f}x, "
+                      f"time {fused['seconds'] / got[ref]['seconds']:.2f}x")
+        if "chunked" in got and "naive" in got:
+            print(f"  B*T={n}: chunked/naive: mem {got['chunked']['peak_mb'] / got['naive']['peak_mb']:.2f}x, "
+                  f"time {got['chunked']['seconds'] / got['naive']['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
