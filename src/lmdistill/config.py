@@ -237,6 +237,24 @@ class GenerationSettings(Strict):
     max_new_tokens: int = Field(64, gt=0)
     do_sample: bool = True
     thinking_prob: float = Field(0.5, ge=0, le=1)
+    path: str | None = Field(None, description="JSONL of teacher generations (`lmdistill generate` writes it, "
+                                               "teacher_source: generations trains on it); None: OUTPUT_DIR/generations.jsonl.")
+    sources: list[str] | None = Field(None, description="Training sources whose prompts are answered (None: all).")
+    num_samples: int = Field(1, gt=0, description="Generations per prompt.")
+    batch_size: int = Field(8, gt=0, description="Prompts per teacher generate() call.")
+
+
+class TeacherCacheSettings(Strict):
+    """The offline teacher (`lmdistill cache-teacher`, stages with teacher_source: cache)."""
+
+    path: str | None = Field(None, description="Cache folder; None: OUTPUT_DIR/teacher_cache.")
+    k: int = Field(64, gt=0, description="Teacher log-probs kept per token (the k most likely ids).")
+    temperature: float = Field(1.0, gt=0, description="Capture temperature: log-softmax(logits / T) is stored.")
+    tail: Literal["bucket", "drop"] = Field(
+        "bucket", description="bucket: the mass outside the top k is one extra class; drop: renormalise over the k.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Storage dtype of log-probs.")
+    batch_size: int = Field(8, gt=0, description="Examples per teacher forward pass while capturing.")
+    shard_examples: int = Field(1024, gt=0, description="Examples per shard (the unit of resume).")
 
 
 class PipelineConfig(Strict):
@@ -247,6 +265,7 @@ class PipelineConfig(Strict):
     stages: list[StageSettings]
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    teacher_cache: TeacherCacheSettings = Field(default_factory=TeacherCacheSettings)
     output_dir: str = "./lmdistill_output"
 
     @field_validator("stages")

@@ -1,0 +1,177 @@
+"""`cache-teacher`: run the teacher once over every source and store its top-k log-probs in checksummed shards.
+
+Layout of a cache folder:
+    manifest.json                       see manifest.py (identity of the cache + the list of complete shards)
+    shard-SSS-IIIII.safetensors         examples [I*S, (I+1)*S) of source number SSS, tensors:
+        row_ids   int64 [m]             row id of each example
+        offsets   int64 [m + 1]         example j owns counted tokens offsets[j] .. offsets[j+1]
+        ids       uint8 [ceil(n*k*b/8)] top-k token ids, b = ceil(log2 V) bits each (packing.py)
+        logprobs  fp16|bf16|fp32 [n, k] log softmax(logits / T) at those ids, most likely first
+        tail      float32 [n]           probability mass outside the top k
+A shard is written to a temp name, fsynced, checksummed and renamed; only then does the manifest list it. A run
+that dies leaves at most a temp file, which the next run deletes before continuing after the last listed shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_file
+
+from lmdistill.config import TeacherCacheSettings
+from lmdistill.data.collate import DistillCollator
+from lmdistill.errors import CacheError
+from lmdistill.teacher.capture import capture_topk
+from lmdistill.teacher.fingerprint import examples_fingerprint, sha256_file
+from lmdistill.teacher.manifest import Manifest, ShardEntry, SourceEntry, read_manifest, shard_name, write_manifest
+from lmdistill.teacher.packing import id_bits, pack_ids
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class CacheInputs:
+    """What the cache is made from: encoded examples per cache key ('NAME' for training, 'eval:NAME' for eval)."""
+
+    sources: dict[str, list[dict]]
+    groups: dict[str, str]
+    task_type: str
+    max_length: int
+    vocab_size: int
+    pad_token_id: int
+    teacher_name: str
+    teacher_config_hash: str
+    tokenizer_hash: str
+
+
+def eval_key(name: str) -> str:
+    return f"eval:{name}"
+
+
+def counted_tokens(example: dict, task_type: str) -> int:
+    labels = example["labels"][1:] if task_type == "causal" else example["labels"]
+    return sum(1 for x in labels if x != -100)
+
+
+def plan_manifest(inputs: CacheInputs, settings: TeacherCacheSettings) -> Manifest:
+    if settings.k > inputs.vocab_size:
+        raise CacheError(f"teacher_cache.k = {settings.k} is larger than the vocabulary ({inputs.vocab_size} ids); "
+                         f"use --k {min(64, inputs.vocab_size)} or any value up to {inputs.vocab_size}")
+    sources = {}
+    for key, examples in inputs.sources.items():
+        sources[key] = SourceEntry(group=inputs.groups[key], fingerprint=examples_fingerprint(examples),
+                                   examples=len(examples),
+                                   tokens=sum(counted_tokens(ex, inputs.task_type) for ex in examples),
+                                   num_shards=-(-len(examples) // settings.shard_examples))
+    return Manifest(teacher=inputs.teacher_name, teacher_config_hash=inputs.teacher_config_hash,
+                    tokenizer_hash=inputs.tokenizer_hash, task_type=inputs.task_type, max_length=inputs.max_length,
+                    k=settings.k, temperature=settings.temperature, dtype=settings.dtype,
+                    vocab_size=inputs.vocab_size, id_bits=id_bits(inputs.vocab_size),
+                    shard_examples=settings.shard_examples, sources=sources)
+
+
+def _resume_point(out: Path, planned: Manifest) -> Manifest:
+    """The manifest to continue from: the existing one when it describes the same cache, else a fresh plan."""
+    existing = read_manifest(out)
+    if existing is None:
+        return planned
+    old, new = existing.identity(), planned.identity()
+    changed = [key for key in new if old.get(key) != new[key]]
+    if changed:
+        key = changed[0]
+        detail = (f"source(s) {sorted(k for k in new['sources'] if old['sources'].get(k) != new['sources'][k])}"
+                  if key == "sources" else f"{key}: cached {old.get(key)!r}, now {new[key]!r}")
+        raise CacheError(f"{out} holds a teacher cache made with other settings ({detail}); "
+                         "choose another --out, or delete that folder to rebuild it")
+    return existing
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
+    """Write to a temp name, fsync, checksum, rename. Returns (bytes, sha256)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        size, digest = tmp.stat().st_size, sha256_file(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"writing teacher-cache shard {path} failed ({err.strerror or err}); nothing of it was "
+                         "kept: free disk space and run the same command again to resume from the last complete "
+                         "shard") from None
+    return size, digest
+
+
+def _shard_tensors(model, examples: list[dict], manifest: Manifest, batch_size: int,
+                   collator: DistillCollator) -> dict[str, torch.Tensor]:
+    """Capture one shard's examples (batched by length to save padding) and lay them out in example order."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    parts: dict[int, tuple] = {}
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        got = capture_topk(model, collator([examples[i] for i in chosen]), manifest.task_type, manifest.k,
+                           manifest.temperature, manifest.vocab_size)
+        bounds = [0] + got.counts.cumsum(0).tolist()
+        for j, i in enumerate(chosen):
+            a, b = bounds[j], bounds[j + 1]
+            parts[i] = (got.ids[a:b], got.logprobs[a:b], got.tail[a:b])
+    counts = torch.tensor([len(parts[i][0]) for i in range(len(examples))], dtype=torch.int64)
+    ids = torch.cat([parts[i][0] for i in range(len(examples))])  # [n, k]
+    return {
+        "row_ids": torch.tensor([ex["row_id"] for ex in examples], dtype=torch.int64),
+        "offsets": torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
+        "ids": pack_ids(ids, manifest.id_bits),
+        "logprobs": torch.cat([parts[i][1] for i in range(len(examples))]).to(DTYPES[manifest.dtype]).contiguous(),
+        "tail": torch.cat([parts[i][2] for i in range(len(examples))]).float(),
+    }
+
+
+def build_cache(model, inputs: CacheInputs, settings: TeacherCacheSettings, out: str | Path) -> Manifest:
+    """Capture every shard not yet in `out`'s manifest; returns the final manifest. Safe to rerun after a crash."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard-*.tmp"):
+        stale.unlink()  # a shard that was being written when a previous run died
+    manifest = _resume_point(out, plan_manifest(inputs, settings))
+    write_manifest(out, manifest)
+    collator = DistillCollator(inputs.pad_token_id, task_type=inputs.task_type)
+    keys = list(inputs.sources)
+    todo = [(key, i) for key in keys for i in range(manifest.sources[key].num_shards) if manifest.shard(key, i) is None]
+    if not todo:
+        log.info("teacher cache %s is complete (%d shards)", out, manifest.total_shards)
+        return manifest
+    remaining = sum(counted_tokens(ex, inputs.task_type) for key, i in todo
+                    for ex in inputs.sources[key][i * settings.shard_examples:(i + 1) * settings.shard_examples])
+    log.info("teacher cache %s: %d of %d shards to capture (%d tokens, k=%d, T=%s)", out, len(todo),
+             manifest.total_shards, remaining, manifest.k, manifest.temperature)
+    columns = (TextColumn("caching teacher"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
+               TimeRemainingColumn())
+    started, done = time.perf_counter(), 0
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("cache", total=remaining, rate="")
+        for key, index in todo:
+            lo = index * settings.shard_examples
+            examples = inputs.sources[key][lo:lo + settings.shard_examples]
+            tensors = _shard_tensors(model, examples, manifest, settings.batch_size, collator)
+            path = out / shard_name(keys.index(key), index)
+            size, digest = _write_shard(path, tensors, {"source": key, "index": str(index)})
+            tokens = int(tensors["offsets"][-1])
+            manifest.shards.append(ShardEntry(file=path.name, source=key, index=index, start=lo,
+                                              end=lo + len(examples), first_row=examples[0]["row_id"],
+                                              last_row=examples[-1]["row_id"], tokens=tokens, bytes=size, sha256=digest))
+            write_manifest(out, manifest)
+            done += tokens
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=tokens, rate=f"{rate:,.0f} tok/s")
+    log.info("teacher cache %s: %d tokens in %.1f s (%.0f tokens/s), %.1f bytes per token", out, done,
+             time.perf_counter() - started, done / max(time.perf_counter() - started, 1e-9), manifest.bytes_per_token())
+    return manifest

@@ -1,0 +1,65 @@
+"""The `cache-teacher` and `generate` commands: config in, teacher outputs on disk (the CLI stays a thin parser)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmdistill.config import PipelineConfig
+from lmdistill.errors import ConfigError
+from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
+from lmdistill.teacher.fingerprint import model_config_hash, tokenizer_hash
+from lmdistill.teacher.generate import generate_responses
+from lmdistill.teacher.manifest import Manifest
+from lmdistill.teacher.stage import cache_dir, generations_path
+
+
+def _prepare_with_teacher(config: PipelineConfig, command: str):
+    from lmdistill.train.pipeline import prepare  # train composes teacher/, not the other way round
+
+    if not config.teacher.name:
+        raise ConfigError(f"`lmdistill {command}` runs the teacher, but teacher.name is not set in the config")
+    prep = prepare(config, load_teacher=True)
+    if prep.teacher is None:
+        raise ConfigError(f"`lmdistill {command}`: every stage is a finetune stage, so the config loads no "
+                          "teacher; add a distill stage or use a config that distills")
+    return prep
+
+
+def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int | None = None,
+                  temperature: float | None = None) -> tuple[Path, Manifest]:
+    """Capture (or finish capturing) the top-k teacher cache for every training source and eval set."""
+    settings = config.teacher_cache.model_copy()
+    if k is not None:
+        settings.k = k
+    if temperature is not None:
+        settings.temperature = temperature
+    prep = _prepare_with_teacher(config, "cache-teacher")
+    vocab = prep.shared_vocab or prep.teacher.get_output_embeddings().weight.shape[0]
+    sources = dict(prep.sources) | {eval_key(name): rows for name, rows in prep.eval_sets.items()}
+    groups = {name: "train" for name in prep.sources} | {eval_key(name): "eval" for name in prep.eval_sets}
+    inputs = CacheInputs(sources=sources, groups=groups, task_type=prep.task_type, max_length=config.data.max_length,
+                         vocab_size=vocab, pad_token_id=prep.tokenizer.pad_token_id, teacher_name=config.teacher.name,
+                         teacher_config_hash=model_config_hash(prep.teacher.config),
+                         tokenizer_hash=tokenizer_hash(prep.tokenizer))
+    out_dir = cache_dir(config, out)
+    return out_dir, build_cache(prep.teacher, inputs, settings, out_dir)
+
+
+def generate(config: PipelineConfig, num_samples: int | None = None, max_new_tokens: int | None = None,
+             out: str | Path | None = None) -> tuple[Path, int]:
+    """Teacher generations for the prompts of generation.sources (default: every training source)."""
+    settings = config.generation.model_copy()
+    if num_samples is not None:
+        settings.num_samples = num_samples
+    if max_new_tokens is not None:
+        settings.max_new_tokens = max_new_tokens
+    names = settings.sources or list(config.data.sources)
+    unknown = [name for name in names if name not in config.data.sources]
+    if unknown:
+        raise ConfigError(f"generation.sources names {unknown}, but data.sources has {sorted(config.data.sources)}")
+    prep = _prepare_with_teacher(config, "generate")
+    path = generations_path(config, out)
+    written = generate_responses(prep.teacher, prep.tokenizer, {name: prep.sources[name] for name in names}, path,
+                                 task_type=prep.task_type, settings=settings, seed=config.training.seed,
+                                 teacher_name=config.teacher.name, tokenizer_id=tokenizer_hash(prep.tokenizer))
+    return path, written

@@ -1,0 +1,148 @@
+"""`generate`: teacher responses for every prompt of the chosen sources, as resumable JSONL with provenance.
+
+One line per (source, row, sample):
+    {"prompt": str, "completion": str, "prompt_ids": [int], "completion_ids": [int], "finished": bool,
+     "source": str, "row_id": int, "sample": int, "teacher": str, "tokenizer": hash, "seed": int,
+     "settings": {"temperature", "top_p", "max_new_tokens", "do_sample"}}
+`completion_ids` end with eos when the teacher stopped by itself (`finished`). Lines are appended and flushed per
+batch; a rerun keeps the rows whose samples are all present (dropping a half-written last line or a row cut in the
+middle of its samples) and generates only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from rich.progress import track
+
+from lmdistill.config import GenerationSettings
+from lmdistill.data.collate import DistillCollator
+from lmdistill.data.tokenize import IGNORE_INDEX
+from lmdistill.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _read_complete(path: Path, num_samples: int) -> tuple[list[dict], set[tuple[str, int]]]:
+    """Lines of rows with all their samples, and the (source, row_id) keys of those rows."""
+    if not path.exists():
+        return [], set()
+    lines = []
+    for text in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not text.endswith("\n"):
+            break  # the last line was being written when a run died
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: line {len(lines) + 1} is not JSON; it is not a generations file written by "
+                            "`lmdistill generate` (choose another --out)") from None
+    samples: dict[tuple[str, int], int] = {}
+    for line in lines:
+        key = (line["source"], line["row_id"])
+        samples[key] = samples.get(key, 0) + 1
+    done = {key for key, n in samples.items() if n >= num_samples}
+    return [line for line in lines if (line["source"], line["row_id"]) in done], done
+
+
+def _rewrite(path: Path, lines: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _batch_seed(seed: int, source: str, row_id: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{source}:{row_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _completion(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
+    """Generated ids up to and including the first eos; (ids, finished)."""
+    if eos in ids:
+        return ids[: ids.index(eos) + 1], True
+    while ids and ids[-1] == pad:
+        ids = ids[:-1]
+    return ids, False
+
+
+def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: str | Path, *, task_type: str,
+                       settings: GenerationSettings, seed: int, teacher_name: str, tokenizer_id: str) -> int:
+    """Answer every prompt of `sources` (encoded examples) `settings.num_samples` times; returns lines written now."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept, done = _read_complete(out, settings.num_samples)
+    if out.exists() and sum(1 for _ in out.open(encoding="utf-8")) != len(kept):
+        _rewrite(out, kept)  # drop the partial tail so every row appears once, whole
+    collator = DistillCollator(tokenizer.pad_token_id, task_type=task_type)
+    todo = [(name, ex) for name, rows in sources.items() for ex in rows
+            if (name, ex["row_id"]) not in done and (task_type == "seq2seq" or ex.get("prompt_length"))]
+    if done:
+        log.info("generations %s: %d rows already written, %d to go", out, len(done), len(todo))
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p,
+                "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
+    device = next(model.parameters()).device
+    written = 0
+    batches = [todo[i:i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
+    with out.open("a", encoding="utf-8") as f:
+        for batch in track(batches, description="teacher generating", disable=not batches, transient=True):
+            ids, mask = collator.collate_prompts([ex for _, ex in batch])
+            batch_seed = _batch_seed(seed, batch[0][0], batch[0][1]["row_id"])
+            torch.manual_seed(batch_seed)
+            with torch.no_grad():
+                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                           num_return_sequences=settings.num_samples,
+                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                           **({"temperature": settings.temperature, "top_p": settings.top_p}
+                                              if settings.do_sample else {}),
+                                           max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample)
+            # causal: prompt then new tokens; seq2seq: decoder start token then new tokens
+            new = generated[:, ids.shape[1]:] if task_type == "causal" else generated[:, 1:]
+            for j, row in enumerate(new.tolist()):
+                name, ex = batch[j // settings.num_samples]
+                prompt_ids = ex["input_ids"][: ex["prompt_length"]] if task_type == "causal" else ex["input_ids"]
+                completion_ids, finished = _completion(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                line = {"prompt": tokenizer.decode(prompt_ids), "completion": tokenizer.decode(
+                    completion_ids, skip_special_tokens=True), "prompt_ids": prompt_ids,
+                    "completion_ids": completion_ids, "finished": finished, "source": name,
+                    "row_id": ex["row_id"], "sample": j % settings.num_samples, "teacher": teacher_name,
+                    "tokenizer": tokenizer_id, "seed": batch_seed, "settings": sampling}
+                f.write(json.dumps(line) + "\n")
+                written += 1
+            f.flush()
+            os.fsync(f.fileno())
+    log.info("generations %s: %d new lines (%d rows in all)", out, written, len(done) + len(todo))
+    return written
+
+
+def load_generations(path: str | Path, tokenizer_id: str, max_length: int, task_type: str) -> list[dict]:
+    """Training examples from a generations file: the teacher's completion is the target (labels), the prompt is
+    masked. Uses the stored token ids, so nothing is re-tokenised. Rows longer than max_length are skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"no teacher generations at {path}; create them with `lmdistill generate CONFIG` or set "
+                        "generation.path")
+    examples, too_long = [], 0
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = json.loads(text)
+        if line.get("tokenizer") != tokenizer_id:
+            raise DataError(f"{path}: line {number} was generated with another tokenizer than this run's; its token "
+                            "ids would not match: run `lmdistill generate CONFIG --out NEW_FILE` again")
+        prompt, completion = line["prompt_ids"], line["completion_ids"]
+        if task_type == "causal":
+            ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+            example = {"input_ids": ids, "labels": labels, "prompt_length": len(prompt)}
+        else:
+            ids, labels = prompt, completion
+            example = {"input_ids": ids, "labels": labels}
+        if len(ids) > max_length or len(labels) > max_length or not completion:
+            too_long += 1
+            continue
+        examples.append({**example, "source": "generations", "row_id": number - 1, "bucket": line["source"]})
+    if too_long:
+        log.warning("generations %s: skipped %d rows longer than max_length %d or empty", path, too_long, max_length)
+    if not examples:
+        raise DataError(f"{path} has no usable generations (empty, or every row longer than max_length {max_length})")
+    return examples

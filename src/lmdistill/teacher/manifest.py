@@ -1,0 +1,110 @@
+"""manifest.json of a teacher cache: what the cache was made from, and which shards are complete.
+
+The manifest is rewritten atomically (temp file + rename) after every shard, so it only ever lists shards whose
+file was fully written, checksummed and renamed into place: the resume point of `cache-teacher`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmdistill.errors import CacheError
+
+MANIFEST = "manifest.json"
+FORMAT = "lmdistill-teacher-cache/1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceEntry(_Model):
+    """One cached source: a training source or an eval set (group 'eval', key 'eval:NAME')."""
+
+    group: Literal["train", "eval"]
+    fingerprint: str
+    examples: int
+    tokens: int
+    num_shards: int
+
+
+class ShardEntry(_Model):
+    """Examples [start, end) of a source (positions in its encoded example list), row ids first..last."""
+
+    file: str
+    source: str
+    index: int
+    start: int
+    end: int
+    first_row: int
+    last_row: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+class Manifest(_Model):
+    format: Literal["lmdistill-teacher-cache/1"] = FORMAT
+    teacher: str
+    teacher_config_hash: str
+    tokenizer_hash: str
+    task_type: str
+    max_length: int
+    k: int
+    temperature: float
+    dtype: str
+    vocab_size: int
+    id_bits: int
+    shard_examples: int
+    sources: dict[str, SourceEntry]
+    shards: list[ShardEntry] = []
+
+    def identity(self) -> dict:
+        """Everything that decides the cache's content (not which shards are done yet)."""
+        return self.model_dump(exclude={"shards", "teacher"})
+
+    def shard(self, source: str, index: int) -> ShardEntry | None:
+        return next((s for s in self.shards if s.source == source and s.index == index), None)
+
+    @property
+    def total_shards(self) -> int:
+        return sum(s.num_shards for s in self.sources.values())
+
+    @property
+    def complete(self) -> bool:
+        return len(self.shards) == self.total_shards
+
+    def bytes_per_token(self) -> float:
+        tokens = sum(s.tokens for s in self.shards)
+        return sum(s.bytes for s in self.shards) / max(tokens, 1)
+
+
+def shard_name(source_position: int, index: int) -> str:
+    return f"shard-{source_position:03d}-{index:05d}.safetensors"
+
+
+def read_manifest(folder: str | Path) -> Manifest | None:
+    """The manifest of `folder`, or None when the folder has none yet."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return Manifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as err:
+        raise CacheError(f"{path} is not a readable lmdistill teacher-cache manifest ({str(err).splitlines()[0]}); "
+                         "delete the folder and run `lmdistill cache-teacher` again") from None
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> None:
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(manifest.model_dump_json(indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

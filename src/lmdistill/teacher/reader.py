@@ -1,0 +1,145 @@
+"""Reading a teacher cache for training: run checks against the manifest, checksums on first read, lookup by id.
+
+Lookup is by example id (source index * 2**40 + row id, see data.mixture), never by step, so shuffling, several
+epochs and gradient accumulation all read the right rows. Each lookup also checks that the batch has exactly as
+many counted tokens per example as were cached: rows can never be silently misaligned with teacher outputs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from lmdistill.data.mixture import split_example_id
+from lmdistill.data.tokenize import IGNORE_INDEX
+from lmdistill.errors import CacheError
+from lmdistill.teacher.fingerprint import examples_fingerprint, sha256_file
+from lmdistill.teacher.manifest import Manifest, ShardEntry, read_manifest
+from lmdistill.teacher.packing import unpack_ids
+
+REBUILD = "rebuild it with `lmdistill cache-teacher CONFIG`"
+
+
+class TeacherCache:
+    """A cache folder opened for reading. `example(key, position)` -> (ids [n, k] int64, logprobs [n, k], tail [n])."""
+
+    def __init__(self, path: str | Path, max_open_shards: int = 8) -> None:
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise CacheError(f"no teacher cache at {self.path} (manifest.json missing); create it with "
+                             "`lmdistill cache-teacher CONFIG` or fix teacher_cache.path")
+        self.manifest: Manifest = manifest
+        self._open: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+        self._verified: set[str] = set()
+        self._max_open = max_open_shards
+
+    def check_run(self, tokenizer_hash: str, max_length: int, task_type: str, examples: dict[str, list[dict]]) -> None:
+        """Refuse a run whose tokenizer, max_length, task or data differ from those the cache was made from."""
+        m, where = self.manifest, f"teacher cache {self.path}"
+        if m.tokenizer_hash != tokenizer_hash:
+            raise CacheError(f"{where} was made with a different tokenizer than this run's; its token ids would "
+                             f"not match: {REBUILD}")
+        if m.max_length != max_length:
+            raise CacheError(f"{where} was captured with data.max_length={m.max_length}, this run uses {max_length}; "
+                             f"set data.max_length back to {m.max_length} or {REBUILD}")
+        if m.task_type != task_type:
+            raise CacheError(f"{where} holds a {m.task_type} teacher, this run is {task_type}: {REBUILD}")
+        for key, rows in examples.items():
+            entry = m.sources.get(key)
+            if entry is None:
+                raise CacheError(f"{where} has no entry for {key!r} (it has {sorted(m.sources)}): {REBUILD}")
+            if entry.fingerprint != examples_fingerprint(rows):
+                raise CacheError(f"{where}: the data of {key!r} changed since capture ({entry.examples} examples "
+                                 f"cached, {len(rows)} now, or their tokens differ): {REBUILD}")
+        missing = [key for key in examples if sum(s.source == key for s in m.shards) < m.sources[key].num_shards]
+        if missing:
+            raise CacheError(f"{where} is incomplete ({len(m.shards)} of {m.total_shards} shards; {missing} not "
+                             "finished): run `lmdistill cache-teacher CONFIG` again to finish it")
+        for shard in m.shards:
+            if shard.source in examples:
+                self._check_file(shard)
+
+    def _check_file(self, shard: ShardEntry) -> Path:
+        file = self.path / shard.file
+        if not file.exists():
+            raise CacheError(f"teacher-cache shard {file} is missing: {REBUILD} (it resumes and rewrites only "
+                             "shards that are missing, after you delete their entries, or all of it in a new folder)")
+        if file.stat().st_size != shard.bytes:
+            raise CacheError(f"teacher-cache shard {file} is truncated or changed ({file.stat().st_size} bytes, "
+                             f"manifest says {shard.bytes}): delete the cache folder and {REBUILD}")
+        return file
+
+    def _load(self, shard: ShardEntry) -> dict[str, Tensor]:
+        if shard.file in self._open:
+            self._open.move_to_end(shard.file)
+            return self._open[shard.file]
+        file = self._check_file(shard)
+        if shard.file not in self._verified:
+            if sha256_file(file) != shard.sha256:
+                raise CacheError(f"teacher-cache shard {file} is corrupted (sha256 does not match the manifest): "
+                                 f"delete the cache folder and {REBUILD}")
+            self._verified.add(shard.file)
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError) as err:
+            raise CacheError(f"teacher-cache shard {file} cannot be read ({err}): {REBUILD}") from None
+        n = int(tensors["offsets"][-1])
+        tensors["ids"] = unpack_ids(tensors["ids"], self.manifest.id_bits, n * self.manifest.k).reshape(n, -1)
+        self._open[shard.file] = tensors
+        if len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return tensors
+
+    def example(self, key: str, position: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Cached rows of example `position` (index into the source's encoded examples) of source `key`."""
+        index = position // self.manifest.shard_examples
+        shard = self.manifest.shard(key, index)
+        if shard is None:
+            raise CacheError(f"teacher cache {self.path} has no shard {index} of {key!r}: run `lmdistill "
+                             "cache-teacher CONFIG` again to finish it")
+        tensors = self._load(shard)
+        j = position - shard.start
+        a, b = int(tensors["offsets"][j]), int(tensors["offsets"][j + 1])
+        return tensors["ids"][a:b], tensors["logprobs"][a:b], tensors["tail"][a:b]
+
+
+class CacheLookup:
+    """The trainer's offline teacher (train.trainer.TeacherCacheLookup): example ids -> top-k teacher rows.
+
+    keys[i] is the cache key of source index i in the example ids; positions[key] maps row id -> position.
+    """
+
+    def __init__(self, cache: TeacherCache, keys: list[str], positions: dict[str, dict[int, int]], tail: str) -> None:
+        self.cache = cache
+        self.keys = keys
+        self.positions = positions
+        self.tail = tail
+        self.cache_temperature = cache.manifest.temperature
+
+    def lookup(self, example_ids: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """example_ids [B]; labels [B, T'] aligned with the student logits (after the causal shift).
+        Returns ids [B, T', k] int64 and logprobs [B, T', k] float32 (zeros where labels are -100)."""
+        if example_ids is None:
+            raise CacheError("a cached-teacher stage got a batch without example ids; build its data with "
+                             "MixtureDataset (or add 'example_id' to each example)")
+        k = self.cache.manifest.k
+        ids = torch.zeros(*labels.shape, k, dtype=torch.int64)
+        logprobs = torch.zeros(*labels.shape, k, dtype=torch.float32)
+        counted = (labels != IGNORE_INDEX).cpu()
+        for b, example_id in enumerate(example_ids.tolist()):
+            source, row = split_example_id(example_id)
+            key = self.keys[source]
+            row_ids, lps, _ = self.cache.example(key, self.positions[key][row])
+            where = counted[b].nonzero().squeeze(1)
+            if len(where) != len(row_ids):
+                raise CacheError(f"teacher cache {self.cache.path}: row {row} of {key!r} has {len(row_ids)} cached "
+                                 f"tokens but the batch counts {len(where)}; the data no longer matches: {REBUILD}")
+            ids[b, where] = row_ids
+            logprobs[b, where] = lps.float()
+        return ids.to(labels.device), logprobs.to(labels.device)

@@ -1,0 +1,72 @@
+"""How a pipeline stage uses recorded teacher outputs: `teacher_source: cache` and `teacher_source: generations`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmdistill.config import FeatureTerm, AttentionTerm, ContrastiveTerm, PipelineConfig, StageSettings
+from lmdistill.data.mixture import ID_STRIDE
+from lmdistill.errors import CacheError
+from lmdistill.teacher.cache import eval_key
+from lmdistill.teacher.fingerprint import tokenizer_hash
+from lmdistill.teacher.generate import load_generations
+from lmdistill.teacher.reader import CacheLookup, TeacherCache
+
+GENERATIONS_SOURCE = "generations"
+
+
+def cache_dir(config: PipelineConfig, out: str | Path | None = None) -> Path:
+    return Path(out or config.teacher_cache.path or Path(config.output_dir) / "teacher_cache")
+
+
+def generations_path(config: PipelineConfig, out: str | Path | None = None) -> Path:
+    return Path(out or config.generation.path or Path(config.output_dir) / "generations.jsonl")
+
+
+def needs_live_teacher(config: PipelineConfig, stages: list[StageSettings]) -> bool:
+    """Whether any of `stages` runs the teacher in-process (a cached stage never does)."""
+    if config.student.from_teacher is not None:
+        return True  # the student is built from the teacher's layers
+    for stage in stages:
+        if stage.kind == "finetune":
+            continue
+        hidden = any(isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm)) for t in stage.losses)
+        logit_kd = any(t.name != "cross_entropy" for t in stage.losses)
+        if hidden or (logit_kd and stage.teacher_source != "cache"):
+            return True
+    return False
+
+
+def stage_training_sources(config: PipelineConfig, prep, stage: StageSettings) -> dict[str, list[dict]]:
+    """The sources a stage draws from: the configured ones, or only the teacher's generations."""
+    if stage.teacher_source != "generations":
+        return prep.sources
+    if stage.mixture.weights or stage.mixture.schedule:
+        raise CacheError(f"stage {stage.name!r} trains on teacher generations only; remove its mixture (the "
+                         "generations file is its single source)")
+    return {GENERATIONS_SOURCE: load_generations(generations_path(config), tokenizer_hash(prep.tokenizer),
+                                                 config.data.max_length, prep.task_type)}
+
+
+def open_stage_cache(config: PipelineConfig, prep, train_names: list[str],
+                     student_vocab_rows: int) -> tuple[CacheLookup, list[dict], int]:
+    """Open and check the cache for a stage reading `train_names` (in MixtureDataset order).
+
+    Returns the lookup, the eval examples with example ids (eval sets follow the training sources in the id space),
+    and the vocabulary size the losses compare over.
+    """
+    cache = TeacherCache(cache_dir(config))
+    eval_names = list(prep.eval_sets)
+    keys = list(train_names) + [eval_key(name) for name in eval_names]
+    examples = {name: prep.sources[name] for name in train_names}
+    examples |= {eval_key(name): prep.eval_sets[name] for name in eval_names}
+    cache.check_run(tokenizer_hash(prep.tokenizer), config.data.max_length, prep.task_type, examples)
+    vocab = cache.manifest.vocab_size
+    if vocab > student_vocab_rows:
+        raise CacheError(f"teacher cache {cache.path} covers {vocab} token ids but the student's output layer has "
+                         f"{student_vocab_rows} rows; use a student with the teacher's vocabulary")
+    positions = {key: {ex["row_id"]: i for i, ex in enumerate(rows)} for key, rows in examples.items()}
+    first_eval = len(train_names)
+    eval_examples = [{**ex, "example_id": (first_eval + j) * ID_STRIDE + ex["row_id"]}
+                     for j, name in enumerate(eval_names) for ex in prep.eval_sets[name]]
+    return CacheLookup(cache, keys, positions, config.teacher_cache.tail), eval_examples, vocab
