@@ -257,6 +257,15 @@ class TeacherCacheSettings(Strict):
     shard_examples: int = Field(1024, gt=0, description="Examples per shard (the unit of resume).")
 
 
+class EvaluationSettings(Strict):
+    enabled: bool = Field(True, description="Score teacher and student on the eval sets before and after the stages.")
+    num_samples: int = Field(4, ge=0, description="Eval prompts answered by teacher and student side by side at "
+                                                  "every evaluation (samples.jsonl, log, TensorBoard).")
+    max_prompts: int = Field(32, ge=0, description="Eval prompts answered greedily for ROUGE-L / exact match.")
+    measure_speed: bool = Field(True, description="Time generation (tokens/s at batch 1 and 8) for each model.")
+    report: bool = Field(True, description="Write report.html at the end of the run.")
+
+
 class PipelineConfig(Strict):
     task_type: Literal["auto", "causal", "seq2seq"] = "auto"
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
@@ -266,6 +275,7 @@ class PipelineConfig(Strict):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     teacher_cache: TeacherCacheSettings = Field(default_factory=TeacherCacheSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     output_dir: str = "./lmdistill_output"
 
     @field_validator("stages")

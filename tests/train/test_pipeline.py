@@ -44,6 +44,11 @@ def test_multistage_preset_runs_end_to_end(tiny_pipeline):
         assert any("loss/forward_kl" in h for h in history)
     assert "loss/feature" in json.dumps(json.loads((run_dir / "stage2" / "log_history.json").read_text()))
     assert (run_dir / "lmdistill_config.yaml").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"teacher", "student_before", "student_after"} <= set(metrics)
+    assert (run_dir / "report.html").exists() and (run_dir / "samples.jsonl").exists()
+    assert (run_dir / "final" / "README.md").exists() and (run_dir / "final" / "lmdistill_config.yaml").exists()
+    assert (run_dir / "stage3" / "mixture_feedback.json").exists()  # evaluation-driven sampling ran
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     tok = AutoTokenizer.from_pretrained(run_dir / "final")
     out = final.generate(**tok("The bank", return_tensors="pt"), max_new_tokens=5, do_sample=False)

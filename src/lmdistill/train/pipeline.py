@@ -3,7 +3,8 @@
     run_pipeline(config)
       prepare()          tokenizers, vocab check, data, teacher
       for each stage:    skip if done; student <- previous best; train (resume from last checkpoint); save best/final
-      finish()           export final/, state, (evaluation and report when available)
+      evaluate           teacher and starting student, then the final student (metrics.json)
+      finish             export final/ (model card), report.html
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from lmdistill.errors import ConfigError
 from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_model, load_student, load_tokenizer,
                                    resolve_device)
 from lmdistill.models.vocab import check_same_vocab
+from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
+from lmdistill.eval.samples import SamplesCallback
 from lmdistill.train.args import check_precision, stage_training_arguments
+from lmdistill.train.feedback import EvalDrivenSampling
+from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
-                                   stage_draws, stage_sources)
+                                   stage_draws)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
 from lmdistill.train.trainer import DistillationTrainer
 
@@ -138,6 +143,23 @@ def _last_checkpoint(stage_dir: Path) -> Path | None:
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
 
 
+def stage_callbacks(config: PipelineConfig, prep: Prepared, stage: StageSettings, stage_dir: Path, train_dataset,
+                    teacher) -> list:
+    """Quality samples at every evaluation, and evaluation-driven sampling when the stage asks for it."""
+    callbacks = []
+    if teacher is None or not prep.eval_sets:
+        return callbacks
+    prompts, _ = generation_prompts(config, prep.eval_sets, prep.tokenizer, prep.task_type)
+    if prompts and config.evaluation.num_samples:
+        callbacks.append(SamplesCallback(teacher, prep.tokenizer, prompts[: config.evaluation.num_samples],
+                                         stage_dir.parent, stage.name, max_new_tokens=config.generation.max_new_tokens,
+                                         tensorboard_dir=stage_dir / "runs"))
+    if stage.eval_driven_sampling is not None and stage.eval_driven_sampling.enabled:
+        callbacks.append(EvalDrivenSampling(train_dataset, teacher, prep.eval_sets, stage.eval_driven_sampling,
+                                            stage_dir, batch_size=config.training.eval_batch_size))
+    return callbacks
+
+
 def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSettings, run_dir: Path,
               start_from: str | None) -> tuple[str, str, float | None]:
     """Train one stage; returns (best_path, final_path, best_metric)."""
@@ -153,8 +175,13 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
                              total_steps=stage.max_steps or None)
     objective = build_objective(stage)
     aux = build_aux(stage, student, teacher)
-    train_dataset = build_train_dataset(config, stage, prep.sources)
+    train_dataset = build_train_dataset(config, stage, stage_training_sources(config, prep, stage))
     eval_examples = [ex for rows in prep.eval_sets.values() for ex in rows]
+    teacher_cache, shared_vocab = None, prep.shared_vocab
+    if stage.teacher_source == "cache" and objective.needs_teacher:
+        # Offline teacher: logits come from the cache by example id; eval examples get ids in the same space.
+        teacher_cache, eval_examples, shared_vocab = open_stage_cache(
+            config, prep, train_dataset.names, student.get_output_embeddings().weight.shape[0])
     args = stage_training_arguments(config, stage, stage_dir, has_eval=bool(eval_examples))
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train_dataset,
@@ -162,13 +189,15 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         data_collator=DistillCollator(prep.tokenizer.pad_token_id, task_type=prep.task_type),
         processing_class=prep.tokenizer, objective=objective, teacher=teacher if objective.needs_teacher or (
             aux.needs_hidden or aux.needs_attentions) else None, aux=aux, balancer=build_balancer(stage),
-        task_type=prep.task_type, shared_vocab=prep.shared_vocab, fused=stage.fused,
+        task_type=prep.task_type, shared_vocab=shared_vocab, fused=stage.fused, teacher_cache=teacher_cache,
     )
+    for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset, teacher):
+        trainer.add_callback(callback)
     resume = _last_checkpoint(stage_dir)
     if resume:
         log.info("stage %s: resuming from %s", stage.name, resume)
     log.info("stage %d/%d %s: %d draws from %s, losses %s, T=%s", index, len(config.stages), stage.name,
-             len(train_dataset), list(stage_sources(stage, prep.sources)[0]),
+             len(train_dataset), train_dataset.names,
              [(t.name, t.weight) for t in objective.terms], stage.temperature)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     (stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
@@ -189,12 +218,14 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
     save_config(config, run_dir / CONFIG_FILE)
     stages = selected_stages(config, start_stage, end_stage, kinds)
     state = PipelineState.load(run_dir)
-    prep = prepare(config)
+    prep = prepare(config, load_teacher=needs_live_teacher(config, [s for _, s in stages]))
     start_from = checkpoint_path
     if start_from is None and stages[0][0] > 1:
         # A slice starting later continues from the previous stage's best, when the run has it.
         previous = state.record(config.stages[stages[0][0] - 2].name)
         start_from = previous.best_path
+    if config.evaluation.enabled:
+        evaluate_start(config, prep, run_dir, start_from)
     for index, stage in stages:
         rec = state.record(stage.name)
         if rec.status == "done" and rec.best_path and Path(rec.best_path).exists():
@@ -208,13 +239,29 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
         rec.best_metric, rec.metric_name = metric, stage.metric_for_best
         state.save(run_dir)
         start_from = best
-    final_dir = run_dir / "final"
-    from lmdistill.models.load import load_student as _load
-
-    final_model = _load(config.student, prep.task_type, device=prep.device, teacher=prep.teacher, checkpoint=start_from)
-    if hasattr(final_model, "merge_and_unload") and (config.student.lora is None or config.student.lora.merge_on_save):
-        final_model = final_model.merge_and_unload()
-    _save_model_dir(final_model, prep.tokenizer, final_dir)
-    state.final_path = str(final_dir)
+    final_model = load_student(config.student, prep.task_type, device=prep.device, teacher=prep.teacher,
+                               checkpoint=start_from)
+    if config.evaluation.enabled:
+        evaluate_roles(config, run_dir, {"student_after": final_model}, prep.tokenizer, prep.eval_sets, prep.teacher,
+                       prep.task_type, model_dirs={"student_after": start_from})
+    state.final_path = str(export_final(config, run_dir, final_model, prep.tokenizer))
     state.save(run_dir)
+    if config.evaluation.report:
+        report(run_dir)
     return run_dir
+
+
+def evaluate_start(config: PipelineConfig, prep: Prepared, run_dir: Path, start_from: str | None) -> None:
+    """Teacher and the starting student, scored once per run directory (kept in metrics.json)."""
+    from lmdistill.eval.evaluate import read_metrics
+
+    done = read_metrics(run_dir)
+    models = {}
+    if prep.teacher is not None and "teacher" not in done:
+        models["teacher"] = prep.teacher
+    if "student_before" not in done:
+        models["student_before"] = load_student(config.student, prep.task_type, device=prep.device,
+                                                teacher=prep.teacher, checkpoint=start_from)
+    if models:
+        evaluate_roles(config, run_dir, models, prep.tokenizer, prep.eval_sets, prep.teacher, prep.task_type,
+                       model_dirs={"teacher": config.teacher.name, "student_before": start_from or config.student.name})
