@@ -73,7 +73,8 @@ def test_attention_loss_group_and_average_against_reference():
     a_t = torch.softmax(torch.randn(2, 4, 6, 6, generator=g), -1)
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     grouped = a_t.reshape(2, 2, 2, 6, 6).mean(2)  # teacher heads (0,1) -> 0, (2,3) -> 1
-    torch.testing.assert_close(attention_loss([a_s], [a_t], mask, heads="group"), _plain_attention_kl(a_s, grouped, mask))
+    torch.testing.assert_close(attention_loss([a_s], [a_t], mask, heads="group"),
+                               _plain_attention_kl(a_s, grouped, mask))
     torch.testing.assert_close(attention_loss([a_s], [a_t], mask, heads="average"),
                                _plain_attention_kl(a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True), mask))
     three = torch.softmax(torch.randn(2, 3, 6, 6, generator=g), -1)

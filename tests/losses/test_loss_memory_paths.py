@@ -65,8 +65,8 @@ def test_objective_terms_backward_alone_recomputes_exactly():
 def _heads(vocab_s=70, vocab_t=64, hs=16, ht=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(3, 9, hs, generator=g), torch.randn(vocab_s, hs, generator=g) * 0.5,
-            torch.randn(vocab_s, generator=g), torch.randn(3, 9, ht, generator=g), torch.randn(vocab_t, ht, generator=g) * 0.5,
-            torch.randn(vocab_t, generator=g))
+            torch.randn(vocab_s, generator=g), torch.randn(3, 9, ht, generator=g),
+            torch.randn(vocab_t, ht, generator=g) * 0.5, torch.randn(vocab_t, generator=g))
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "jsd", "skew_reverse_kl", "cross_entropy"])

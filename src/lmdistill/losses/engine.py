@@ -64,8 +64,10 @@ def _run(plan: _Plan, tensors: Sequence[Tensor | None], needs: Sequence[bool],
     row_needs, shared_needs = needs[: plan.n_rows], needs[plan.n_rows:]
     grads: list[Tensor | None] = [torch.zeros_like(r) if need else None for r, need in zip(rows, row_needs)]
     # Shared gradients add up over chunks: accumulate in float32, cast back once at the end.
-    grads += [torch.zeros_like(s, dtype=torch.promote_types(s.dtype, torch.float32)) if need else None for s, need in zip(shared, shared_needs)]
-    shared_leaves = [s.detach().requires_grad_(need) if s is not None else None for s, need in zip(shared, shared_needs)]
+    grads += [torch.zeros_like(s, dtype=torch.promote_types(s.dtype, torch.float32)) if need else None
+              for s, need in zip(shared, shared_needs)]
+    shared_leaves = [s.detach().requires_grad_(need) if s is not None else None
+                     for s, need in zip(shared, shared_needs)]
     total: Tensor | None = None
     for idx in torch.split(plan.counted, plan.chunk_size):
         chunk = [r.index_select(0, idx).requires_grad_(need) if r is not None else None
@@ -98,26 +100,28 @@ class _ChunkedRows(torch.autograd.Function):
         needs = list(ctx.needs_input_grad[1:])
         coeffs = plan.coeffs if plan.coeffs is not None else torch.ones((), device=plan.counted.device)
         sums, grads = _run(plan, tensors, needs, coeffs)
-        ctx.plan, ctx.needs, ctx.grads, ctx.scale = plan, needs, grads, 1.0
-        ctx.save_for_backward(*[t for t in tensors if t is not None])
+        ctx.plan, ctx.needs = plan, needs
         ctx.present = [t is not None for t in tensors]
+        ctx.has_grad = [g is not None for g in grads]
+        # Saved (not kept as attributes) so that autograd frees the gradients after backward.
+        ctx.save_for_backward(*[t for t in tensors if t is not None], *[g for g in grads if g is not None])
         return sums
 
     @staticmethod
     def backward(ctx, grad_sums: Tensor) -> tuple[Tensor | None, ...]:
         plan: _Plan = ctx.plan
-        coeffs = plan.coeffs if plan.coeffs is not None else torch.ones_like(grad_sums)
-        coeffs = coeffs.to(grad_sums).expand_as(grad_sums)
-        scale = float((grad_sums * coeffs).sum() / (coeffs * coeffs).sum())
-        if scale == 0.0 and not grad_sums.any():
-            return (None,) * (1 + len(ctx.present))
-        if torch.allclose(grad_sums, scale * coeffs, rtol=1e-6, atol=0.0):
-            # Rescale the stored gradients in place (scale relative to what they hold now): no copy.
-            factor, ctx.scale = scale / ctx.scale, scale
-            grads = [g.mul_(factor) if g is not None and factor != 1.0 else g for g in ctx.grads]
-        else:
-            saved = iter(ctx.saved_tensors)
-            tensors = [next(saved) if present else None for present in ctx.present]
-            with torch.no_grad():
-                grads = _run(plan, tensors, ctx.needs, grad_sums)[1]
+        saved = iter(ctx.saved_tensors)
+        tensors = [next(saved) if present else None for present in ctx.present]
+        stored = [next(saved) if has else None for has in ctx.has_grad]
+        if not grad_sums.any():
+            return (None,) * (1 + len(tensors))
+        coeffs = (plan.coeffs if plan.coeffs is not None else torch.ones(())).to(grad_sums).expand_as(grad_sums)
+        norm = float((coeffs * coeffs).sum())
+        scale = float((grad_sums * coeffs).sum()) / norm if norm > 0 else 0.0
+        if norm > 0 and torch.allclose(grad_sums, scale * coeffs, rtol=1e-6, atol=0.0):
+            if abs(scale - 1.0) < 1e-6:  # the expected backward: hand over the stored gradients, no copy
+                return (None, *stored)
+            return (None, *[g * scale if g is not None else None for g in stored])
+        with torch.no_grad():
+            grads = _run(plan, tensors, ctx.needs, grad_sums)[1]
         return (None, *grads)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from lmdistill.losses.divergences import (IGNORE_INDEX, TAILS, TermSpec, check_params, check_temperature,
@@ -39,11 +40,24 @@ def counted_rows(labels: Tensor | None, n_rows: int) -> tuple[Tensor | None, Ten
     return flat, (None if count == n_rows else keep.nonzero().squeeze(1)), count
 
 
-def finish(sums: Tensor, count: int, reduction: str) -> Tensor:
-    """Sum -> requested reduction: mean over counted tokens (floored at 1 so no tokens gives 0) or sum."""
+def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise LossConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return sums if reduction == "sum" else sums / max(count, 1)
+    return reduction
+
+
+def finish(sums: Tensor, count: int, reduction: str) -> Tensor:
+    """Sum -> requested reduction: mean over counted tokens (floored at 1 so no tokens gives 0) or sum."""
+    return sums if check_reduction(reduction) == "sum" else sums / max(count, 1)
+
+
+def backward_coeffs(labels: Tensor | None, n_rows: int, reduction: str, device: torch.device) -> Tensor:
+    """The d loss / d sum a plain backward will send (1/count for a mean), so chunked gradients are formed
+    at that scale in the forward and handed over without a rescaling copy."""
+    if check_reduction(reduction) == "sum":
+        return torch.ones((), device=device)
+    count = n_rows if labels is None else int((labels != IGNORE_INDEX).sum())
+    return torch.full((), 1.0 / max(count, 1), device=device)
 
 
 def _check_pair(student: Tensor, teacher: Tensor, what: str) -> None:
@@ -85,7 +99,8 @@ def logit_terms(specs: Sequence[TermSpec], student_logits: Tensor, teacher_logit
 def _divergence(name: str, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None,
                 temperature: float, reduction: str, chunk_size: int | None, **params: float) -> Tensor:
     spec = TermSpec(name, check_temperature(temperature), check_params(name, params))
-    sums, count = logit_terms([spec], student_logits, teacher_logits, labels, chunk_size)
+    coeffs = backward_coeffs(labels, student_logits[..., 0].numel(), reduction, student_logits.device)
+    sums, count = logit_terms([spec], student_logits, teacher_logits, labels, chunk_size, coeffs)
     return finish(sums[0], count, reduction)
 
 
@@ -135,7 +150,8 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = 
 def cross_entropy(student_logits: Tensor, labels: Tensor, *, reduction: str = "mean",
                   chunk_size: int | None = None) -> Tensor:
     """Cross-entropy of the student (T = 1) on hard labels. Logits [..., V], labels [...] (-100 = skipped)."""
-    sums, count = logit_terms([TermSpec("cross_entropy")], student_logits, None, labels, chunk_size)
+    coeffs = backward_coeffs(labels, student_logits[..., 0].numel(), reduction, student_logits.device)
+    sums, count = logit_terms([TermSpec("cross_entropy")], student_logits, None, labels, chunk_size, coeffs)
     return finish(sums[0], count, reduction)
 
 
@@ -156,7 +172,8 @@ def topk_kl(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tenso
     ids renormalised. Exact (equal to `forward_kl`) when k = V; see `divergences.topk_rows`.
     """
     spec = topk_spec(temperature, cache_temperature, tail)
-    sums, count = logit_terms([spec], student_logits, None, labels, chunk_size,
+    coeffs = backward_coeffs(labels, student_logits[..., 0].numel(), reduction, student_logits.device)
+    sums, count = logit_terms([spec], student_logits, None, labels, chunk_size, coeffs,
                               teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs)
     return finish(sums[0], count, reduction)
 

@@ -20,14 +20,14 @@ from torch import Tensor
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature, score_rows, upcast
 from lmdistill.losses.engine import reduce_rows
 from lmdistill.losses.errors import LossInputError
-from lmdistill.losses.functional import counted_rows, finish
+from lmdistill.losses.functional import backward_coeffs, counted_rows, finish
 
 
-BLOCK_ELEMENTS = 2**25  # per [chunk, V] float32 block: 128 MiB, whatever the vocabulary
+BLOCK_ELEMENTS = 2**24  # per [chunk, V] float32 block: 64 MiB, whatever the vocabulary
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so that one [chunk, V] float32 block is about BLOCK_ELEMENTS (220 at V = 151,936)."""
+    """Tokens per chunk so that one [chunk, V] float32 block is about BLOCK_ELEMENTS (110 at V = 151,936)."""
     return max(1, BLOCK_ELEMENTS // vocab_size)
 
 
@@ -104,5 +104,6 @@ def fused_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, t
     student = LMHead(student_lm_head_weight, student_bias, student_softcap, student_logit_scale)
     teacher = LMHead(teacher_lm_head_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
     chunk_size = chunk_size or default_chunk_size(max(student.weight.shape[0], teacher.weight.shape[0]))
-    sums, count = fused_terms([spec], student_hidden, student, teacher_hidden, teacher, labels, chunk_size)
+    coeffs = backward_coeffs(labels, student_hidden[..., 0].numel(), reduction, student_hidden.device)
+    sums, count = fused_terms([spec], student_hidden, student, teacher_hidden, teacher, labels, chunk_size, coeffs)
     return finish(sums[0], count, reduction)

@@ -20,7 +20,8 @@ def resolve_layer_map(layers: str | Sequence[Sequence[int]], student_layers: int
     if layers == "uniform":
         return [(i, math.floor((i + 1) * teacher_layers / student_layers + 0.5) - 1) for i in range(student_layers)]
     if isinstance(layers, str) or not layers:
-        raise LossConfigError(f"layers must be 'uniform' or a non-empty list of [student, teacher] pairs, got {layers!r}")
+        raise LossConfigError(f"layers must be 'uniform' or a non-empty list of [student, teacher] pairs, "
+                              f"got {layers!r}")
     pairs: LayerPairs = []
     for n, pair in enumerate(layers):
         if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):

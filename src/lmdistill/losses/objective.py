@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature
 from lmdistill.losses.errors import LossConfigError
-from lmdistill.losses.functional import LOGIT_LOSSES, logit_terms, topk_spec
+from lmdistill.losses.functional import LOGIT_LOSSES, counted_rows, logit_terms, topk_spec
 from lmdistill.losses.fused import LMHead, default_chunk_size, fused_terms
 
 
@@ -92,8 +92,15 @@ class DistillObjective:
         return [TermSpec("cross_entropy") if t.name == "cross_entropy"
                 else kd or TermSpec(t.name, self.temperature, t.params) for t in self.terms]
 
-    def _output(self, sums: Tensor, count: int, num_items: int | float | Tensor | None) -> ObjectiveOutput:
-        denom = max(float(count if num_items is None else num_items), 1.0)
+    def _denominator(self, labels: Tensor | None, n_rows: int, num_items: int | float | Tensor | None) -> float:
+        count = counted_rows(labels, n_rows)[2] if num_items is None else float(num_items)
+        return max(float(count), 1.0)
+
+    def _coeffs(self, denom: float, device: torch.device) -> Tensor:
+        """d total / d sums, so chunked gradients are formed at the scale a plain backward asks for."""
+        return self._weights.to(device) / denom
+
+    def _output(self, sums: Tensor, denom: float) -> ObjectiveOutput:
         values = sums / denom  # [terms]
         terms = {t.name: values[i] for i, t in enumerate(self.terms)}
         return ObjectiveOutput((values * self._weights.to(values.device)).sum(), terms)
@@ -102,9 +109,10 @@ class DistillObjective:
                  num_items: int | float | Tensor | None = None) -> ObjectiveOutput:
         """student_logits [..., V], teacher_logits [..., V'] (None if not needs_teacher), labels [...]."""
         self._require_teacher(teacher_logits)
-        sums, count = logit_terms(self._specs(), student_logits, teacher_logits, labels, self.chunk_size,
-                                  self._weights.to(student_logits.device))
-        return self._output(sums, count, num_items)
+        denom = self._denominator(labels, student_logits[..., 0].numel(), num_items)
+        sums, _ = logit_terms(self._specs(), student_logits, teacher_logits, labels, self.chunk_size,
+                              self._coeffs(denom, student_logits.device))
+        return self._output(sums, denom)
 
     def fused(self, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
               teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
@@ -117,10 +125,11 @@ class DistillObjective:
         student = LMHead(student_weight, student_bias, student_softcap, student_logit_scale)
         teacher = (LMHead(teacher_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
                    if teacher_weight is not None and self.needs_teacher else None)
-        sums, count = fused_terms(self._specs(), student_hidden, student, teacher_hidden, teacher, labels,
-                                  self.chunk_size or default_chunk_size(student_weight.shape[0]),
-                                  self._weights.to(student_hidden.device))
-        return self._output(sums, count, num_items)
+        denom = self._denominator(labels, student_hidden[..., 0].numel(), num_items)
+        sums, _ = fused_terms(self._specs(), student_hidden, student, teacher_hidden, teacher, labels,
+                              self.chunk_size or default_chunk_size(student_weight.shape[0]),
+                              self._coeffs(denom, student_hidden.device))
+        return self._output(sums, denom)
 
     def cached(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, labels: Tensor | None,
                num_items: int | float | Tensor | None = None, cache_temperature: float = 1.0,
@@ -131,9 +140,10 @@ class DistillObjective:
             raise LossConfigError(f"a cached (top-k) teacher supports only forward_kl and cross_entropy, not "
                                   f"{', '.join(other)}; use a live teacher for those losses or switch to forward_kl")
         kd = topk_spec(self.temperature, cache_temperature, tail)
-        sums, count = logit_terms(self._specs(kd), student_logits, None, labels, self.chunk_size,
-                                  self._weights.to(student_logits.device), teacher_ids, teacher_logprobs)
-        return self._output(sums, count, num_items)
+        denom = self._denominator(labels, student_logits[..., 0].numel(), num_items)
+        sums, _ = logit_terms(self._specs(kd), student_logits, None, labels, self.chunk_size,
+                              self._coeffs(denom, student_logits.device), teacher_ids, teacher_logprobs)
+        return self._output(sums, denom)
 
     def _require_teacher(self, teacher: Tensor | None) -> None:
         if teacher is None and self.needs_teacher:

@@ -84,7 +84,8 @@ def build_aux_loss(spec: Mapping[str, Any], dims: ModelDims) -> AuxLoss:
     params = {k: v for k, v in spec.items() if k not in ("name", "weight")}
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise LossConfigError(f"loss '{name}': unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(allowed)}")
+        raise LossConfigError(f"loss '{name}': unknown parameter(s) {', '.join(unknown)}; "
+                              f"accepted: {', '.join(allowed)}")
     return AuxLoss(name, _weight(spec), factory(dims, params))
 
 
