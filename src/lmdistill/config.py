@@ -122,13 +122,15 @@ class FeatureTerm(Strict):
     weight: float = Field(0.1, ge=0)
     kind: Literal["mse", "cosine"] = "mse"
     layers: Literal["uniform"] | list[tuple[int, int]] = Field(
-        "uniform", description="'uniform' or explicit [[student_layer, teacher_layer], ...] (1-based, 0 = embeddings).")
+        "uniform", description="'uniform' or explicit [[student_layer, teacher_layer], ...] (0-based, embeddings excluded).")
 
 
 class AttentionTerm(Strict):
     name: Literal["attention"]
     weight: float = Field(0.05, ge=0)
     layers: Literal["uniform"] | list[tuple[int, int]] = "uniform"
+    heads: Literal["auto", "average", "group"] = Field(
+        "auto", description="Differing head counts: 'group' when one divides the other, else 'average' (auto).")
 
 
 class ContrastiveTerm(Strict):

@@ -30,8 +30,10 @@ def test_multistage_preset_runs_end_to_end(tiny_pipeline):
     for stage in preset["stages"]:
         stage.update(max_steps=8, learning_rate=3e-3, eval_steps=4, save_steps=4)
         stage.pop("epochs")
-    config = config_from_dict(tiny_pipeline(preset["stages"]))
-    run_dir = run_pipeline(config)
+    preset["stages"][2]["mixture"]["weights"]["general"] = 0.3  # two sources for evaluation-driven sampling
+    data = tiny_pipeline(preset["stages"])
+    data["data"]["eval"]["general"] = {"path": data["data"]["sources"]["general"]["path"], "max_rows": 8}
+    run_dir = run_pipeline(config_from_dict(data))
     state = json.loads((run_dir / "pipeline_state.json").read_text())
     assert [s["status"] for s in state["stages"]] == ["done"] * 3
     for name in ("stage1", "stage2", "stage3"):

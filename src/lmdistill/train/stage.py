@@ -37,21 +37,37 @@ def build_objective(stage: StageSettings) -> DistillObjective:
     return DistillObjective(terms=logit_terms(stage), temperature=stage.temperature, chunk_size=stage.chunk_size)
 
 
-def build_aux(stage: StageSettings, student, teacher) -> AuxTerms:
-    aux = AuxTerms()
-    if not any(isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm)) for t in stage.losses):
-        return aux
-    from lmdistill.losses import build_aux_term
+def _use_eager_attention(model) -> None:
+    """Attention maps are only returned by the eager kernel (sdpa/flash never materialise them)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:
+        model.config._attn_implementation = "eager"
 
-    for term in stage.losses:
-        if isinstance(term, (FeatureTerm, AttentionTerm, ContrastiveTerm)):
-            if teacher is None:
-                raise ConfigError(f"stage {stage.name!r}: the {term.name} loss needs a live teacher")
-            setattr(aux, term.name, build_aux_term(term.model_dump(), student.config, teacher.config))
-            aux.weights[term.name] = term.weight
-    for module in (aux.feature, aux.contrastive):
-        if module is not None:
-            module.to(next(student.parameters()).device)
+
+def build_aux(stage: StageSettings, student, teacher) -> AuxTerms:
+    """Feature / attention / contrastive terms with their projections, on the student's device."""
+    aux = AuxTerms()
+    specs = [t for t in stage.losses if isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm))]
+    if not specs:
+        return aux
+    if teacher is None:
+        raise ConfigError(f"stage {stage.name!r}: the {specs[0].name} loss needs a live teacher")
+    from lmdistill.losses.registry import ModelDims, build_aux_loss
+
+    s_cfg, t_cfg = student.config, teacher.config
+    dims = ModelDims(student_hidden_size=getattr(s_cfg, "hidden_size", None) or s_cfg.d_model,
+                     teacher_hidden_size=getattr(t_cfg, "hidden_size", None) or t_cfg.d_model,
+                     student_layers=getattr(s_cfg, "num_hidden_layers", None) or s_cfg.num_decoder_layers,
+                     teacher_layers=getattr(t_cfg, "num_hidden_layers", None) or t_cfg.num_decoder_layers)
+    device = next(student.parameters()).device
+    for term in specs:
+        built = build_aux_loss(term.model_dump(mode="json"), dims)
+        setattr(aux, term.name, built.module.to(device))
+        aux.weights[term.name] = built.weight
+        if term.name == "attention":
+            _use_eager_attention(student)
+            _use_eager_attention(teacher)
     return aux
 
 
