@@ -52,6 +52,12 @@ class CacheInputs:
     tokenizer_hash: str
 
 
+def payload_bytes_per_token(k: int, vocab_size: int, dtype: str) -> float:
+    """Bytes a shard spends per counted token: packed ids, log-probs and the float32 tail (headers and per-example
+    offsets, a few bytes per example, come on top)."""
+    return k * id_bits(vocab_size) / 8 + k * DTYPES[dtype].itemsize + 4
+
+
 def eval_key(name: str) -> str:
     return f"eval:{name}"
 
