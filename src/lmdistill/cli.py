@@ -170,6 +170,90 @@ def data(path: str = typer.Argument(..., help="File, folder, datasets folder or 
     console.print(summary["example"], markup=False, highlight=False)
 
 
+# ------------------------------------------------------------------------------------------------ teacher outputs
+@app.command("cache-teacher")
+def cache_teacher(config: Path = typer.Argument(..., help="Pipeline config (YAML or JSON)."),
+                  k: Optional[int] = typer.Option(None, "--k", min=1, help="Log-probs kept per token "
+                                                                            "(default: teacher_cache.k, 64)."),
+                  temperature: Optional[float] = typer.Option(None, "--temperature", min=1e-6,
+                                                              help="Capture temperature (default: teacher_cache."
+                                                                   "temperature, 1.0)."),
+                  out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (default: teacher_cache.path "
+                                                                         "or OUTPUT_DIR/teacher_cache).")):
+    """Run the teacher once over the data and store its top-k log-probs (stages with teacher_source: cache).
+    Re-running continues after the last complete shard."""
+    from lmdistill.config import load_config
+    from lmdistill.teacher.commands import cache_teacher as run_cache
+
+    folder, manifest = run_cache(load_config(config), out=out, k=k, temperature=temperature)
+    console.print(f"teacher cache: {folder} ({len(manifest.shards)} shards, k={manifest.k}, "
+                  f"{manifest.bytes_per_token():.1f} bytes per token)")
+
+
+@app.command()
+def generate(config: Path = typer.Argument(..., help="Pipeline config (YAML or JSON)."),
+             num_samples: Optional[int] = typer.Option(None, "--num-samples", "--num_samples", min=1,
+                                                       help="Generations per prompt (default: generation.num_samples)."),
+             max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "--max_new_tokens", min=1,
+                                                          help="(default: generation.max_new_tokens)."),
+             out: Optional[Path] = typer.Option(None, "--out", help="JSONL file (default: generation.path or "
+                                                                    "OUTPUT_DIR/generations.jsonl).")):
+    """Teacher generations for every prompt of the training sources (teacher_source: generations).
+    Re-running skips rows already written."""
+    from lmdistill.config import load_config
+    from lmdistill.teacher.commands import generate as run_generate
+
+    path, written = run_generate(load_config(config), num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                 out=out)
+    console.print(f"generations: {path} ({written} new lines)")
+
+
+# ------------------------------------------------------------------------------------------------ eval / report / push
+@app.command("eval")
+def eval_command(target: str = typer.Argument(..., help="A run directory (uses its final/, teacher and eval sets) or a "
+                                                        "model folder / hub name."),
+                 teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher for agreement and KL."),
+                 data_paths: list[str] = typer.Option([], "--data", help="Eval data file (repeatable)."),
+                 max_length: int = typer.Option(512, "--max-length", "--max_length", help="Max tokens per example."),
+                 max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generated tokens per prompt.")):
+    """Perplexity, teacher agreement and KL, ROUGE-L / exact match, size and speed."""
+    from rich.table import Table
+
+    from lmdistill.train.finish import evaluate_target
+
+    run_dir, metrics = evaluate_target(target, teacher, data_paths, max_length, max_new_tokens)
+    keys = sorted({k for row in metrics.values() for k in row})
+    table = Table(title=f"lmdistill eval {target}")
+    table.add_column("metric")
+    for role in metrics:
+        table.add_column(role, justify="right")
+    for key in keys:
+        table.add_row(key, *[f"{metrics[r][key]:.4g}" if key in metrics[r] else "-" for r in metrics])
+    Console().print(table)
+    if run_dir:
+        console.print(f"metrics merged into {run_dir / 'metrics.json'}; `lmdistill report {run_dir}` redraws the page")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="Run directory written by `lmdistill run`.")):
+    """Write RUN_DIR/report.html (loss curves, metrics, size and speed, samples)."""
+    from lmdistill.eval.report import write_report
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    console.print(f"wrote {write_report(run_dir)}")
+
+
+@app.command()
+def push(run_dir: Path = typer.Argument(..., help="Run directory; only its final/ is uploaded."),
+         repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, e.g. me/my-distilled-model."),
+         private: bool = typer.Option(False, "--private", help="Create the repository as private.")):
+    """Upload the exported student (final/) to the Hugging Face Hub."""
+    from lmdistill.export import push_to_hub
+
+    console.print(f"uploaded: {push_to_hub(run_dir, repo_id, private=private)}")
+
+
 def main() -> None:
     _setup_logging()
     try:

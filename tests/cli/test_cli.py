@@ -114,3 +114,22 @@ def test_seed_flags_reach_the_run(tmp_path, teacher_dir, student_dir, text_jsonl
     assert (training["logging_steps"], training["seed"], training["no_cuda"], training["bf16"]) == (1, 7, True, True)
     assert "lora" in resolved["student"]
     assert (run_dir / "s" / "checkpoint-1").exists()  # --save_every reached the Trainer
+
+
+def test_eval_report_push_on_a_run(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl):
+    cfg = _config_file(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl)
+    data = yaml.safe_load(cfg.read_text())
+    data["data"]["eval"] = {"domain": {"path": str(qa_jsonl), "max_rows": 8}}
+    data["evaluation"] = {"max_prompts": 4, "measure_speed": False, "num_samples": 2}
+    data["generation"] = {"max_new_tokens": 4}
+    cfg.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "run"
+    assert cli("run", cfg).returncode == 0
+    (run_dir / "report.html").unlink()
+    out = cli("report", run_dir)
+    assert out.returncode == 0 and (run_dir / "report.html").exists()
+    out = cli("eval", student_dir, "--data", qa_jsonl, "--teacher", teacher_dir, "--max-new-tokens", 4)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "perplexity/domain" in out.stdout and "top1_agreement/domain" in out.stdout
+    out = cli("push", run_dir, "--repo-id", "me/tiny")
+    assert out.returncode == 1 and "offline" in out.stderr.lower() and "Traceback" not in out.stderr

@@ -61,3 +61,48 @@ def report(run_dir: Path) -> Path:
     path = write_report(run_dir)
     log.info("report: %s", path)
     return path
+
+
+def evaluate_target(target: str, teacher_name: str | None, data_paths: list[str], max_length: int,
+                    max_new_tokens: int = 32) -> tuple[Path | None, dict]:
+    """`lmdistill eval`: a run directory (its eval sets, final/ and teacher) or a model folder with --data files.
+    Returns (run_dir or None, role -> metrics)."""
+    from lmdistill.config import load_config
+    from lmdistill.data.formats import load_source
+    from lmdistill.data.tokenize import encode_rows
+    from lmdistill.errors import ConfigError
+    from lmdistill.models.load import detect_task_type, freeze, load_model, load_tokenizer, resolve_device
+    from lmdistill.config import ModelSettings
+
+    path = Path(target)
+    run_dir = path if (path / "lmdistill_config.yaml").exists() and (path / "final").exists() else None
+    config = load_config(path / "lmdistill_config.yaml") if run_dir else None
+    model_dir = str(run_dir / "final") if run_dir else target
+    teacher_name = teacher_name or (config.teacher.name if config else None)
+    task_type = detect_task_type(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    sources = {Path(p).stem: p for p in data_paths}
+    if config and not sources:
+        sources = {name: src.path for name, src in config.data.eval.items()}
+    if not sources:
+        raise ConfigError("nothing to evaluate on: pass --data FILE (or a run directory whose config has data.eval)")
+    eval_sets = {name: encode_rows(load_source(p, max_rows=256).rows, tokenizer, max_length=max_length,
+                                   task_type=task_type, source_name=name).examples for name, p in sources.items()}
+    device = resolve_device()
+    models = {"student_after" if run_dir else "model": load_model(ModelSettings(), task_type, device=device,
+                                                                   name=model_dir)}
+    teacher = freeze(load_model(ModelSettings(), task_type, device=device, name=teacher_name)) if teacher_name else None
+    if teacher is not None:
+        models["teacher"] = teacher
+    prompts, refs = [], []
+    from lmdistill.eval.evaluate import prompts_and_references
+
+    for examples in eval_sets.values():
+        p, r = prompts_and_references(examples, tokenizer, encoder_decoder=task_type == "seq2seq", limit=32)
+        prompts, refs = prompts + p, refs + r
+    metrics = evaluate_models(models, tokenizer, eval_sets, teacher=teacher, generation_prompts=prompts or None,
+                              references=refs or None, model_dirs={"student_after": model_dir, "model": model_dir},
+                              max_new_tokens=max_new_tokens)
+    if run_dir:
+        write_metrics(run_dir, metrics)
+    return run_dir, metrics
