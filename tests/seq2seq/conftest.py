@@ -3,6 +3,16 @@
 import json
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads per process thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +37,8 @@ def t5_pipeline(tmp_path, t5_teacher_dir, t5_student_dir, seq2seq_jsonl, qa_json
                      "eval": {"pairs": {"path": str(seq2seq_jsonl), "max_rows": 8}}},
             "training": {"batch_size": 8, "learning_rate": 3e-3, "logging_steps": 1, "report_to": [],
                          "lr_scheduler_type": "constant", "eval_batch_size": 8, "no_cuda": True},
-            "evaluation": {"num_samples": 0, "report": False},
+            "evaluation": {"num_samples": 2, "report": False},
+            "generation": {"max_new_tokens": 6},
             "output_dir": str(tmp_path / "run"),
             "stages": stages,
         }
