@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from lmdistill.config import FeatureTerm, AttentionTerm, ContrastiveTerm, PipelineConfig, StageSettings
+from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, PipelineConfig, StageSettings
 from lmdistill.data.mixture import ID_STRIDE
 from lmdistill.errors import CacheError
 from lmdistill.teacher.cache import eval_key
 from lmdistill.teacher.fingerprint import tokenizer_hash
 from lmdistill.teacher.generate import load_generations
 from lmdistill.teacher.reader import CacheLookup, TeacherCache
+
+log = logging.getLogger(__name__)
 
 GENERATIONS_SOURCE = "generations"
 
@@ -48,9 +51,9 @@ def stage_training_sources(config: PipelineConfig, prep, stage: StageSettings) -
                                                  config.data.max_length, prep.task_type)}
 
 
-def open_stage_cache(config: PipelineConfig, prep, train_names: list[str],
+def open_stage_cache(config: PipelineConfig, prep, stage: StageSettings, train_names: list[str],
                      student_vocab_rows: int) -> tuple[CacheLookup, list[dict], int]:
-    """Open and check the cache for a stage reading `train_names` (in MixtureDataset order).
+    """Open and check the cache for `stage`, which reads `train_names` (in MixtureDataset order).
 
     Returns the lookup, the eval examples with example ids (eval sets follow the training sources in the id space),
     and the vocabulary size the losses compare over.
@@ -61,7 +64,13 @@ def open_stage_cache(config: PipelineConfig, prep, train_names: list[str],
     examples = {name: prep.sources[name] for name in train_names}
     examples |= {eval_key(name): prep.eval_sets[name] for name in eval_names}
     cache.check_run(tokenizer_hash(prep.tokenizer), config.data.max_length, prep.task_type, examples)
-    vocab = cache.manifest.vocab_size
+    vocab, captured_at = cache.manifest.vocab_size, cache.manifest.temperature
+    if cache.manifest.k < vocab and captured_at != stage.temperature:
+        # Re-tempering p^(Tc/T) is exact for the kept ids, but the tail bucket only knows its total mass, so its
+        # re-tempered share is a rough guess (tail^(Tc/T)); the loss drifts from the live one.
+        log.warning("stage %s: KD temperature %s but the cache was captured at %s with k=%d < V=%d; the tail is "
+                    "approximate: capture with `lmdistill cache-teacher CONFIG --temperature %s`", stage.name,
+                    stage.temperature, captured_at, cache.manifest.k, vocab, stage.temperature)
     if vocab > student_vocab_rows:
         raise CacheError(f"teacher cache {cache.path} covers {vocab} token ids but the student's output layer has "
                          f"{student_vocab_rows} rows; use a student with the teacher's vocabulary")

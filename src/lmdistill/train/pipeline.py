@@ -181,7 +181,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     if stage.teacher_source == "cache" and objective.needs_teacher:
         # Offline teacher: logits come from the cache by example id; eval examples get ids in the same space.
         teacher_cache, eval_examples, shared_vocab = open_stage_cache(
-            config, prep, train_dataset.names, student.get_output_embeddings().weight.shape[0])
+            config, prep, stage, train_dataset.names, student.get_output_embeddings().weight.shape[0])
     args = stage_training_arguments(config, stage, stage_dir, has_eval=bool(eval_examples))
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=train_dataset,
