@@ -5,12 +5,17 @@
       for each stage:    skip if done; student <- previous best; train (resume from last checkpoint); save best/final
       evaluate           teacher and starting student, then the final student (metrics.json)
       finish             export final/ (model card), report.html
+
+Under torchrun / accelerate launch every process runs this same function: all of them train (Trainer shards the
+batches), and the main process alone writes files (state, config, final/, best/, metrics, report) while the
+others wait for it, so no file has two writers and no process reads a half-written one.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +43,21 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "lmdistill_config.yaml"
 STAGE_KINDS = {"all": None, "non_policy": {"non_policy"}, "policy": {"policy"}}
+
+
+def launched_processes(config: PipelineConfig):
+    """accelerate's view of the launch: one process, or those torchrun / accelerate launch started. Created before
+    the first write, with the backend Trainer will use (gloo when training on CPU)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=config.training.no_cuda or not torch.cuda.is_available())
+
+
+def _main_writes(processes, write: Callable[[], object]) -> None:
+    """One writer per file: `write` runs on the main process, and every process waits until it has finished."""
+    if processes.is_main_process:
+        write()
+    processes.wait_for_everyone()
 
 
 @dataclass
@@ -120,12 +140,18 @@ def selected_stages(config: PipelineConfig, start_stage: int | None, end_stage: 
     return chosen
 
 
-def _save_model_dir(model, tokenizer, target: Path) -> None:
+def _save_trained(trainer: DistillationTrainer, target: Path) -> None:
+    """The trained student into `target`, atomically. Every process calls it: Trainer gathers sharded (FSDP, ZeRO-3)
+    weights collectively and writes on the main process only."""
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    replace_dir_atomic(tmp, target)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    if main:
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        replace_dir_atomic(tmp, target)
+    trainer.accelerator.wait_for_everyone()
 
 
 def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
@@ -175,7 +201,10 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
                              total_steps=stage.max_steps or None)
     objective = build_objective(stage)
     aux = build_aux(stage, student, teacher)
-    train_dataset = build_train_dataset(config, stage, stage_training_sources(config, prep, stage))
+    processes = launched_processes(config)
+    # Trainer splits each global batch over the processes: draw enough examples for all of them.
+    train_dataset = build_train_dataset(config, stage, stage_training_sources(config, prep, stage),
+                                        world_size=processes.num_processes)
     eval_examples = [ex for rows in prep.eval_sets.values() for ex in rows]
     teacher_cache, shared_vocab = None, prep.shared_vocab
     if stage.teacher_source == "cache" and objective.needs_teacher:
@@ -200,22 +229,24 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
              len(train_dataset), train_dataset.names,
              [(t.name, t.weight) for t in objective.terms], stage.temperature)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    (stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     final_dir, best_dir = stage_dir / "final", stage_dir / "best"
-    _save_model_dir(trainer.model, prep.tokenizer, final_dir)
+    _save_trained(trainer, final_dir)
     best_ckpt = trainer.state.best_model_checkpoint
     if best_ckpt and Path(best_ckpt).exists():
-        _copy_checkpoint_model(Path(best_ckpt), prep.tokenizer, best_dir)
+        _main_writes(processes, lambda: _copy_checkpoint_model(Path(best_ckpt), prep.tokenizer, best_dir))
     else:
-        _save_model_dir(trainer.model, prep.tokenizer, best_dir)
+        _save_trained(trainer, best_dir)
+    _main_writes(processes, lambda: (stage_dir / "log_history.json").write_text(
+        json.dumps(trainer.state.log_history, indent=1)))
     return str(best_dir), str(final_dir), trainer.state.best_metric
 
 
 def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_stage: int | None = None,
                  checkpoint_path: str | None = None, kinds: str = "all") -> Path:
     run_dir = Path(config.output_dir)
+    processes = launched_processes(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
+    _main_writes(processes, lambda: save_config(config, run_dir / CONFIG_FILE))
     stages = selected_stages(config, start_stage, end_stage, kinds)
     state = PipelineState.load(run_dir)
     prep = prepare(config, load_teacher=needs_live_teacher(config, [s for _, s in stages]))
@@ -225,7 +256,7 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
         previous = state.record(config.stages[stages[0][0] - 2].name)
         start_from = previous.best_path
     if config.evaluation.enabled:
-        evaluate_start(config, prep, run_dir, start_from)
+        _main_writes(processes, lambda: evaluate_start(config, prep, run_dir, start_from))
     for index, stage in stages:
         rec = state.record(stage.name)
         if rec.status == "done" and rec.best_path and Path(rec.best_path).exists():
@@ -233,22 +264,28 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
             start_from = rec.best_path
             continue
         rec.status = "running"
-        state.save(run_dir)
+        _main_writes(processes, lambda: state.save(run_dir))
         best, final, metric = run_stage(config, prep, index, stage, run_dir, start_from)
         rec.status, rec.best_path, rec.final_path = "done", best, final
         rec.best_metric, rec.metric_name = metric, stage.metric_for_best
-        state.save(run_dir)
+        _main_writes(processes, lambda: state.save(run_dir))
         start_from = best
+    _main_writes(processes, lambda: finish_run(config, prep, run_dir, state, start_from))
+    return run_dir
+
+
+def finish_run(config: PipelineConfig, prep: Prepared, run_dir: Path, state: PipelineState,
+               student_path: str | None) -> None:
+    """The final student: scored, exported to RUN_DIR/final with its model card, recorded; then the report."""
     final_model = load_student(config.student, prep.task_type, device=prep.device, teacher=prep.teacher,
-                               checkpoint=start_from)
+                               checkpoint=student_path)
     if config.evaluation.enabled:
         evaluate_roles(config, run_dir, {"student_after": final_model}, prep.tokenizer, prep.eval_sets, prep.teacher,
-                       prep.task_type, model_dirs={"student_after": start_from})
+                       prep.task_type, model_dirs={"student_after": student_path})
     state.final_path = str(export_final(config, run_dir, final_model, prep.tokenizer))
     state.save(run_dir)
     if config.evaluation.report:
         report(run_dir)
-    return run_dir
 
 
 def evaluate_start(config: PipelineConfig, prep: Prepared, run_dir: Path, start_from: str | None) -> None:

@@ -1,0 +1,84 @@
+"""`lmdistill run` with probes, for launch under torchrun / accelerate launch in tests (not a test module).
+
+Each process writes PROBE_DIR/probe-rank{RANK}.json with: the world size it trained in, the example ids of every
+training micro-batch it computed a loss on, the example ids of the whole stage dataset in order, a digest of its
+student weights after training, and the pipeline writes (state, config, model folders, export) it performed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lmdistill import cli
+from lmdistill.train import pipeline
+from lmdistill.train.state import PipelineState
+from lmdistill.train.trainer import DistillationTrainer
+
+record: dict = {"batches": [], "writes": []}
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _wrap(owner, name: str, before=None, after=None) -> None:
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        if before:
+            before(*args, **kwargs)
+        result = original(*args, **kwargs)
+        if after:
+            after(result, *args, **kwargs)
+        return result
+
+    setattr(owner, name, wrapped)
+
+
+def _on_loss(trainer, model, inputs, *args, **kwargs) -> None:
+    if model.training:
+        record["batches"].append(inputs["example_id"].tolist())
+
+
+def _on_trained(_, trainer, *args, **kwargs) -> None:
+    record.update(world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                  trainer_processes=trainer.accelerator.num_processes,
+                  digest=weights_digest(trainer.model.state_dict()))
+
+
+def _on_dataset(dataset, *args, **kwargs) -> None:
+    record["dataset"] = [dataset[i]["example_id"] for i in range(len(dataset))]
+
+
+def _write(what: str):
+    return lambda *args, **kwargs: record["writes"].append(what)
+
+
+def install_probes() -> None:
+    _wrap(DistillationTrainer, "compute_loss", before=_on_loss)
+    _wrap(DistillationTrainer, "train", after=_on_trained)
+    _wrap(pipeline, "build_train_dataset", after=_on_dataset)
+    _wrap(pipeline, "replace_dir_atomic", before=lambda tmp, final: record["writes"].append(Path(final).name))
+    _wrap(pipeline, "save_config", before=_write("config"))
+    _wrap(pipeline, "export_final", before=_write("export"))
+    _wrap(PipelineState, "save", before=_write("state"))
+
+
+if __name__ == "__main__":
+    install_probes()  # only in the launched processes: importing this module (the test does) patches nothing
+    try:
+        cli.main()
+    finally:
+        rank = int(os.environ.get("RANK", "0"))
+        Path(os.environ["PROBE_DIR"], f"probe-rank{rank}.json").write_text(json.dumps(record))
