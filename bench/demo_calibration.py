@@ -107,6 +107,10 @@ def train(model, sources: dict[str, list[Row]], stages: list[Stage], *, lr: floa
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            if (step + 1) % 100 == 0:
+                print(f"  step {step + 1}/{stage.steps} loss {loss.item():.3f} {time.perf_counter() - start:.0f}s "
+                      f"(CPU {time.process_time():.0f}s)",
+                      flush=True)
     model.eval()
     return time.perf_counter() - start
 
@@ -178,8 +182,9 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5, help="CE weight of the distilled student")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--cache", default="/tmp/demo_calibration", help="teachers are saved here and reused")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads; 1 is steadier on a loaded machine")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     data = build_demo_rows(args.quick)
@@ -231,7 +236,7 @@ def main() -> None:
                       alpha=args.alpha, temperature=args.temperature, **common)
     results.append(evaluate(f"distilled {args.student} a={args.alpha} T={args.temperature}", student, tok, data, enc,
                             s_seconds + label_s, args.stages))
-    print(f"total wall {time.perf_counter() - t0:.0f}s (teacher {'cached' if path.exists() else 'trained'})")
+    print(f"total wall {time.perf_counter() - t0:.0f}s, process CPU {time.process_time():.0f}s (teacher {'cached' if path.exists() else 'trained'})")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ def _sentence(rng: random.Random) -> str:
 
 
 def general_texts(n: int, seed: int) -> list[str]:
-    """`n` short stories of 2 to 4 sentences each, deterministic for a given `seed`."""
+    """`n` distinct short stories of 1 to 3 sentences each, deterministic for a given `seed`."""
     rng = random.Random(seed)
-    return [" ".join(_sentence(rng) for _ in range(rng.randint(2, 4))) for _ in range(n)]
+    # Distinct records, so that a held-out slice never repeats a training record word for word.
+    stories: dict[str, None] = {}
+    while len(stories) < n:
+        stories[" ".join(_sentence(rng) for _ in range(rng.randint(1, 3)))] = None
+    return list(stories)
