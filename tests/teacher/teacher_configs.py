@@ -16,7 +16,7 @@ def config_dict(paths: dict, output_dir: Path, stages=None, **top) -> dict:
         "training": {"batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1, "report_to": [],
                      "lr_scheduler_type": "constant", "eval_batch_size": 8},
         "teacher_cache": {"shard_examples": 10, "batch_size": 8},
-        "evaluation": {"enabled": False},
+        "evaluation": {"enabled": False, "num_samples": 0},
         "output_dir": str(output_dir),
         "stages": stages or [{"name": "s", "max_steps": 2}],
     }

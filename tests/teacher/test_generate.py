@@ -1,0 +1,82 @@
+"""generate: provenance, resume after a kill mid-write, and stages that train on the generations."""
+
+import json
+
+import pytest
+
+from lmdistill.config import config_from_dict
+from lmdistill.errors import DataError
+from lmdistill.teacher.commands import generate
+from lmdistill.teacher.fingerprint import tokenizer_hash
+from lmdistill.teacher.generate import load_generations
+from lmdistill.train import pipeline
+from lmdistill.train.pipeline import run_pipeline
+
+GENERATION = {"sources": ["domain"], "num_samples": 2, "max_new_tokens": 6, "batch_size": 4, "temperature": 0.8}
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_generate_writes_provenance_and_resumes(teacher_config, tmp_path, tokenizer):
+    config = config_from_dict(teacher_config(generation=GENERATION, data={
+        **teacher_config()["data"], "sources": {**teacher_config()["data"]["sources"],
+                                                "domain": {**teacher_config()["data"]["sources"]["domain"],
+                                                           "max_rows": 6}}}))
+    path, written = generate(config)
+    lines = _lines(path)
+    assert written == len(lines) == 12
+    assert sorted((l["row_id"], l["sample"]) for l in lines) == [(r, s) for r in range(6) for s in range(2)]
+    first = lines[0]
+    assert first["teacher"] == config.teacher.name and first["source"] == "domain"
+    assert first["settings"] == {"temperature": 0.8, "top_p": 1.0, "max_new_tokens": 6, "do_sample": True}
+    assert isinstance(first["seed"], int) and first["tokenizer"] == tokenizer_hash(tokenizer)
+    for line in lines:
+        assert 0 < len(line["completion_ids"]) <= 6
+        assert line["finished"] == (line["completion_ids"][-1] == tokenizer.eos_token_id)
+        assert line["prompt"] == tokenizer.decode(line["prompt_ids"])
+        assert "assistant" in line["prompt"]  # the chat-templated prompt the teacher answered
+
+    # killed mid-write: 5 whole lines (row 2 has one of its two samples) and half of the sixth
+    text = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(text[:5]) + text[5][:20])
+    _, written = generate(config)
+    lines = _lines(path)
+    assert written == 8  # rows 2..5, both samples; rows 0 and 1 kept as they were
+    assert lines[:4] == [json.loads(t) for t in text[:4]]
+    assert sorted((l["row_id"], l["sample"]) for l in lines) == [(r, s) for r in range(6) for s in range(2)]
+    assert generate(config)[1] == 0  # complete: nothing to do
+
+
+@pytest.fixture
+def generations_file(teacher_config, tmp_path):
+    config = config_from_dict(teacher_config(generation={**GENERATION, "path": str(tmp_path / "gen.jsonl"),
+                                                         "num_samples": 1, "max_new_tokens": 8}))
+    return generate(config)[0]
+
+
+def test_generations_stage_trains_on_teacher_text_without_the_teacher(teacher_config, generations_file, tokenizer,
+                                                                      monkeypatch):
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher")))
+    examples = load_generations(generations_file, tokenizer_hash(tokenizer), 32, "causal")
+    lines = _lines(generations_file)
+    assert examples[0]["input_ids"] == lines[0]["prompt_ids"] + lines[0]["completion_ids"]
+    assert examples[0]["labels"][len(lines[0]["prompt_ids"]):] == lines[0]["completion_ids"]
+    assert set(examples[0]["labels"][:len(lines[0]["prompt_ids"])]) == {-100}
+    stage = {"name": "s", "max_steps": 2, "teacher_source": "generations", "losses": [{"name": "cross_entropy"}]}
+    config = config_from_dict(teacher_config([stage], generation={"path": str(generations_file)}))
+    history = json.loads((run_pipeline(config) / "s" / "log_history.json").read_text())
+    assert [h["loss"] for h in history if "loss" in h]
+
+
+def test_generations_stage_with_live_kd_and_bad_file(teacher_config, generations_file, tmp_path, tokenizer):
+    stage = {"name": "s", "max_steps": 1, "teacher_source": "generations",
+             "losses": [{"name": "forward_kl", "weight": 0.5}, {"name": "cross_entropy", "weight": 0.5}]}
+    config = config_from_dict(teacher_config([stage], generation={"path": str(generations_file)}))
+    history = json.loads((run_pipeline(config) / "s" / "log_history.json").read_text())
+    assert any("loss/forward_kl" in h for h in history)
+    other = tmp_path / "other.jsonl"
+    other.write_text(generations_file.read_text().replace('"tokenizer": "', '"tokenizer": "x'))
+    with pytest.raises(DataError, match="line 1 was generated with another tokenizer"):
+        load_generations(other, tokenizer_hash(tokenizer), 32, "causal")
