@@ -1,4 +1,8 @@
-"""Two training processes on CPU (DDP over gloo) driven by torchrun through the same `lmdistill run`."""
+"""Two training processes on CPU (DDP over gloo), launched by torchrun or by accelerate launch with the shipped
+examples/accelerate/ddp.yaml, through the same `lmdistill run` (training.no_cuda: true selects gloo).
+
+Not tested here: `accelerate launch --cpu --num_processes 2` (it silently starts ONE process; see
+docs/distributed.md), FSDP and DeepSpeed (accelerate enables them only on GPUs)."""
 
 import json
 import os
@@ -14,6 +18,12 @@ from transformers import AutoModelForCausalLM
 from ddp_probe import weights_digest
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
+ACCELERATE_DDP = Path(__file__).parents[2] / "examples" / "accelerate" / "ddp.yaml"
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_DDP),
+                   "--main_process_port", "0"],
+}
 BATCH, STEPS = 4, 4
 
 
@@ -37,11 +47,11 @@ def _config(tmp_path, teacher_dir, student_dir, qa_jsonl) -> Path:
 
 
 @pytest.mark.multiprocess
-def test_torchrun_two_processes_shard_data_and_agree_on_the_student(tmp_path, teacher_dir, student_dir, qa_jsonl):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_shard_data_and_agree_on_the_student(launcher, tmp_path, teacher_dir, student_dir, qa_jsonl):
     cfg = _config(tmp_path, teacher_dir, student_dir, qa_jsonl)
     env = {**os.environ, "PROBE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(PROBE),
-           "run", str(cfg)]
+    cmd = LAUNCHERS[launcher] + [str(PROBE), "run", str(cfg)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     probes = [json.loads((tmp_path / f"probe-rank{r}.json").read_text()) for r in (0, 1)]
