@@ -19,22 +19,17 @@ import argparse
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from lmdistill.demo.corpus import build_demo_rows
+from lmdistill.demo.recipe import ModelSize, StageRecipe, demo_recipe
 from lmdistill.models.tiny import train_tokenizer, tiny_causal_lm
 
 Row = tuple[list[int], list[int]]  # (input_ids, labels with -100 where no loss is taken)
-
-
-@dataclass
-class Stage:
-    steps: int
-    domain_share: tuple[float, float]  # linear from start to end of the stage; the rest is general text
 
 
 def encode_text(tok, text: str) -> Row:
@@ -78,18 +73,19 @@ def forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
 
 
-def train(model, sources: dict[str, list[Row]], stages: list[Stage], *, lr: float, batch: int, pad_id: int,
-          seed: int, teacher=None, alpha: float = 1.0, temperature: float = 1.0) -> float:
+def train(model, sources: dict[str, list[Row]], stages: tuple[StageRecipe, ...], *, lr: float, batch: int,
+          warmup_ratio: float, pad_id: int, seed: int, teacher=None) -> float:
     """Train through `stages` (fresh AdamW + warmup/cosine per stage, as separate pipeline stages do).
 
-    `sources` has "general" and "domain". With a teacher the loss is alpha*CE + (1-alpha)*KD. Returns seconds.
+    `sources` has "general" and "domain". With a teacher the loss is the stage's alpha*CE + (1-alpha)*KD,
+    without one it is CE. Returns wall seconds.
     """
     rng = random.Random(seed)
     start = time.perf_counter()
     model.train()
     for stage in stages:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-        warmup = max(1, stage.steps // 10)
+        warmup = max(1, round(stage.steps * warmup_ratio))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
             0.1 + 0.45 * (1 + math.cos(math.pi * max(0, s - warmup) / max(1, stage.steps - warmup)))))
         for step in range(stage.steps):
@@ -101,7 +97,7 @@ def train(model, sources: dict[str, list[Row]], stages: list[Stage], *, lr: floa
             if teacher is not None:
                 with torch.no_grad():
                     t_logits, _ = shifted(teacher(input_ids=ids, attention_mask=mask).logits, labels)
-                loss = alpha * loss + (1 - alpha) * forward_kl(logits, t_logits, temperature)
+                loss = stage.alpha * loss + (1 - stage.alpha) * forward_kl(logits, t_logits, stage.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -116,7 +112,7 @@ def train(model, sources: dict[str, list[Row]], stages: list[Stage], *, lr: floa
 
 
 @torch.no_grad()
-def greedy_answers(model, tok, prompts: list[str], batch: int = 250, max_new_tokens: int = 10) -> list[str]:
+def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int, batch: int = 250) -> list[str]:
     """Greedy completions of chat-formatted `prompts`, cut at <|im_end|>."""
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
     out = []
@@ -144,9 +140,9 @@ def perplexity(model, rows: list[Row], pad_id: int, batch: int = 64) -> float:
     return math.exp(nll / count)
 
 
-def evaluate(name: str, model, tok, data: dict, enc: dict, seconds: float, steps: str) -> dict:
+def evaluate(name: str, model, tok, data: dict, enc: dict, seconds: float, steps: str, max_new_tokens: int) -> None:
     start = time.perf_counter()
-    answers = greedy_answers(model, tok, [r["prompt"] for r in data["domain_eval"]])
+    answers = greedy_answers(model, tok, [r["prompt"] for r in data["domain_eval"]], max_new_tokens)
     labelled = {f["name"] for f in data["domain_facts"] if f["labelled"]}
     hits = {"all": [], "lab": [], "unl": []}
     for row, answer in zip(data["domain_eval"], answers):
@@ -159,84 +155,114 @@ def evaluate(name: str, model, tok, data: dict, enc: dict, seconds: float, steps
               "gen_ppl": perplexity(model, enc["general_eval"], tok.pad_token_id),
               "eval_s": time.perf_counter() - start}
     print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in result.values()), flush=True)
-    return result
 
 
-def size(spec: str) -> tuple[int, int]:
+def size(spec: str) -> ModelSize:
     layers, hidden = spec.split("x")
-    return int(layers), int(hidden)
+    return ModelSize(int(layers), int(hidden))
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the CI variant: quick data and QUICK_RECIPE")
+    ap.add_argument("--teacher", type=size, help="LxH, e.g. 4x192 (default: the recipe's)")
+    ap.add_argument("--student", type=size, help="LxH, e.g. 2x96")
+    ap.add_argument("--teacher-steps", type=int)
+    ap.add_argument("--teacher-lr", type=float)
+    ap.add_argument("--stages", help="steps of stage 1,2,3 for both students, e.g. 150,300,350")
+    ap.add_argument("--lr", type=float, help="students' learning rate")
+    ap.add_argument("--alpha", type=float, help="CE weight of the distilled student, every stage")
+    ap.add_argument("--temperature", type=float, help="KD temperature, every stage")
+    ap.add_argument("--cache", default="/tmp/demo_calibration", help="teachers are saved here and reused")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads; 1 is steadier on a loaded machine")
+    return ap.parse_args()
+
+
+def recipe_from(args: argparse.Namespace):
+    """The demo recipe with the flags that were given applied on top."""
+    recipe = demo_recipe(args.quick)
+    stages = recipe.stages
+    if args.stages:
+        stages = tuple(replace(st, steps=int(n)) for st, n in zip(stages, args.stages.split(","), strict=True))
+    if args.alpha is not None:
+        stages = tuple(replace(st, alpha=args.alpha) for st in stages)
+    if args.temperature is not None:
+        stages = tuple(replace(st, temperature=args.temperature) for st in stages)
+    overrides = {"teacher": args.teacher, "student": args.student, "teacher_steps": args.teacher_steps,
+                 "teacher_lr": args.teacher_lr, "student_lr": args.lr}
+    return replace(recipe, stages=stages, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def train_teacher(recipe, tok, data: dict, general: list[Row], cache: Path, quick: bool):
+    """Train the teacher on its mixture, or load it from `cache` if this exact setting was trained before."""
+    from transformers import AutoModelForCausalLM
+
+    t = recipe.teacher
+    key = (f"{'quick' if quick else 'full'}_v{recipe.vocab_size}_{t.layers}x{t.hidden}_{recipe.teacher_steps}_"
+           f"{recipe.teacher_lr}_{recipe.batch_size}_{recipe.warmup_ratio}")
+    path = cache / key
+    if path.exists():
+        return AutoModelForCausalLM.from_pretrained(path).eval(), float((path / "train_s").read_text()), "cached"
+    mix = recipe.teacher_mix
+    docs = [encode_text(tok, r["text"]) for r in data["domain_docs"]]
+    qa = [encode_qa(tok, r["prompt"], r["completion"]) for r in data["domain_qa_teacher"]]
+    # Profiles and QA share the "domain" side of the mixture in proportion to their weights.
+    repeats = max(1, round(mix["domain_docs"] / mix["domain_qa_teacher"] * len(qa) / len(docs)))
+    share = mix["domain_docs"] + mix["domain_qa_teacher"]
+    teacher = tiny_causal_lm(len(tok), t.layers, t.hidden, seed=1)
+    seconds = train(teacher, {"general": general, "domain": docs * repeats + qa},
+                    (StageRecipe("teacher", recipe.teacher_steps, (share, share), alpha=1.0, temperature=1.0),),
+                    lr=recipe.teacher_lr, batch=recipe.batch_size, warmup_ratio=recipe.warmup_ratio,
+                    pad_id=tok.pad_token_id, seed=1)
+    teacher.save_pretrained(path)
+    (path / "train_s").write_text(str(seconds))
+    return teacher, seconds, "trained"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--teacher", default="4x256")
-    ap.add_argument("--student", default="2x128")
-    ap.add_argument("--teacher-steps", type=int, default=600)
-    ap.add_argument("--teacher-lr", type=float, default=1e-3)
-    ap.add_argument("--teacher-mix", default="0.3,0.1,0.6", help="general,docs,qa shares for the teacher")
-    ap.add_argument("--stages", default="150,250,250", help="steps of stage 1,2,3 for both students")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--alpha", type=float, default=0.5, help="CE weight of the distilled student")
-    ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--cache", default="/tmp/demo_calibration", help="teachers are saved here and reused")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads; 1 is steadier on a loaded machine")
-    args = ap.parse_args()
+    args = parse_args()
+    recipe = recipe_from(args)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    print(recipe)
 
     data = build_demo_rows(args.quick)
     qa_texts = [f"{r['prompt']} {r['completion']}" for r in data["domain_qa_teacher"]]
-    tok = train_tokenizer([r["text"] for r in data["general_train"] + data["domain_docs"]] + qa_texts, args.vocab)
+    texts = [r["text"] for r in data["general_train"] + data["domain_docs"]] + qa_texts
+    tok = train_tokenizer(texts, recipe.vocab_size)
     enc = {"general_eval": [encode_text(tok, r["text"]) for r in data["general_eval"]],
            "domain_eval": [encode_qa(tok, r["prompt"], r["completion"]) for r in data["domain_eval"]]}
     general = [encode_text(tok, r["text"]) for r in data["general_train"]]
-    docs = [encode_text(tok, r["text"]) for r in data["domain_docs"]]
-    qa_all = [encode_qa(tok, r["prompt"], r["completion"]) for r in data["domain_qa_teacher"]]
     qa_lab = [encode_qa(tok, r["prompt"], r["completion"]) for r in data["domain_qa_labelled"]]
-    print(f"data+tokenizer {time.perf_counter() - t0:.1f}s; vocab {len(tok)}; mean tokens general "
-          f"{sum(map(len, (g for g, _ in general))) / len(general):.0f}, qa {sum(len(q) for q, _ in qa_all) / len(qa_all):.0f}")
+    print(f"data+tokenizer {time.perf_counter() - t0:.1f}s; vocab {len(tok)}")
     print("model | params_M | steps | train_s | EM_all | EM_labelled | EM_unlabelled | dom_ppl | gen_ppl | eval_s")
 
-    layers, hidden = size(args.teacher)
-    key = f"{'quick' if args.quick else 'full'}_v{args.vocab}_{args.teacher}_{args.teacher_steps}_{args.teacher_lr}_{args.teacher_mix}_{args.batch}"
-    path = Path(args.cache) / key
-    if path.exists():
-        from transformers import AutoModelForCausalLM
-        teacher, t_seconds = AutoModelForCausalLM.from_pretrained(path).eval(), float((path / "train_s").read_text())
-    else:
-        teacher = tiny_causal_lm(len(tok), layers, hidden, seed=1)
-        g, d, q = map(float, args.teacher_mix.split(","))
-        # Profiles and QA share the "domain" side of the mixture in proportion to their weights.
-        domain = docs * max(1, round(d / q * len(qa_all) / len(docs))) + qa_all if d > 0 else qa_all
-        t_seconds = train(teacher, {"general": general, "domain": domain}, [Stage(args.teacher_steps, (d + q, d + q))],
-                          lr=args.teacher_lr, batch=args.batch, pad_id=tok.pad_token_id, seed=1)
-        teacher.save_pretrained(path)
-        (path / "train_s").write_text(str(t_seconds))
+    teacher, t_seconds, how = train_teacher(recipe, tok, data, general, Path(args.cache), args.quick)
     teacher.requires_grad_(False)
-    results = [evaluate(f"teacher {args.teacher}", teacher, tok, data, enc, t_seconds, str(args.teacher_steps))]
+    t = recipe.teacher
+    evaluate(f"teacher {t.layers}x{t.hidden}", teacher, tok, data, enc, t_seconds, str(recipe.teacher_steps),
+             recipe.max_new_tokens)
 
     start = time.perf_counter()
     prompts = [r["prompt"] for r in data["domain_prompts_unlabelled"]]
-    teacher_rows = [encode_qa(tok, p, a) for p, a in zip(prompts, greedy_answers(teacher, tok, prompts))]
+    answers = greedy_answers(teacher, tok, prompts, recipe.max_new_tokens)
+    teacher_rows = [encode_qa(tok, p, a) for p, a in zip(prompts, answers)]
     label_s = time.perf_counter() - start
     print(f"teacher answered {len(prompts)} unlabelled prompts in {label_s:.1f}s")
 
-    layers, hidden = size(args.student)
-    n1, n2, n3 = map(int, args.stages.split(","))
-    stages = [Stage(n1, (0.0, 0.0)), Stage(n2, (0.3, 0.7)), Stage(n3, (1.0, 1.0))]
-    common = dict(lr=args.lr, batch=args.batch, pad_id=tok.pad_token_id, seed=2)
-    baseline = tiny_causal_lm(len(tok), layers, hidden, seed=2)
-    b_seconds = train(baseline, {"general": general, "domain": qa_lab}, stages, **common)
-    results.append(evaluate(f"baseline {args.student} CE", baseline, tok, data, enc, b_seconds, args.stages))
-    student = tiny_causal_lm(len(tok), layers, hidden, seed=2)
-    s_seconds = train(student, {"general": general, "domain": qa_lab + teacher_rows}, stages, teacher=teacher,
-                      alpha=args.alpha, temperature=args.temperature, **common)
-    results.append(evaluate(f"distilled {args.student} a={args.alpha} T={args.temperature}", student, tok, data, enc,
-                            s_seconds + label_s, args.stages))
-    print(f"total wall {time.perf_counter() - t0:.0f}s, process CPU {time.process_time():.0f}s (teacher {'cached' if path.exists() else 'trained'})")
+    s = recipe.student
+    steps = ",".join(str(st.steps) for st in recipe.stages)
+    common = dict(lr=recipe.student_lr, batch=recipe.batch_size, warmup_ratio=recipe.warmup_ratio,
+                  pad_id=tok.pad_token_id, seed=2)
+    baseline = tiny_causal_lm(len(tok), s.layers, s.hidden, seed=2)
+    b_seconds = train(baseline, {"general": general, "domain": qa_lab}, recipe.stages, **common)
+    evaluate(f"baseline {s.layers}x{s.hidden} CE", baseline, tok, data, enc, b_seconds, steps, recipe.max_new_tokens)
+    student = tiny_causal_lm(len(tok), s.layers, s.hidden, seed=2)
+    s_seconds = train(student, {"general": general, "domain": qa_lab + teacher_rows}, recipe.stages,
+                      teacher=teacher, **common)
+    evaluate(f"distilled {s.layers}x{s.hidden}", student, tok, data, enc, s_seconds + label_s, steps,
+             recipe.max_new_tokens)
+    print(f"total wall {time.perf_counter() - t0:.0f}s, process CPU {time.process_time():.0f}s (teacher {how})")
 
 
 if __name__ == "__main__":
