@@ -14,6 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core box extra threads made steps ~50x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 VOCAB_SIZE = 1024
 
@@ -37,6 +39,13 @@ def make_qa_pairs(n: int, seed: int = 1) -> list[tuple[str, str]]:
         subject, obj = rng.choice(_SUBJECTS), rng.choice(_OBJECTS)
         pairs.append((f"What does {subject} report?", f"{subject.capitalize()} reports {obj} {rng.choice(_TAILS)}"))
     return pairs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,8 @@ def _config_file(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl, **sta
     data = {"teacher": {"name": str(teacher_dir)}, "student": {"name": str(student_dir)},
             "data": {"max_length": 32, "sources": {"general": {"path": str(text_jsonl)}, "domain": {"path": str(qa_jsonl)}}},
             "training": {"report_to": [], "logging_steps": 1},
+            "evaluation": {"measure_speed": False, "max_prompts": 4, "num_samples": 2},
+            "generation": {"max_new_tokens": 4},
             "output_dir": str(tmp_path / "run"), "stages": [{"name": "s", "max_steps": 1, **stage}]}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -120,8 +122,6 @@ def test_eval_report_push_on_a_run(tmp_path, teacher_dir, student_dir, text_json
     cfg = _config_file(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl)
     data = yaml.safe_load(cfg.read_text())
     data["data"]["eval"] = {"domain": {"path": str(qa_jsonl), "max_rows": 8}}
-    data["evaluation"] = {"max_prompts": 4, "measure_speed": False, "num_samples": 2}
-    data["generation"] = {"max_new_tokens": 4}
     cfg.write_text(yaml.safe_dump(data))
     run_dir = tmp_path / "run"
     assert cli("run", cfg).returncode == 0
