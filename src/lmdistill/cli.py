@@ -245,6 +245,23 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `l
 
 
 @app.command()
+def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every default answer without asking (scripts)."),
+           answers: list[str] = typer.Option([], "--set", help="KEY=VALUE: the default answer to one question (its "
+                                                               "key is shown after it), e.g. --set approach=distill.")):
+    """Guided set-up (seed 002): fine-tuning or distillation, models, data, settings; writes a config that
+    `lmdistill run` re-runs, then trains and prints ROUGE-L before and after."""
+    from lmdistill.wizard import run_wizard
+
+    defaults = {}
+    for item in answers:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write it as KEY=VALUE, e.g. --set epochs=1")
+        defaults[key.strip()] = value
+    run_wizard(Console(), yes=yes, defaults=defaults)
+
+
+@app.command()
 def push(run_dir: Path = typer.Argument(..., help="Run directory; only its final/ is uploaded."),
          repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, e.g. me/my-distilled-model."),
          private: bool = typer.Option(False, "--private", help="Create the repository as private.")):
