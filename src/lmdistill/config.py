@@ -163,8 +163,15 @@ class EvalDrivenSettings(Strict):
 
 
 class OnPolicySettings(Strict):
+    """A `kind: policy` stage (GKD). Sampling settings (temperature, top_p, max_new_tokens) come from `generation:`."""
+
     lmbda: float = Field(0.5, ge=0, le=1, description="Probability per batch that the student samples completions.")
-    seq_kd: bool = Field(False, description="When not on-policy, train on teacher generations (sequence-level KD).")
+    seq_kd: bool = Field(False, description="When not on-policy, the teacher samples the completions instead of the "
+                                            "batch's own responses (sequence-level KD).")
+    replay_size: int = Field(0, ge=0, description="DistiLLM-style replay: student sample batches kept for reuse "
+                                                  "(0: no replay).")
+    replay_ratio: float = Field(0.5, ge=0, lt=1, description="Share of on-policy batches taken from the replay "
+                                                             "buffer instead of sampled anew (when it is not empty).")
 
 
 class StageSettings(Strict):
@@ -177,7 +184,11 @@ class StageSettings(Strict):
     gradient_accumulation_steps: int | None = Field(None, gt=0)
     temperature: float = Field(1.0, gt=0, description="KD temperature inside the loss (T^2 scaling applied).")
     alpha: float | None = Field(
-        None, ge=0, le=1, description="Seed-002 sugar: alpha*CE + (1-alpha)*KD, KD = the stage's first KD term.")
+        None, ge=0, le=1, description="Seed-002 sugar: alpha*CE + (1-alpha)*KD, KD = the stage's first KD term. In a "
+                                      "non_policy/policy stage that also sets beta, seed 003's meaning: the KD weight.")
+    beta: float | None = Field(
+        None, ge=0, le=1, description="Seed-003 sugar (non_policy/policy stages, with alpha): the CE weight; then "
+                                      "alpha is the KD weight.")
     losses: list[LossTermSettings] = Field(default_factory=lambda: [LogitTerm(name="forward_kl")])
     balance: Literal["none", "loss_scale", "gradnorm"] = "none"
     mixture: MixtureSettings = Field(default_factory=MixtureSettings)
@@ -198,6 +209,17 @@ class StageSettings(Strict):
             bad = [t.name for t in self.losses if t.name != "cross_entropy"]
             if bad:
                 raise ValueError(f"a finetune stage trains on cross_entropy only; remove {bad} or use kind: distill")
+        if self.beta is not None and (self.kind not in ("non_policy", "policy") or self.alpha is None):
+            raise ValueError("beta (seed 003's CE weight) goes with alpha (its KD weight) in a non_policy or policy "
+                             "stage; elsewhere use named loss weights")
+        if self.alpha is not None and self.beta is None and self.kind in ("non_policy", "policy"):
+            raise ValueError("alpha alone is ambiguous in a non_policy/policy stage (seed 002: CE weight, seed 003: KD "
+                             "weight): add beta (seed 003: alpha=KD, beta=CE) or use named loss weights")
+        if self.kind == "policy" and self.teacher_source != "live":
+            raise ValueError("a policy stage scores the student's own samples, so it needs teacher_source: live")
+        if self.kind == "non_policy" and self.teacher_source == "cache":
+            raise ValueError("a non_policy stage trains on teacher generations, which the top-k cache does not cover; "
+                             "use teacher_source: live (the teacher scores the generations as it trains)")
         if self.alpha is not None:
             if not any(t.name not in ("cross_entropy",) and isinstance(t, LogitTerm) for t in self.losses):
                 raise ValueError("alpha weighs CE against a KD term, but the stage lists no logit KD term")
@@ -238,7 +260,13 @@ class GenerationSettings(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     do_sample: bool = True
-    thinking_prob: float = Field(0.5, ge=0, le=1)
+    thinking_prob: float | None = Field(
+        None, ge=0, le=1, description="Share of prompts answered in thinking mode (the mode is chosen per row and "
+                                      "recorded); None: prompts as they are. Templates taking enable_thinking (Qwen3) "
+                                      "get it; others get the thinking_system / non_thinking_system text.")
+    thinking_system: str = Field("/think", description="System text (plain prefix without a chat template) that "
+                                                       "asks for thinking mode; default: Qwen3's soft switch.")
+    non_thinking_system: str = Field("/no_think", description="System text that asks for non-thinking mode.")
     path: str | None = Field(None, description="JSONL of teacher generations (`lmdistill generate` writes it, "
                                                "teacher_source: generations trains on it); None: OUTPUT_DIR/generations.jsonl.")
     sources: list[str] | None = Field(None, description="Training sources whose prompts are answered (None: all).")

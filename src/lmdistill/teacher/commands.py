@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmdistill.config import PipelineConfig
+from lmdistill.config import GenerationSettings, PipelineConfig
 from lmdistill.errors import ConfigError
 from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
 from lmdistill.teacher.fingerprint import model_config_hash, tokenizer_hash
 from lmdistill.teacher.generate import generate_responses
 from lmdistill.teacher.manifest import Manifest
 from lmdistill.teacher.stage import cache_dir, generations_path
+from lmdistill.teacher.thinking import thinking_modes
 
 
 def _prepare_with_teacher(config: PipelineConfig, command: str):
@@ -53,13 +54,40 @@ def generate(config: PipelineConfig, num_samples: int | None = None, max_new_tok
         settings.num_samples = num_samples
     if max_new_tokens is not None:
         settings.max_new_tokens = max_new_tokens
+    _generation_sources(config, settings)
+    prep = _prepare_with_teacher(config, "generate")
+    return write_generations(config, prep, settings, out)
+
+
+def _generation_sources(config: PipelineConfig, settings: GenerationSettings) -> list[str]:
     names = settings.sources or list(config.data.sources)
     unknown = [name for name in names if name not in config.data.sources]
     if unknown:
         raise ConfigError(f"generation.sources names {unknown}, but data.sources has {sorted(config.data.sources)}")
-    prep = _prepare_with_teacher(config, "generate")
+    return names
+
+
+def write_generations(config: PipelineConfig, prep, settings: GenerationSettings | None = None,
+                      out: str | Path | None = None) -> tuple[Path, int]:
+    """Write (or finish: the file is resumable) the generations with the teacher `prep` holds; (path, lines now)."""
+    settings = settings or config.generation
+    names = _generation_sources(config, settings)
     path = generations_path(config, out)
+    modes = thinking_modes(prep.tokenizer, settings, config.training.seed) if prep.task_type == "causal" else None
     written = generate_responses(prep.teacher, prep.tokenizer, {name: prep.sources[name] for name in names}, path,
                                  task_type=prep.task_type, settings=settings, seed=config.training.seed,
-                                 teacher_name=config.teacher.name, tokenizer_id=tokenizer_hash(prep.tokenizer))
+                                 teacher_name=config.teacher.name, tokenizer_id=tokenizer_hash(prep.tokenizer),
+                                 modes=modes)
     return path, written
+
+
+def ensure_generations(config: PipelineConfig, prep) -> Path:
+    """The generations an off-policy (non_policy) stage trains on: written or finished now when the run has the
+    teacher loaded, used as they are when it has not (a stage whose losses need no teacher)."""
+    path = generations_path(config)
+    if prep.teacher is not None:
+        return write_generations(config, prep)[0]
+    if not path.exists():
+        raise ConfigError(f"the non_policy stage trains on teacher generations, but {path} does not exist and the "
+                          "run loads no teacher: run `lmdistill generate CONFIG` first, or set teacher.name")
+    return path

@@ -3,8 +3,9 @@
 One line per (source, row, sample):
     {"prompt": str, "completion": str, "prompt_ids": [int], "completion_ids": [int], "finished": bool,
      "source": str, "row_id": int, "sample": int, "teacher": str, "tokenizer": hash, "seed": int,
-     "settings": {"temperature", "top_p", "max_new_tokens", "do_sample"}}
-`completion_ids` end with eos when the teacher stopped by itself (`finished`). Lines are appended and flushed per
+     "settings": {"temperature", "top_p", "max_new_tokens", "do_sample"}, "thinking": bool | None}
+`thinking` is the row's mode (see thinking.py; None when generation.thinking_prob is unset), already applied to
+`prompt_ids`. `completion_ids` end with eos when the teacher stopped by itself (`finished`). Lines are appended and flushed per
 batch; a rerun keeps the rows whose samples are all present (dropping a half-written last line or a row cut in the
 middle of its samples) and generates only the rest.
 """
@@ -24,6 +25,7 @@ from lmdistill.config import GenerationSettings
 from lmdistill.data.collate import DistillCollator
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError
+from lmdistill.teacher.thinking import ThinkingModes
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,10 @@ def _completion(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
 
 
 def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: str | Path, *, task_type: str,
-                       settings: GenerationSettings, seed: int, teacher_name: str, tokenizer_id: str) -> int:
-    """Answer every prompt of `sources` (encoded examples) `settings.num_samples` times; returns lines written now."""
+                       settings: GenerationSettings, seed: int, teacher_name: str, tokenizer_id: str,
+                       modes: ThinkingModes | None = None) -> int:
+    """Answer every prompt of `sources` (encoded examples) `settings.num_samples` times; returns lines written now.
+    With `modes`, each row's prompt is put in its thinking or non-thinking mode first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept, done = _read_complete(out, settings.num_samples)
@@ -88,6 +92,10 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
     batches = [todo[i:i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
     with out.open("a", encoding="utf-8") as f:
         for batch in track(batches, description="teacher generating", disable=not batches, transient=True):
+            thinking = [modes.is_thinking(f"{name}:{ex['row_id']}") if modes else None for name, ex in batch]
+            if modes is not None:
+                batch = [(name, {**ex, "input_ids": p, "prompt_length": len(p)}) for (name, ex), mode in
+                         zip(batch, thinking) for p in [modes.apply(ex["input_ids"][: ex["prompt_length"]], mode)]]
             ids, mask = collator.collate_prompts([ex for _, ex in batch])
             batch_seed = _batch_seed(seed, batch[0][0], batch[0][1]["row_id"])
             torch.manual_seed(batch_seed)
@@ -108,7 +116,8 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
                     completion_ids, skip_special_tokens=True), "prompt_ids": prompt_ids,
                     "completion_ids": completion_ids, "finished": finished, "source": name,
                     "row_id": ex["row_id"], "sample": j % settings.num_samples, "teacher": teacher_name,
-                    "tokenizer": tokenizer_id, "seed": batch_seed, "settings": sampling}
+                    "tokenizer": tokenizer_id, "seed": batch_seed, "settings": sampling,
+                    "thinking": thinking[j // settings.num_samples]}
                 f.write(json.dumps(line) + "\n")
                 written += 1
             f.flush()

@@ -33,6 +33,8 @@ def needs_live_teacher(config: PipelineConfig, stages: list[StageSettings]) -> b
     for stage in stages:
         if stage.kind == "finetune":
             continue
+        if stage.kind == "non_policy" and not generations_path(config).exists():
+            return True  # its generations are written on the fly, by the teacher
         hidden = any(isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm)) for t in stage.losses)
         logit_kd = any(t.name != "cross_entropy" for t in stage.losses)
         if hidden or (logit_kd and stage.teacher_source != "cache"):
@@ -41,8 +43,9 @@ def needs_live_teacher(config: PipelineConfig, stages: list[StageSettings]) -> b
 
 
 def stage_training_sources(config: PipelineConfig, prep, stage: StageSettings) -> dict[str, list[dict]]:
-    """The sources a stage draws from: the configured ones, or only the teacher's generations."""
-    if stage.teacher_source != "generations":
+    """The sources a stage draws from: the configured ones, or only the teacher's generations (teacher_source:
+    generations, and every non_policy stage: seed 003's off-policy stage trains on the teacher's responses)."""
+    if stage.teacher_source != "generations" and stage.kind != "non_policy":
         return prep.sources
     if stage.mixture.weights or stage.mixture.schedule:
         raise CacheError(f"stage {stage.name!r} trains on teacher generations only; remove its mixture (the "

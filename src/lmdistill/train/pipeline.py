@@ -29,13 +29,15 @@ from lmdistill.errors import ConfigError
 from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_model, load_student, load_tokenizer,
                                    resolve_device)
 from lmdistill.models.vocab import check_same_vocab
+from lmdistill.teacher.commands import ensure_generations
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback
 from lmdistill.train.args import check_precision, stage_training_arguments
 from lmdistill.train.feedback import EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
+from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
-                                   stage_draws)
+                                   stage_draws, write_seed_aliases)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
 from lmdistill.train.trainer import DistillationTrainer
 
@@ -202,6 +204,10 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     objective = build_objective(stage)
     aux = build_aux(stage, student, teacher)
     processes = launched_processes(config)
+    if stage.kind == "non_policy":
+        # Seed 003's off-policy stage trains on the teacher's responses: written (or finished) here when
+        # `lmdistill generate` has not; the file is resumable, so a complete one is left as it is.
+        _main_writes(processes, lambda: ensure_generations(config, prep))
     # Trainer splits each global batch over the processes: draw enough examples for all of them.
     train_dataset = build_train_dataset(config, stage, stage_training_sources(config, prep, stage),
                                         world_size=processes.num_processes)
@@ -212,13 +218,16 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         teacher_cache, eval_examples, shared_vocab = open_stage_cache(
             config, prep, stage, train_dataset.names, student.get_output_embeddings().weight.shape[0])
     args = stage_training_arguments(config, stage, stage_dir, has_eval=bool(eval_examples))
-    trainer = DistillationTrainer(
+    trainer_cls, policy = (OnPolicyTrainer, policy_options(config, prep.tokenizer, stage)) if stage.kind == "policy" \
+        else (DistillationTrainer, {})
+    trainer = trainer_cls(
         model=student, args=args, train_dataset=train_dataset,
         eval_dataset=ListDataset(eval_examples) if eval_examples else None,
         data_collator=DistillCollator(prep.tokenizer.pad_token_id, task_type=prep.task_type),
         processing_class=prep.tokenizer, objective=objective, teacher=teacher if objective.needs_teacher or (
             aux.needs_hidden or aux.needs_attentions) else None, aux=aux, balancer=build_balancer(stage),
         task_type=prep.task_type, shared_vocab=shared_vocab, fused=stage.fused, teacher_cache=teacher_cache,
+        **policy,
     )
     for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset, teacher):
         trainer.add_callback(callback)
@@ -238,6 +247,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         _save_trained(trainer, best_dir)
     _main_writes(processes, lambda: (stage_dir / "log_history.json").write_text(
         json.dumps(trainer.state.log_history, indent=1)))
+    _main_writes(processes, lambda: write_seed_aliases(stage, stage_dir))
     return str(best_dir), str(final_dir), trainer.state.best_metric
 
 

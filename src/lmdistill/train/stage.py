@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from pathlib import Path
+
 from torch.utils.data import Dataset
 
 from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, LogitTerm, PipelineConfig, StageSettings
@@ -10,6 +14,12 @@ from lmdistill.data.mixture import MixtureDataset, RatioSchedule
 from lmdistill.errors import ConfigError
 from lmdistill.losses import DistillObjective, LossTerm
 from lmdistill.train.trainer import AuxTerms
+
+log = logging.getLogger(__name__)
+
+# Seed 003's output names, kept as links next to best/ and final/ of its stage kinds.
+SEED_ALIASES = {"non_policy": {"best": "best_model", "final": "final_model"},
+                "policy": {"best": "best_policy_model", "final": "final_policy_model"}}
 
 
 class ListDataset(Dataset):
@@ -24,8 +34,15 @@ class ListDataset(Dataset):
 
 
 def logit_terms(stage: StageSettings) -> list[LossTerm]:
-    """The stage's logit terms; `alpha` (seed 002) rewrites them as alpha*CE + (1-alpha)*KD."""
+    """The stage's logit terms; `alpha` (seed 002) rewrites them as alpha*CE + (1-alpha)*KD, and `alpha` with `beta`
+    (seed 003, non_policy/policy stages) as alpha*KD + beta*CE."""
     terms = [t for t in stage.losses if isinstance(t, LogitTerm)]
+    if stage.beta is not None:
+        kd = next(t for t in terms if t.name != "cross_entropy")
+        log.info("stage %s: alpha %s / beta %s read as in seed 003: %s weight alpha, cross_entropy weight beta",
+                 stage.name, stage.alpha, stage.beta, kd.name)
+        return [LossTerm(name=kd.name, weight=stage.alpha, params=kd.params()),
+                LossTerm(name="cross_entropy", weight=stage.beta, params={})]
     if stage.alpha is not None:
         kd = next(t for t in terms if t.name != "cross_entropy")
         return [LossTerm(name="cross_entropy", weight=stage.alpha, params={}),
@@ -111,3 +128,12 @@ def build_balancer(stage: StageSettings):
     from lmdistill.losses import LossBalancer
 
     return LossBalancer(mode=stage.balance)
+
+
+def write_seed_aliases(stage: StageSettings, stage_dir: Path) -> None:
+    """Seed 003's names for a non_policy/policy stage's best/ and final/ (relative links, replaced atomically)."""
+    for target, alias in SEED_ALIASES.get(stage.kind, {}).items():
+        tmp = stage_dir / f".{alias}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, stage_dir / alias)

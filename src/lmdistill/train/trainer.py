@@ -75,6 +75,9 @@ class DistillationTrainer(Trainer):
             raise TrainingError("the stage's losses need a teacher, but neither a live teacher nor a cache was given")
         if fused and task_type != "causal":
             raise TrainingError("fused: true is for causal LMs; seq2seq stages use the chunked path (chunk_size)")
+        if fused and teacher is not None and next(teacher.parameters()).device != self.args.device:
+            raise TrainingError("fused: true needs the teacher on the student's device (its lm_head enters the "
+                                "loss); set teacher.device to the student's, or fused: false")
         self.teacher = teacher
         self.teacher_cache = teacher_cache
         self.objective = objective
@@ -127,8 +130,23 @@ class DistillationTrainer(Trainer):
         return model(**kwargs, output_hidden_states=wants_hidden, output_attentions=self.aux.needs_attentions)
 
     def _teacher_outputs(self, inputs: dict, labels: torch.Tensor):
+        """The teacher's forward pass, on the teacher's own device (teacher.device); outputs come back to the
+        student's device, in the teacher's dtype (the losses upcast to float32)."""
+        here = labels.device
+        there = next(self.teacher.parameters()).device
+        if there != here:
+            inputs = {key: inputs[key].to(there) for key in ("input_ids", "attention_mask")}
+            labels = labels.to(there)
         with torch.no_grad():
-            return self._forward(self.teacher, inputs, labels, body_only=self.fused)
+            out = self._forward(self.teacher, inputs, labels, body_only=self.fused)
+        if there == here:
+            return out
+        for key, value in out.items():
+            if torch.is_tensor(value):
+                out[key] = value.to(here)
+            elif isinstance(value, tuple) and all(torch.is_tensor(v) for v in value):  # hidden states, attentions
+                out[key] = tuple(v.to(here) for v in value)
+        return out
 
     # ------------------------------------------------------------------ the loss
     @property

@@ -1,0 +1,188 @@
+"""On-policy distillation (GKD; seed 003's `kind: policy` stage): the student samples, the teacher scores its tokens.
+
+For each micro-batch, with probability `lmbda` the batch's responses are replaced by completions the student samples
+for the batch's prompts (KV cache, batched, sampling settings from `generation:`); otherwise, with `seq_kd`, by
+completions the teacher samples; otherwise the batch is trained as it is (the dataset's responses). The rebuilt
+batch is right-padded like any collated batch, its labels masking the prompt and everything after the first eos,
+so `DistillationTrainer.compute_loss` scores exactly the sampled tokens with the stage's losses (reverse KL by
+default) and the teacher's logits over them.
+
+The swap happens in `get_batch_samples`, the hook where Trainer gathers the micro-batches of one optimiser step and
+counts their label tokens: counting after the swap keeps the loss a mean over the tokens actually trained on, across
+the whole accumulated batch.
+
+DistiLLM-style replay (`replay_size > 0`): sampled batches go into a bounded buffer, and an on-policy micro-batch is
+taken from the buffer instead of sampled anew with probability `replay_ratio` (sampling is the expensive part).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+
+import torch
+from torch import nn
+
+from lmdistill.config import GenerationSettings, OnPolicySettings, PipelineConfig, StageSettings
+from lmdistill.data.collate import DistillCollator
+from lmdistill.data.tokenize import IGNORE_INDEX
+from lmdistill.errors import DataError, TrainingError
+from lmdistill.teacher.thinking import ThinkingModes, thinking_modes
+from lmdistill.train.trainer import DistillationTrainer
+
+log = logging.getLogger(__name__)
+
+
+def batch_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """The prompt of each row of a collated causal batch: the ids before its first counted label.
+
+    batch: input_ids [B, T], labels [B, T] (-100 on prompt and padding, unshifted). Returns B lists of ids.
+    """
+    labels, ids = batch["labels"], batch["input_ids"]
+    counted = labels != IGNORE_INDEX  # [B, T]
+    if not counted.any(dim=1).all():
+        raise DataError("a policy stage needs a response in every row to find where the prompt ends, but a row has "
+                        "no counted label; check the stage's sources")
+    starts = counted.int().argmax(dim=1)  # [B] index of the first counted label
+    prompts = [ids[i, : int(start)].tolist() for i, start in enumerate(starts)]
+    if any(not p for p in prompts):
+        raise DataError("a policy stage samples completions for prompts, but a row has none (plain text rows); "
+                        "give the stage prompt/response or chat sources (mixture.weights)")
+    return prompts
+
+
+def completion_ids(generated: list[int], eos_token_id: int) -> list[int]:
+    """The sampled ids up to and including the first eos (generate pads finished rows after it)."""
+    return generated[: generated.index(eos_token_id) + 1] if eos_token_id in generated else generated
+
+
+def sample_batch(model: nn.Module, prompts: list[list[int]], collator: DistillCollator, settings: GenerationSettings,
+                 eos_token_id: int) -> dict[str, torch.Tensor]:
+    """Sample one completion per prompt and return it as a training batch.
+
+    Prompts are left-padded for generate (so new tokens follow each prompt directly), then each row is rebuilt as
+    prompt + completion, right-padded: input_ids [B, T], attention_mask [B, T], labels [B, T] with -100 on the
+    prompt, and on everything after the first eos (padding). Tensors are on the model's device. The model's
+    train/eval mode is restored afterwards.
+    """
+    device = next(model.parameters()).device
+    ids, mask = collator.collate_prompts([{"input_ids": p, "prompt_length": len(p)} for p in prompts])
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    was_training = model.training
+    model.eval()  # no dropout while sampling: the samples are the policy's own
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                                 do_sample=settings.do_sample, max_new_tokens=settings.max_new_tokens,
+                                 pad_token_id=collator.pad_token_id, eos_token_id=eos_token_id, **sampling)
+    finally:
+        model.train(was_training)
+    new = out[:, ids.shape[1]:].tolist()  # [B, C]
+    examples = []
+    for prompt, row in zip(prompts, new):
+        completion = completion_ids(row, eos_token_id)
+        examples.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
+    batch = collator(examples)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _uniform(*key: object) -> float:
+    """A number in [0, 1) fixed by `key`: the same draws on a rerun and after a resume."""
+    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2 ** 64
+
+
+class ReplayBuffer:
+    """The last `capacity` sampled batches (kept on CPU), drawn uniformly for reuse."""
+
+    def __init__(self, capacity: int) -> None:
+        self.batches: deque[dict[str, torch.Tensor]] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        self.batches.append({k: v.detach().cpu() for k, v in batch.items()})
+
+    def draw(self, u: float, device: torch.device) -> dict[str, torch.Tensor]:
+        """The batch at position floor(u * len) (u in [0, 1)), on `device`."""
+        chosen = self.batches[min(int(u * len(self.batches)), len(self.batches) - 1)]
+        return {k: v.to(device) for k, v in chosen.items()}
+
+
+class OnPolicyTrainer(DistillationTrainer):
+    """DistillationTrainer whose micro-batches are (with probability lmbda) the student's own samples."""
+
+    def __init__(self, *args, onpolicy: OnPolicySettings, generation: GenerationSettings,
+                 modes: ThinkingModes | None = None, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.task_type != "causal":
+            raise TrainingError("on-policy (policy) stages are implemented for causal LMs; use a distill stage with "
+                                "seq2seq models")
+        if self.teacher is None or self.teacher_cache is not None:
+            raise TrainingError("a policy stage scores the student's samples with a live teacher; set teacher.name "
+                                "and teacher_source: live")
+        self.onpolicy = onpolicy
+        self.generation = generation
+        self.modes = modes
+        self.seed = seed
+        self.replay = ReplayBuffer(onpolicy.replay_size) if onpolicy.replay_size else None
+        self._collator = DistillCollator(self.processing_class.pad_token_id, task_type="causal")
+        self._counts = {"student": 0, "replayed": 0, "teacher": 0, "dataset": 0}
+        self._sample_tokens, self._sample_seconds = 0, 0.0
+
+    # ------------------------------------------------------------------ the hook: swap micro-batches, then count
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = [self.policy_batch(batch, index) for index, batch in enumerate(batches)]
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def policy_batch(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        """One micro-batch as trained: student samples (fresh or replayed), teacher samples, or the batch itself."""
+        step = self.state.global_step
+        if _uniform(self.seed, "lmbda", step, index) < self.onpolicy.lmbda:
+            if self.replay and _uniform(self.seed, "replay", step, index) < self.onpolicy.replay_ratio:
+                self._counts["replayed"] += 1
+                return self.replay.draw(_uniform(self.seed, "draw", step, index), batch["input_ids"].device)
+            sampled = self._sample(self.accelerator.unwrap_model(self.model), batch, step, index)
+            if self.replay is not None:
+                self.replay.add(sampled)
+            self._counts["student"] += 1
+            return sampled
+        if self.onpolicy.seq_kd:
+            self._counts["teacher"] += 1
+            sampled = self._sample(self.teacher, batch, step, index)
+            return {k: v.to(batch["input_ids"].device) for k, v in sampled.items()}
+        self._counts["dataset"] += 1
+        return batch
+
+    def _sample(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, index: int) -> dict:
+        prompts = batch_prompts(batch)
+        if self.modes is not None:
+            keys = batch["example_id"].tolist() if "example_id" in batch else [
+                f"{step}:{index}:{i}" for i in range(len(prompts))]
+            prompts = [self.modes.apply(p, self.modes.is_thinking(key)) for p, key in zip(prompts, keys)]
+        start = time.perf_counter()
+        sampled = sample_batch(model, prompts, self._collator, self.generation, self.processing_class.eos_token_id)
+        self._sample_seconds += time.perf_counter() - start
+        self._sample_tokens += int((sampled["labels"] != IGNORE_INDEX).sum())
+        return sampled
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            total = max(1, sum(self._counts.values()))
+            for name, count in self._counts.items():
+                logs[f"onpolicy/{name}_share"] = round(count / total, 4)
+            if self._sample_seconds:
+                logs["onpolicy/sample_tokens_per_s"] = round(self._sample_tokens / self._sample_seconds, 1)
+            self._counts = dict.fromkeys(self._counts, 0)
+            self._sample_tokens, self._sample_seconds = 0, 0.0
+        super().log(logs, start_time)
+
+
+def policy_options(config: PipelineConfig, tokenizer, stage: StageSettings) -> dict:
+    """OnPolicyTrainer's own arguments for a `kind: policy` stage."""
+    return {"onpolicy": stage.onpolicy or OnPolicySettings(), "generation": config.generation,
+            "modes": thinking_modes(tokenizer, config.generation, config.training.seed), "seed": config.training.seed}
