@@ -139,7 +139,7 @@ class Asker:
                 if self.yes:
                     raise ConfigError(f"wizard answer {key}={raw!r}: {err}. Give another with --set {key}=VALUE "
                                       f"(or run without --yes to be asked)") from None
-                self.console.print(f"[red]not accepted:[/] {err}. Please answer again.")
+                self.console.print(f"[red]not accepted:[/] {err}. Please answer again.", highlight=False)
 
     def step(self, title: str) -> None:
         self.console.rule(f"[bold]{title}")
