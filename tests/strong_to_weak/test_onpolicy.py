@@ -43,7 +43,7 @@ def _reference_generate(model, prompts, tokenizer, eos, seed):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     torch.manual_seed(seed)
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=SAMPLING.temperature,
-                         top_p=SAMPLING.top_p, max_new_tokens=SAMPLING.max_new_tokens,
+                         top_p=SAMPLING.top_p, top_k=0, max_new_tokens=SAMPLING.max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
     rows = []
     for row in out[:, width:].tolist():

@@ -69,7 +69,8 @@ def sample_batch(model: nn.Module, prompts: list[list[int]], collator: DistillCo
     """
     device = next(model.parameters()).device
     ids, mask = collator.collate_prompts([{"input_ids": p, "prompt_length": len(p)} for p in prompts])
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    # top_k=0: only top_p truncates; transformers' default top_k=50 would otherwise cut the policy's tail unasked.
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if settings.do_sample else {}
     was_training = model.training
     model.eval()  # no dropout while sampling: the samples are the policy's own
     try:
