@@ -123,6 +123,10 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
             f.flush()
             os.fsync(f.fileno())
     log.info("generations %s: %d new lines (%d rows in all)", out, written, len(done) + len(todo))
+    if modes is not None:
+        thinking = [json.loads(t)["thinking"] for t in out.read_text(encoding="utf-8").splitlines()]
+        log.info("generations %s: %d of %d lines in thinking mode (thinking_prob %s)", out, sum(map(bool, thinking)),
+                 len(thinking), modes.prob)
     return written
 
 
