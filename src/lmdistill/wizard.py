@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.prompt import Prompt
 from rich.syntax import Syntax
@@ -139,7 +140,7 @@ class Asker:
                 if self.yes:
                     raise ConfigError(f"wizard answer {key}={raw!r}: {err}. Give another with --set {key}=VALUE "
                                       f"(or run without --yes to be asked)") from None
-                self.console.print(f"[red]not accepted:[/] {err}. Please answer again.", highlight=False)
+                self.console.print(f"[red]not accepted:[/] {escape(str(err))}. Please answer again.", highlight=False)
 
     def step(self, title: str) -> None:
         self.console.rule(f"[bold]{title}")
@@ -158,7 +159,6 @@ class Plan:
 
     config: dict
     config_file: Path
-    start: bool
     train_rows: list[dict] | None = None  # rows to write when part of the training data is held out
     eval_rows: list[dict] | None = None
 
@@ -272,7 +272,7 @@ def ask_plan(asker: Asker) -> Plan:
         "output_dir": out,
         "stages": [stage],
     }
-    plan = Plan(config, Path(), start=False)
+    plan = Plan(config, asker.ask("config", "Save the config as", f"{out.rstrip('/')}.yaml", config_path))
     if data["eval_path"] is None:
         rows = [{k: v for k, v in row.items() if k != "row_id"} for row in data["rows"]]
         plan.train_rows, plan.eval_rows = rows[:-data["n_eval"]], rows[-data["n_eval"]:]
@@ -283,7 +283,6 @@ def ask_plan(asker: Asker) -> Plan:
         config["data"]["sources"] = {"train": {"path": data["path"], **({"max_rows": data["limit"]}
                                                                           if data["limit"] else {})}}
         config["data"]["eval"] = {"eval": {"path": data["eval_path"]}}
-    plan.config_file = asker.ask("config", "Save the config as", f"{out.rstrip('/')}.yaml", config_path)
     return plan
 
 
@@ -294,9 +293,10 @@ def write_plan(plan: Plan) -> None:
 
     config_from_dict(plan.config, source="wizard answers")  # the answers must make a valid config before any write
     if plan.train_rows is not None:
-        for name, rows in (("train", plan.train_rows), ("eval", plan.eval_rows)):
-            target = Path(plan.config["data"]["sources" if name == "train" else "eval"]
-                          ["train" if name == "train" else "heldout"]["path"])
+        data = plan.config["data"]
+        for rows, path in ((plan.train_rows, data["sources"]["train"]["path"]),
+                           (plan.eval_rows, data["eval"]["heldout"]["path"])):
+            target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     header = (f"# written by `lmdistill wizard`; re-run with: lmdistill run {plan.config_file}\n"
