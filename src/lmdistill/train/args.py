@@ -54,7 +54,8 @@ def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage
     if stage.max_steps:
         kwargs["max_steps"] = stage.max_steps
     else:
-        kwargs["num_train_epochs"] = stage.epochs
+        # The mixture dataset already holds `epochs` passes over the sources (stage_draws): one pass over it.
+        kwargs["num_train_epochs"] = 1
     if save_steps:
         kwargs.update(save_strategy="steps", save_steps=save_steps)
     else:
