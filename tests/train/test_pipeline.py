@@ -133,3 +133,13 @@ def test_resume_after_sigkill(tiny_pipeline, tmp_path):
     steps = [h["step"] for h in json.loads((run_dir / "b" / "log_history.json").read_text()) if "loss" in h]
     assert steps[-1] == 40 and steps == sorted(set(steps))  # each step once: continued, not restarted
     assert "resuming from" in done.stderr
+
+
+def test_epochs_are_counted_once(tiny_pipeline):
+    """2 epochs over 40 rows at batch 4 is 20 optimizer steps, not 2 x 2 epochs."""
+    data = tiny_pipeline([{"name": "a", "epochs": 2, "losses": KD, "mixture": {"weights": {"domain": 1.0}}}])
+    data["data"]["sources"]["domain"]["max_rows"] = 40
+    data["data"]["eval"] = {}
+    run_dir = run_pipeline(config_from_dict(data))
+    steps = [h["step"] for h in json.loads((run_dir / "a" / "log_history.json").read_text()) if "loss" in h]
+    assert steps[-1] == 20
