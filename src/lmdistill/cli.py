@@ -28,7 +28,7 @@ PRESETS = {"multistage": "multistage.yaml", "strong-to-weak": "strong_to_weak.ya
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -269,6 +269,17 @@ def push(run_dir: Path = typer.Argument(..., help="Run directory; only its final
     from lmdistill.export import push_to_hub
 
     console.print(f"uploaded: {push_to_hub(run_dir, repo_id, private=private)}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the demo writes its runs and report."),
+         quick: bool = typer.Option(False, "--quick", help="A smaller, few-minute version (used by the tests).")):
+    """The embedded demo: train a teacher on a shipped finance task, distill a ~5x smaller student through 3 stages,
+    train a CE-only baseline, and write report.html. No hub, no GPU."""
+    from lmdistill.demo.demo import run_demo
+
+    run_dir = run_demo(out, quick=quick)
+    console.print(f"report: {run_dir / 'report.html'}")
 
 
 def main() -> None:

@@ -50,6 +50,8 @@ def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage
         remove_unused_columns=False,
         prediction_loss_only=True,
         dataloader_num_workers=0,
+        # Every student parameter takes part in every step; DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
     )
     if stage.max_steps:
         kwargs["max_steps"] = stage.max_steps
