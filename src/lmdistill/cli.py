@@ -106,7 +106,8 @@ def run(
     checkpoint_path: Optional[str] = _opt("checkpoint_path", help="Student checkpoint the first run stage starts from."),
 ):
     """Run a distillation pipeline (all stages, a slice, or `--stage test`). Re-running resumes."""
-    from lmdistill.config import apply_overrides, config_from_dict, read_config_file
+    from lmdistill.config import config_from_dict, read_config_file
+    from lmdistill.overrides import apply_overrides
 
     if create_config is not None:
         create_config.write_text(preset_text("strong-to-weak"), encoding="utf-8")

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from lmdistill.cli import PRESETS, preset_text
-from lmdistill.config import _Yaml12Loader, apply_overrides, config_from_dict, load_config, save_config
+from lmdistill.config import _Yaml12Loader, config_from_dict, load_config, save_config
+from lmdistill.overrides import apply_overrides
 from lmdistill.errors import ConfigError
 
 
