@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from lmdistill.errors import ConfigError, LmdistillError
 
@@ -28,8 +29,10 @@ PRESETS = {"multistage": "multistage.yaml", "strong-to-weak": "strong_to_weak.ya
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "bitsandbytes"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns on every CPU import that optional GPU kernels are absent: not the user's concern.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def preset_text(name: str) -> str:
@@ -288,7 +291,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except LmdistillError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")

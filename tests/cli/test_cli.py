@@ -1,5 +1,6 @@
 """The real console script: init, run --stage test, seed flags reaching the run, one-line errors."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -133,3 +134,27 @@ def test_eval_report_push_on_a_run(tmp_path, teacher_dir, student_dir, text_json
     assert "perplexity/domain" in out.stdout and "top1_agreement/domain" in out.stdout
     out = cli("push", run_dir, "--repo-id", "me/tiny")
     assert out.returncode == 1 and "offline" in out.stderr.lower() and "Traceback" not in out.stderr
+
+
+def test_data_command_json_and_errors(tmp_path, tokenizer_dir, qa_jsonl):
+    out = cli("data", qa_jsonl, "--tokenizer", tokenizer_dir, "--max-length", 64, "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["format"].startswith("prompt") and summary["rows"] == 200 and summary["kept"] == 200
+    assert "[[" in summary["example"]
+    assert cli("data", qa_jsonl, "--tokenizer", tokenizer_dir).returncode == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"text": "a"},')
+    out = cli("data", bad, "--tokenizer", tokenizer_dir)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2
+
+
+def test_use_wandb_without_wandb_names_the_extra(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    cfg = _config_file(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl)
+    out = cli("run", cfg, "--use_wandb")
+    assert out.returncode == 1 and "lmdistill[wandb]" in out.stderr

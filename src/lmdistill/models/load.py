@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -10,8 +9,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from lmdistill.config import LoraSettings, ModelSettings, StudentSettings
 from lmdistill.errors import ModelError
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,16 +35,13 @@ def _hub_or_folder_error(name: str, err: Exception) -> ModelError:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of a model; a missing pad token is set to eos (with a warning), as padding needs one."""
+    from lmdistill.data.tokenize import prepare_tokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _hub_or_folder_error(name, err) from None
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelError(f"tokenizer of {name!r} has neither a pad nor an eos token; add a pad token to it")
-        log.warning("tokenizer of %s has no pad token; using its eos token %r for padding", name, tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return prepare_tokenizer(tokenizer)
 
 
 def detect_task_type(name: str, trust_remote_code: bool = False) -> str:

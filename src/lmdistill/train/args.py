@@ -14,6 +14,15 @@ from lmdistill.errors import ConfigError
 _OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
 
 
+def check_reporting(config: PipelineConfig) -> None:
+    if "wandb" in config.training.report_to:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("--use_wandb / report_to: wandb needs the wandb package: pip install 'lmdistill[wandb]' "
+                              "(set WANDB_MODE=offline to log without an account)") from None
+
+
 def check_precision(config: PipelineConfig) -> None:
     if config.training.fp16 and (config.training.no_cuda or not torch.cuda.is_available()):
         raise ConfigError("--fp16 needs a CUDA GPU, and none is available here; drop --fp16 or use --bf16 "

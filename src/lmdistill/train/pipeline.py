@@ -32,7 +32,7 @@ from lmdistill.models.vocab import check_same_vocab
 from lmdistill.teacher.commands import ensure_generations
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback
-from lmdistill.train.args import check_precision, stage_training_arguments
+from lmdistill.train.args import check_precision, check_reporting, stage_training_arguments
 from lmdistill.train.feedback import EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
 from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
@@ -103,6 +103,7 @@ def load_data(config: PipelineConfig, tokenizer, task_type: str) -> tuple[dict, 
 
 def prepare(config: PipelineConfig, load_teacher: bool = True) -> Prepared:
     check_precision(config)
+    check_reporting(config)
     device = resolve_device("auto", no_cuda=config.training.no_cuda)
     student_name = student_tokenizer_name(config)
     task_type = config.task_type if config.task_type != "auto" else detect_task_type(student_name)
