@@ -39,7 +39,7 @@ class DemoSizes:
     general_eval: int
 
 
-FULL = DemoSizes(companies=150, labelled_companies=30, docs_per_company=2, general_train=3000, general_eval=200)
+FULL = DemoSizes(companies=100, labelled_companies=20, docs_per_company=2, general_train=3000, general_eval=200)
 QUICK = DemoSizes(companies=60, labelled_companies=12, docs_per_company=2, general_train=1200, general_eval=100)
 
 
