@@ -75,7 +75,9 @@ def test_finetune_stage_needs_no_teacher(tiny_pipeline):
     data = tiny_pipeline(stages)
     data.pop("teacher")
     data["student"]["lora"] = {"r": 4, "alpha": 8}
+    data["training"]["report_to"] = ["tensorboard"]
     run_dir = run_pipeline(config_from_dict(data))
+    assert list((run_dir / "ft").rglob("events.out.tfevents.*"))  # TensorBoard logs reached
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")  # LoRA merged into plain weights
     assert not any("lora" in k for k in final.state_dict())
 
