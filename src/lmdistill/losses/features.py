@@ -63,3 +63,37 @@ class FeatureDistiller(nn.Module):
                 per_token = 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)  # [B, T]
             losses.append(masked_token_mean(per_token, attention_mask))
         return torch.stack(losses).mean()
+
+
+class EncoderDecoderFeatureDistiller(nn.Module):
+    """Feature loss for encoder-decoder models (T5, BART): encoder states and decoder states each get their own
+    FeatureDistiller (own layer map, own projections), built from the same `layers` rule and `kind`.
+
+    Encoder states are averaged over source tokens (the encoder attention mask), decoder states over target tokens
+    (the decoder label mask). The loss is the mean of the two sides, so each side weighs the same whatever its layer
+    count. An explicit `layers` list applies to both sides and must fit both.
+    """
+
+    requires = "hidden_states"
+
+    def __init__(self, student_hidden_size: int, teacher_hidden_size: int, student_layers: tuple[int, int],
+                 teacher_layers: tuple[int, int], layers: str | Sequence[Sequence[int]] = "uniform",
+                 kind: str = "mse") -> None:
+        """student_layers / teacher_layers: (encoder layers, decoder layers)."""
+        super().__init__()
+        sides = {}
+        for n, side in enumerate(("encoder", "decoder")):
+            try:
+                sides[side] = FeatureDistiller(student_hidden_size, teacher_hidden_size, student_layers[n],
+                                               teacher_layers[n], layers, kind)
+            except LossConfigError as err:
+                raise LossConfigError(f"feature loss, {side} states: {err}") from err
+        self.encoder, self.decoder = sides["encoder"], sides["decoder"]
+
+    def forward(self, student_encoder: Sequence[Tensor], teacher_encoder: Sequence[Tensor], encoder_mask: Tensor,
+                student_decoder: Sequence[Tensor], teacher_decoder: Sequence[Tensor], decoder_mask: Tensor) -> Tensor:
+        """*_encoder: encoder hidden-state tuples of [B, S, d] with encoder_mask [B, S] (1 = source token);
+        *_decoder: decoder hidden-state tuples of [B, T, d] with decoder_mask [B, T] (1 = counted label).
+        Index 0 of each tuple holds the embeddings (not used). Returns a scalar."""
+        return 0.5 * (self.encoder(student_encoder, teacher_encoder, encoder_mask)
+                      + self.decoder(student_decoder, teacher_decoder, decoder_mask))

@@ -21,26 +21,50 @@ from torch import nn
 from lmdistill.losses.attention import AttentionDistiller
 from lmdistill.losses.contrastive import ContrastiveDistiller
 from lmdistill.losses.errors import LossConfigError
-from lmdistill.losses.features import FeatureDistiller
+from lmdistill.losses.features import EncoderDecoderFeatureDistiller, FeatureDistiller
 from lmdistill.losses.functional import LOGIT_LOSSES
 from lmdistill.losses.objective import DistillObjective, LossTerm
 
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes the auxiliary losses are built from (hidden_size / num_hidden_layers of each model config)."""
+    """The sizes the auxiliary losses are built from (hidden_size / num_hidden_layers of each model config).
+
+    For encoder-decoder models `*_layers` count the encoder's layers and `*_decoder_layers` the decoder's; they
+    stay None for causal LMs."""
 
     student_hidden_size: int
     teacher_hidden_size: int
     student_layers: int
     teacher_layers: int
+    student_decoder_layers: int | None = None
+    teacher_decoder_layers: int | None = None
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.student_decoder_layers is not None
+
+    @property
+    def output_layers(self) -> tuple[int, int]:
+        """(student, teacher) layers whose states reach the logits: the decoder's, or the causal LM's own."""
+        if self.encoder_decoder:
+            return self.student_decoder_layers, self.teacher_decoder_layers
+        return self.student_layers, self.teacher_layers
+
+
+def _feature(d: ModelDims, params: dict[str, Any]) -> nn.Module:
+    if d.encoder_decoder:
+        return EncoderDecoderFeatureDistiller(
+            d.student_hidden_size, d.teacher_hidden_size, (d.student_layers, d.student_decoder_layers),
+            (d.teacher_layers, d.teacher_decoder_layers), **params)
+    return FeatureDistiller(d.student_hidden_size, d.teacher_hidden_size, d.student_layers, d.teacher_layers, **params)
 
 
 AuxFactory = Callable[[ModelDims, dict[str, Any]], nn.Module]
 AUX_LOSSES: dict[str, tuple[tuple[str, ...], AuxFactory]] = {
-    "feature": (("kind", "layers"), lambda d, p: FeatureDistiller(
-        d.student_hidden_size, d.teacher_hidden_size, d.student_layers, d.teacher_layers, **p)),
-    "attention": (("layers", "heads"), lambda d, p: AttentionDistiller(d.student_layers, d.teacher_layers, **p)),
+    "feature": (("kind", "layers"), _feature),
+    # Attention maps are the decoder's self-attention for encoder-decoder models (the trainer passes those).
+    "attention": (("layers", "heads"), lambda d, p: AttentionDistiller(*d.output_layers, **p)),
     "contrastive": (("temperature", "proj_dim"), lambda d, p: ContrastiveDistiller(
         d.student_hidden_size, d.teacher_hidden_size, **p)),
 }

@@ -13,6 +13,7 @@ from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, LogitT
 from lmdistill.data.mixture import MixtureDataset, RatioSchedule
 from lmdistill.errors import ConfigError
 from lmdistill.losses import DistillObjective, LossTerm
+from lmdistill.losses.registry import ModelDims, build_aux_loss
 from lmdistill.train.trainer import AuxTerms
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,25 @@ def _use_eager_attention(model) -> None:
         model.config._attn_implementation = "eager"
 
 
+def model_dims(student_config, teacher_config) -> ModelDims:
+    """Widths and layer counts of both models; encoder-decoder configs (T5: num_layers / num_decoder_layers, BART:
+    encoder_layers / decoder_layers) also give their decoder's count, so encoder and decoder get their own maps."""
+
+    def width(cfg) -> int:
+        return getattr(cfg, "hidden_size", None) or cfg.d_model
+
+    def layers(cfg) -> tuple[int, int | None]:
+        if not getattr(cfg, "is_encoder_decoder", False):
+            return cfg.num_hidden_layers, None
+        encoder = getattr(cfg, "encoder_layers", None) or cfg.num_layers
+        return encoder, getattr(cfg, "decoder_layers", None) or cfg.num_decoder_layers
+
+    (s_enc, s_dec), (t_enc, t_dec) = layers(student_config), layers(teacher_config)
+    return ModelDims(student_hidden_size=width(student_config), teacher_hidden_size=width(teacher_config),
+                     student_layers=s_enc, teacher_layers=t_enc, student_decoder_layers=s_dec,
+                     teacher_decoder_layers=t_dec)
+
+
 def build_aux(stage: StageSettings, student, teacher) -> AuxTerms:
     """Feature / attention / contrastive terms with their projections, on the student's device."""
     aux = AuxTerms()
@@ -70,13 +90,7 @@ def build_aux(stage: StageSettings, student, teacher) -> AuxTerms:
         return aux
     if teacher is None:
         raise ConfigError(f"stage {stage.name!r}: the {specs[0].name} loss needs a live teacher")
-    from lmdistill.losses.registry import ModelDims, build_aux_loss
-
-    s_cfg, t_cfg = student.config, teacher.config
-    dims = ModelDims(student_hidden_size=getattr(s_cfg, "hidden_size", None) or s_cfg.d_model,
-                     teacher_hidden_size=getattr(t_cfg, "hidden_size", None) or t_cfg.d_model,
-                     student_layers=getattr(s_cfg, "num_hidden_layers", None) or s_cfg.num_decoder_layers,
-                     teacher_layers=getattr(t_cfg, "num_hidden_layers", None) or t_cfg.num_decoder_layers)
+    dims = model_dims(student.config, teacher.config)
     device = next(student.parameters()).device
     for term in specs:
         built = build_aux_loss(term.model_dump(mode="json"), dims)

@@ -225,7 +225,11 @@ class DistillationTrainer(Trainer):
         if self.task_type == "seq2seq":
             mask = (inputs["labels"] != -100).long()
         terms = {}
-        if self.aux.feature is not None:
+        if self.aux.feature is not None and self.task_type == "seq2seq":
+            # Encoder states over source tokens, decoder states over counted labels (EncoderDecoderFeatureDistiller).
+            terms["feature"] = self.aux.feature(student_out.encoder_hidden_states, teacher_out.encoder_hidden_states,
+                                                inputs["attention_mask"], s_hidden, t_hidden, mask) * scale
+        elif self.aux.feature is not None:
             terms["feature"] = self.aux.feature(s_hidden, t_hidden, mask) * scale
         if self.aux.contrastive is not None:
             terms["contrastive"] = self.aux.contrastive(s_hidden[-1], t_hidden[-1], mask) * scale
