@@ -10,6 +10,8 @@ Layout of a cache folder:
         tail      float32 [n]           probability mass outside the top k
 A shard is written to a temp name, fsynced, checksummed and renamed; only then does the manifest list it. A run
 that dies leaves at most a temp file, which the next run deletes before continuing after the last listed shard.
+Several processes (torchrun) split the shards between them and list theirs in per-process manifest parts that the
+main process merges (manifest.py); the folder they leave is the one a single process writes.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from lmdistill.data.collate import DistillCollator
 from lmdistill.errors import CacheError
 from lmdistill.teacher.capture import capture_topk
 from lmdistill.teacher.fingerprint import examples_fingerprint, sha256_file
-from lmdistill.teacher.manifest import Manifest, ShardEntry, SourceEntry, read_manifest, shard_name, write_manifest
+from lmdistill.teacher.manifest import (Manifest, ShardEntry, SourceEntry, merge_parts, part_name, read_manifest,
+                                        shard_name, write_manifest)
 from lmdistill.teacher.packing import id_bits, pack_ids
+from lmdistill.teacher.ranks import ONE_PROCESS, Processes, my_share
 
 log = logging.getLogger(__name__)
 
@@ -141,43 +145,65 @@ def _shard_tensors(model, examples: list[dict], manifest: Manifest, batch_size: 
     }
 
 
-def build_cache(model, inputs: CacheInputs, settings: TeacherCacheSettings, out: str | Path) -> Manifest:
-    """Capture every shard not yet in `out`'s manifest; returns the final manifest. Safe to rerun after a crash."""
+def _start(out: Path, planned: Manifest, processes: Processes) -> Manifest:
+    """Every process checks the folder against the plan (so a mismatch fails on all of them alike); the main process
+    clears what a dead run left (temp shards, unmerged parts) and writes the manifest; then all read it back."""
+    manifest = _resume_point(out, planned)
+    if processes.is_main_process:
+        for stale in out.glob(".shard-*.tmp"):
+            stale.unlink()  # a shard that was being written when a previous run died
+        merge_parts(out, manifest)
+    processes.wait_for_everyone()
+    return read_manifest(out)
+
+
+def build_cache(model, inputs: CacheInputs, settings: TeacherCacheSettings, out: str | Path,
+                processes: Processes = ONE_PROCESS) -> Manifest:
+    """Capture every shard not yet in `out`'s manifest; returns the final manifest. Safe to rerun after a crash.
+
+    Under several processes each captures its share of the missing shards (shard i of the to-do list goes to process
+    i mod W) into the same folder, listing them in its own manifest part; the main process merges the parts after a
+    barrier. The shard files are the ones a single process writes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard-*.tmp"):
-        stale.unlink()  # a shard that was being written when a previous run died
-    manifest = _resume_point(out, plan_manifest(inputs, settings))
-    write_manifest(out, manifest)
+    manifest = _start(out, plan_manifest(inputs, settings), processes)
     collator = DistillCollator(inputs.pad_token_id, task_type=inputs.task_type)
     keys = list(inputs.sources)
     todo = [(key, i) for key in keys for i in range(manifest.sources[key].num_shards) if manifest.shard(key, i) is None]
     if not todo:
         log.info("teacher cache %s is complete (%d shards)", out, manifest.total_shards)
         return manifest
-    remaining = sum(counted_tokens(ex, inputs.task_type) for key, i in todo
+    mine = my_share(todo, processes)
+    listed = manifest if processes.is_main_process else manifest.model_copy(update={"shards": []})
+    remaining = sum(counted_tokens(ex, inputs.task_type) for key, i in mine
                     for ex in inputs.sources[key][i * settings.shard_examples:(i + 1) * settings.shard_examples])
-    log.info("teacher cache %s: %d of %d shards to capture (%d tokens, k=%d, T=%s)", out, len(todo),
-             manifest.total_shards, remaining, manifest.k, manifest.temperature)
+    log.info("teacher cache %s: %d of %d shards to capture, %d by process %d of %d (%d tokens, k=%d, T=%s)", out,
+             len(todo), manifest.total_shards, len(mine), processes.process_index, processes.num_processes, remaining,
+             manifest.k, manifest.temperature)
     columns = (TextColumn("caching teacher"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
                TimeRemainingColumn())
     started, done = time.perf_counter(), 0
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("cache", total=remaining, rate="")
-        for key, index in todo:
+        for key, index in mine:
             lo = index * settings.shard_examples
             examples = inputs.sources[key][lo:lo + settings.shard_examples]
             tensors = _shard_tensors(model, examples, manifest, settings.batch_size, collator)
             path = out / shard_name(keys.index(key), index)
             size, digest = _write_shard(path, tensors, {"source": key, "index": str(index)})
             tokens = int(tensors["offsets"][-1])
-            manifest.shards.append(ShardEntry(file=path.name, source=key, index=index, start=lo,
-                                              end=lo + len(examples), first_row=examples[0]["row_id"],
-                                              last_row=examples[-1]["row_id"], tokens=tokens, bytes=size, sha256=digest))
-            write_manifest(out, manifest)
+            listed.shards.append(ShardEntry(file=path.name, source=key, index=index, start=lo,
+                                            end=lo + len(examples), first_row=examples[0]["row_id"],
+                                            last_row=examples[-1]["row_id"], tokens=tokens, bytes=size, sha256=digest))
+            write_manifest(out, listed, part_name(processes.process_index))
             done += tokens
             rate = done / max(time.perf_counter() - started, 1e-9)
             progress.update(task, advance=tokens, rate=f"{rate:,.0f} tok/s")
-    log.info("teacher cache %s: %d tokens in %.1f s (%.0f tokens/s), %.1f bytes per token", out, done,
-             time.perf_counter() - started, done / max(time.perf_counter() - started, 1e-9), manifest.bytes_per_token())
-    return manifest
+    log.info("teacher cache %s: %d tokens in %.1f s (%.0f tokens/s)", out, done, time.perf_counter() - started,
+             done / max(time.perf_counter() - started, 1e-9))
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        merge_parts(out, manifest)
+        log.info("teacher cache %s: %.1f bytes per token", out, manifest.bytes_per_token())
+    processes.wait_for_everyone()
+    return read_manifest(out)

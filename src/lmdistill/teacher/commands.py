@@ -10,31 +10,36 @@ from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
 from lmdistill.teacher.fingerprint import model_config_hash, tokenizer_hash
 from lmdistill.teacher.generate import generate_responses
 from lmdistill.teacher.manifest import Manifest
+from lmdistill.teacher.ranks import ONE_PROCESS, Processes
 from lmdistill.teacher.stage import cache_dir, generations_path
 from lmdistill.teacher.thinking import thinking_modes
 
 
 def _prepare_with_teacher(config: PipelineConfig, command: str):
-    from lmdistill.train.pipeline import prepare  # train composes teacher/, not the other way round
+    """(prepared run with its teacher, the launched processes). The processes are set up first, so that under
+    torchrun on GPUs each one loads its teacher onto its own device."""
+    from lmdistill.train.pipeline import launched_processes, prepare  # train composes teacher/, not the other way
 
     if not config.teacher.name:
         raise ConfigError(f"`lmdistill {command}` runs the teacher, but teacher.name is not set in the config")
+    processes = launched_processes(config)
     prep = prepare(config, load_teacher=True)
     if prep.teacher is None:
         raise ConfigError(f"`lmdistill {command}`: every stage is a finetune stage, so the config loads no "
                           "teacher; add a distill stage or use a config that distills")
-    return prep
+    return prep, processes
 
 
 def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int | None = None,
                   temperature: float | None = None) -> tuple[Path, Manifest]:
-    """Capture (or finish capturing) the top-k teacher cache for every training source and eval set."""
+    """Capture (or finish capturing) the top-k teacher cache for every training source and eval set; under several
+    processes each captures its share of the shards."""
     settings = config.teacher_cache.model_copy()
     if k is not None:
         settings.k = k
     if temperature is not None:
         settings.temperature = temperature
-    prep = _prepare_with_teacher(config, "cache-teacher")
+    prep, processes = _prepare_with_teacher(config, "cache-teacher")
     vocab = prep.shared_vocab or prep.teacher.get_output_embeddings().weight.shape[0]
     sources = dict(prep.sources) | {eval_key(name): rows for name, rows in prep.eval_sets.items()}
     groups = {name: "train" for name in prep.sources} | {eval_key(name): "eval" for name in prep.eval_sets}
@@ -43,20 +48,21 @@ def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int 
                          teacher_config_hash=model_config_hash(prep.teacher.config),
                          tokenizer_hash=tokenizer_hash(prep.tokenizer))
     out_dir = cache_dir(config, out)
-    return out_dir, build_cache(prep.teacher, inputs, settings, out_dir)
+    return out_dir, build_cache(prep.teacher, inputs, settings, out_dir, processes)
 
 
 def generate(config: PipelineConfig, num_samples: int | None = None, max_new_tokens: int | None = None,
              out: str | Path | None = None) -> tuple[Path, int]:
-    """Teacher generations for the prompts of generation.sources (default: every training source)."""
+    """Teacher generations for the prompts of generation.sources (default: every training source); under several
+    processes each generates its share of the batches. Returns (path, lines this process wrote)."""
     settings = config.generation.model_copy()
     if num_samples is not None:
         settings.num_samples = num_samples
     if max_new_tokens is not None:
         settings.max_new_tokens = max_new_tokens
     _generation_sources(config, settings)
-    prep = _prepare_with_teacher(config, "generate")
-    return write_generations(config, prep, settings, out)
+    prep, processes = _prepare_with_teacher(config, "generate")
+    return write_generations(config, prep, settings, out, processes)
 
 
 def _generation_sources(config: PipelineConfig, settings: GenerationSettings) -> list[str]:
@@ -68,8 +74,9 @@ def _generation_sources(config: PipelineConfig, settings: GenerationSettings) ->
 
 
 def write_generations(config: PipelineConfig, prep, settings: GenerationSettings | None = None,
-                      out: str | Path | None = None) -> tuple[Path, int]:
-    """Write (or finish: the file is resumable) the generations with the teacher `prep` holds; (path, lines now)."""
+                      out: str | Path | None = None, processes: Processes = ONE_PROCESS) -> tuple[Path, int]:
+    """Write (or finish: the file is resumable) the generations with the teacher `prep` holds; (path, lines this
+    process wrote now)."""
     settings = settings or config.generation
     names = _generation_sources(config, settings)
     path = generations_path(config, out)
@@ -77,7 +84,7 @@ def write_generations(config: PipelineConfig, prep, settings: GenerationSettings
     written = generate_responses(prep.teacher, prep.tokenizer, {name: prep.sources[name] for name in names}, path,
                                  task_type=prep.task_type, settings=settings, seed=config.training.seed,
                                  teacher_name=config.teacher.name, tokenizer_id=tokenizer_hash(prep.tokenizer),
-                                 modes=modes)
+                                 modes=modes, processes=processes)
     return path, written
 
 

@@ -8,6 +8,11 @@ One line per (source, row, sample):
 `prompt_ids`. `completion_ids` end with eos when the teacher stopped by itself (`finished`). Lines are appended and flushed per
 batch; a rerun keeps the rows whose samples are all present (dropping a half-written last line or a row cut in the
 middle of its samples) and generates only the rest.
+
+Several processes (torchrun) split the batches: batch i of the to-do list goes to process i mod W, so every batch,
+and its sampling seed, is the one a single process would generate. The main process appends to the file itself,
+process r > 0 to `.NAME.rank-R` beside it; after a barrier the main process appends the parts' complete rows and
+deletes them (also at the start of a rerun, when a run died before that).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lmdistill.config import GenerationSettings
 from lmdistill.data.collate import DistillCollator
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError
+from lmdistill.teacher.ranks import ONE_PROCESS, Processes, my_share
 from lmdistill.teacher.thinking import ThinkingModes
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,27 @@ def _rewrite(path: Path, lines: list[dict]) -> None:
     tmp.replace(path)
 
 
+def _part_path(out: Path, process_index: int) -> Path:
+    """The file process `process_index` appends to (the main process, 0, writes the generations file itself)."""
+    return out if process_index == 0 else out.with_name(f".{out.name}.rank-{process_index}")
+
+
+def _merge_parts(out: Path, num_samples: int) -> None:
+    """Main process: the file's complete rows, then the complete rows of the other processes' parts not already in
+    it, each row once; the parts are deleted after the file is rewritten (a crash in between loses nothing)."""
+    kept, done = _read_complete(out, num_samples)
+    parts = sorted(out.parent.glob(f".{out.name}.rank-*"))
+    added = []
+    for part in parts:
+        lines, keys = _read_complete(part, num_samples)
+        added += [line for line in lines if (line["source"], line["row_id"]) not in done]
+        done |= keys
+    if added or (out.exists() and sum(1 for _ in out.open(encoding="utf-8")) != len(kept)):
+        _rewrite(out, kept + added)  # also drops a partial tail, so every row appears once, whole
+    for part in parts:
+        part.unlink()
+
+
 def _batch_seed(seed: int, source: str, row_id: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{source}:{row_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
@@ -72,14 +99,16 @@ def _completion(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
 
 def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: str | Path, *, task_type: str,
                        settings: GenerationSettings, seed: int, teacher_name: str, tokenizer_id: str,
-                       modes: ThinkingModes | None = None) -> int:
-    """Answer every prompt of `sources` (encoded examples) `settings.num_samples` times; returns lines written now.
-    With `modes`, each row's prompt is put in its thinking or non-thinking mode first."""
+                       modes: ThinkingModes | None = None, processes: Processes = ONE_PROCESS) -> int:
+    """Answer every prompt of `sources` (encoded examples) `settings.num_samples` times; returns the lines this
+    process wrote now. With `modes`, each row's prompt is put in its thinking or non-thinking mode first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept, done = _read_complete(out, settings.num_samples)
-    if out.exists() and sum(1 for _ in out.open(encoding="utf-8")) != len(kept):
-        _rewrite(out, kept)  # drop the partial tail so every row appears once, whole
+    _read_complete(out, settings.num_samples)  # every process: a foreign file fails on all of them alike
+    if processes.is_main_process:
+        _merge_parts(out, settings.num_samples)
+    processes.wait_for_everyone()
+    _, done = _read_complete(out, settings.num_samples)
     collator = DistillCollator(tokenizer.pad_token_id, task_type=task_type)
     todo = [(name, ex) for name, rows in sources.items() for ex in rows
             if (name, ex["row_id"]) not in done and (task_type == "seq2seq" or ex.get("prompt_length"))]
@@ -89,8 +118,9 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
                 "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
     device = next(model.parameters()).device
     written = 0
-    batches = [todo[i:i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
-    with out.open("a", encoding="utf-8") as f:
+    batches = my_share([todo[i:i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)],
+                       processes)
+    with _part_path(out, processes.process_index).open("a", encoding="utf-8") as f:
         for batch in track(batches, description="teacher generating", disable=not batches, transient=True):
             thinking = [modes.is_thinking(f"{name}:{ex['row_id']}") if modes else None for name, ex in batch]
             if modes is not None:
@@ -122,11 +152,16 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
                 written += 1
             f.flush()
             os.fsync(f.fileno())
-    log.info("generations %s: %d new lines (%d rows in all)", out, written, len(done) + len(todo))
-    if modes is not None:
-        thinking = [json.loads(t)["thinking"] for t in out.read_text(encoding="utf-8").splitlines()]
-        log.info("generations %s: %d of %d lines in thinking mode (thinking_prob %s)", out, sum(map(bool, thinking)),
-                 len(thinking), modes.prob)
+    log.info("generations %s: %d new lines from process %d of %d (%d rows in all)", out, written,
+             processes.process_index, processes.num_processes, len(done) + len(todo))
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        _merge_parts(out, settings.num_samples)
+        if modes is not None:
+            thinking = [json.loads(t)["thinking"] for t in out.read_text(encoding="utf-8").splitlines()]
+            log.info("generations %s: %d of %d lines in thinking mode (thinking_prob %s)", out,
+                     sum(map(bool, thinking)), len(thinking), modes.prob)
+    processes.wait_for_everyone()
     return written
 
 

@@ -2,6 +2,10 @@
 
 The manifest is rewritten atomically (temp file + rename) after every shard, so it only ever lists shards whose
 file was fully written, checksummed and renamed into place: the resume point of `cache-teacher`.
+
+Under several processes the main process keeps manifest.json and process r > 0 lists the shards it finished in
+its own manifest.rank-R.json (same identity, its shards only). The main process merges those parts into
+manifest.json once every process is done, or at the start of the next run when a run died before that.
 """
 
 from __future__ import annotations
@@ -88,9 +92,14 @@ def shard_name(source_position: int, index: int) -> str:
     return f"shard-{source_position:03d}-{index:05d}.safetensors"
 
 
-def read_manifest(folder: str | Path) -> Manifest | None:
-    """The manifest of `folder`, or None when the folder has none yet."""
-    path = Path(folder) / MANIFEST
+def part_name(process_index: int) -> str:
+    """The manifest a process lists its finished shards in (the main process, 0, keeps manifest.json itself)."""
+    return MANIFEST if process_index == 0 else f"manifest.rank-{process_index}.json"
+
+
+def read_manifest(folder: str | Path, name: str = MANIFEST) -> Manifest | None:
+    """The manifest of `folder` (or one process's part of it), or None when the folder has none yet."""
+    path = Path(folder) / name
     if not path.exists():
         return None
     try:
@@ -100,11 +109,29 @@ def read_manifest(folder: str | Path) -> Manifest | None:
                          "delete the folder and run `lmdistill cache-teacher` again") from None
 
 
-def write_manifest(folder: str | Path, manifest: Manifest) -> None:
-    path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
+def write_manifest(folder: str | Path, manifest: Manifest, name: str = MANIFEST) -> None:
+    path = Path(folder) / name
+    tmp = path.with_name(f".{name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(manifest.model_dump_json(indent=1))
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def merge_parts(folder: str | Path, manifest: Manifest) -> Manifest:
+    """Fold the other processes' manifest parts into `manifest` (shards in source, then index order, as one process
+    lists them), write it as manifest.json, then delete the parts. A part made with other settings (a run with
+    another k or data in the same folder) lists no shard of this cache: it is only deleted."""
+    folder = Path(folder)
+    parts = sorted(folder.glob("manifest.rank-*.json"))
+    for path in parts:
+        part = read_manifest(folder, path.name)
+        if part.identity() == manifest.identity():
+            manifest.shards += [s for s in part.shards if manifest.shard(s.source, s.index) is None]
+    order = list(manifest.sources)
+    manifest.shards.sort(key=lambda s: (order.index(s.source), s.index))
+    write_manifest(folder, manifest)  # before the parts go, so a crash in between loses nothing
+    for path in parts:
+        path.unlink()
+    return manifest
