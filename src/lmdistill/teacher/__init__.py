@@ -8,4 +8,6 @@
     teacher: generations
                     stage.stage_training_sources -> generate.load_generations (CE on the teacher's text, plus logit
                     KD from a live teacher)
+    several processes (torchrun): both commands split their shards / batches (ranks.py); the main process merges
+                    the per-process manifest parts and generations parts after a barrier
 """
