@@ -149,12 +149,10 @@ def test_data_command_json_and_errors(tmp_path, tokenizer_dir, qa_jsonl):
     assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2
 
 
-def test_use_wandb_without_wandb_names_the_extra(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl):
-    try:
-        import wandb  # noqa: F401
-        pytest.skip("wandb is installed here")
-    except ImportError:
-        pass
+def test_use_wandb_logs_offline(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl):
     cfg = _config_file(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl)
-    out = cli("run", cfg, "--use_wandb")
-    assert out.returncode == 1 and "lmdistill[wandb]" in out.stderr
+    env_dir = tmp_path / "wandb_home"
+    out = subprocess.run([LMDISTILL, "run", str(cfg), "--use_wandb"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(env_dir)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list(env_dir.rglob("*.wandb"))  # the offline run file W&B syncs later
