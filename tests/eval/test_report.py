@@ -133,3 +133,14 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     # A rendered page with plots has plenty of non-white pixels and colour; a blank or error page does not.
     assert (pixels.min(axis=-1) < 0.9).mean() > 0.03
     assert (pixels.max(axis=-1) - pixels.min(axis=-1)).max() > 0.3
+
+
+def test_timing_noise_between_same_size_models_is_equal():
+    from lmdistill.eval.report import metrics_table
+
+    metrics = {"student_after": {"tokens_per_s/batch1": 930.0, "tokens_per_s/batch8": 3000.0},
+               "baseline": {"tokens_per_s/batch1": 981.0, "tokens_per_s/batch8": 5000.0}}
+    html = metrics_table(metrics, ["tokens_per_s/batch1", "tokens_per_s/batch8"])
+    rows = html.split("<tr")
+    assert "equal" in next(r for r in rows if "batch1" in r)
+    assert "worse" in next(r for r in rows if "batch8" in r)

@@ -16,6 +16,7 @@ from lmdistill.eval.run_files import RunData, load_run
 from lmdistill.export import format_value
 
 REPORT_FILE = "report.html"
+TIMING_NOISE = 0.10
 SIZE_SPEED_KEYS = ("params", "disk_mb", "memory_mb", "tokens_per_s/batch1", "tokens_per_s/batch8")
 # Metrics where a smaller number is the better model; every other metric is better when larger.
 _LOWER_IS_BETTER = ("perplexity", "mean_kl", "params", "disk_mb", "memory_mb")
@@ -79,7 +80,9 @@ def headline(metrics: Mapping[str, Mapping[str, float]], metric: str | None = No
 
 
 def _compare(key: str, mine: float, theirs: float) -> tuple[str, str]:
-    if mine == theirs:
+    # Timings of two same-size models differ by run-to-run noise; call them equal unless 10% apart.
+    tolerance = TIMING_NOISE * max(abs(mine), abs(theirs)) if key.startswith("tokens_per_s") else 0.0
+    if abs(mine - theirs) <= tolerance:
         return "equal", ""
     better = mine < theirs if _lower_is_better(key) else mine > theirs
     return ("better", "better") if better else ("worse", "worse")
