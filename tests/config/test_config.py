@@ -64,6 +64,7 @@ def test_json_config_roundtrip(tmp_path):
     ({"stages": [{"name": "a", "mixture": {"weights": {"domain": 1}}}]}, "names source 'domain'"),
     ({"stages": [{"name": "a"}, {"name": "a"}]}, "repeated: ['a']"),
     (minimal(kind="finetune", losses=[{"name": "forward_kl"}]), "finetune stage trains on cross_entropy only"),
+    (minimal(fused=True, teacher_source="cache"), "a cached stage has no teacher"),
 ])
 def test_bad_config_names_the_key(data, message):
     with pytest.raises(ConfigError) as err:

@@ -1,7 +1,8 @@
 """DistillationTrainer: transformers.Trainer plus a frozen teacher and a distillation objective.
 
-Only `compute_loss` (and a thin `training_step` guard for non-finite losses) is overridden; accumulation, precision,
-optimizers, schedules, clipping, checkpoints, resume and logging are Trainer's own.
+Only `compute_loss` and `log` are overridden, and `create_optimizer` is extended (projections of hidden-state terms
+join the optimiser; a step whose loss was non-finite is skipped); accumulation, precision, optimizers, schedules,
+clipping, checkpoints, resume and logging are Trainer's own.
 
 Normalisation: every logit term is a sum over counted tokens divided by `num_items_in_batch`, which Trainer counts over
 the whole accumulated batch (after the causal shift), so N micro-batches give the same update as one batch N times
@@ -14,6 +15,7 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -45,14 +47,13 @@ class AuxTerms:
         return self.attention is not None
 
 
-class TeacherCacheLookup:
-    """Interface for an offline teacher: top-k ids/log-probs for a batch of example ids (see lmdistill.teacher)."""
+class TeacherCacheLookup(Protocol):
+    """An offline teacher: top-k ids/log-probs for a batch of example ids (lmdistill.teacher.reader.CacheLookup)."""
 
-    cache_temperature: float = 1.0
-    tail: str = "bucket"
+    cache_temperature: float
+    tail: str
 
-    def lookup(self, example_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    def lookup(self, example_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
