@@ -1,0 +1,63 @@
+"""Config entries for loss terms (`stages[i].losses`), one class per family, told apart by `name`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LOGIT_LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "cross_entropy")
+
+
+class Strict(BaseModel):
+    """Base of every config class: unknown keys are errors, and assignments (CLI overrides) are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LogitTerm(Strict):
+    name: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "cross_entropy"]
+    weight: float = Field(1.0, ge=0)
+    beta: float | None = Field(None, ge=0, le=1, description="jsd only: interpolation (0 -> forward KL, 1 -> reverse).")
+    skew: float | None = Field(None, gt=0, lt=1, description="skew_kl / skew_reverse_kl only: DistiLLM's mixing alpha.")
+
+    @model_validator(mode="after")
+    def _params_belong(self):
+        if self.beta is not None and self.name != "jsd":
+            raise ValueError(f"beta applies to jsd only, not {self.name}")
+        if self.skew is not None and self.name not in ("skew_kl", "skew_reverse_kl"):
+            raise ValueError(f"skew applies to skew_kl/skew_reverse_kl only, not {self.name}")
+        return self
+
+    def params(self) -> dict[str, float]:
+        if self.name == "jsd":
+            return {"beta": 0.5 if self.beta is None else self.beta}
+        if self.name in ("skew_kl", "skew_reverse_kl"):
+            return {"alpha": 0.1 if self.skew is None else self.skew}
+        return {}
+
+
+class FeatureTerm(Strict):
+    name: Literal["feature"]
+    weight: float = Field(0.1, ge=0)
+    kind: Literal["mse", "cosine"] = "mse"
+    layers: Literal["uniform"] | list[tuple[int, int]] = Field(
+        "uniform", description="'uniform' or explicit [[student_layer, teacher_layer], ...] (0-based, embeddings excluded).")
+
+
+class AttentionTerm(Strict):
+    name: Literal["attention"]
+    weight: float = Field(0.05, ge=0)
+    layers: Literal["uniform"] | list[tuple[int, int]] = "uniform"
+    heads: Literal["auto", "average", "group"] = Field(
+        "auto", description="Differing head counts: 'group' when one divides the other, else 'average' (auto).")
+
+
+class ContrastiveTerm(Strict):
+    name: Literal["contrastive"]
+    weight: float = Field(0.05, ge=0)
+    temperature: float = Field(0.1, gt=0)
+
+
+_LOSS_TAGS = set(LOGIT_LOSS_NAMES) | {"feature", "attention", "contrastive"}
+LossTermSettings = Annotated[Union[LogitTerm, FeatureTerm, AttentionTerm, ContrastiveTerm], Field(discriminator="name")]
