@@ -94,3 +94,56 @@ def test_three_nonfinite_in_a_row_stop_the_run_naming_the_term(student_dir, tmp_
         bad_teacher.lm_head.weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"loss term\(s\) forward_kl were NaN/inf 3 steps in a row"):
         _train_once(student_dir, bad_teacher, batch=8, accum=1, tmp_path=tmp_path, steps=5)
+
+
+def test_feature_projections_train_and_are_saved_with_checkpoints(student_dir, teacher, tmp_path):
+    from lmdistill.config import StageSettings
+    from lmdistill.train.stage import build_aux
+    from lmdistill.train.trainer import AUX_FILE
+
+    stage = StageSettings(name="f", losses=[{"name": "forward_kl"}, {"name": "feature", "weight": 1.0}])
+
+    def trainer_for(run):
+        torch.manual_seed(run)
+        student = AutoModelForCausalLM.from_pretrained(student_dir)
+        aux = build_aux(stage, student, teacher)
+        args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=4, max_steps=2,
+                                 learning_rate=0.05, optim="sgd", report_to="none", use_cpu=True, save_strategy="steps",
+                                 save_steps=2, train_sampling_strategy="sequential", remove_unused_columns=False)
+        return DistillationTrainer(model=student, args=args, train_dataset=_examples(), data_collator=DistillCollator(0),
+                                   objective=DistillObjective([LossTerm("forward_kl", 1.0, {})]), teacher=teacher,
+                                   aux=aux)
+
+    trainer = trainer_for(0)
+    before = {k: v.clone() for k, v in trainer.aux.feature.state_dict().items()}
+    trainer.train()
+    trained = trainer.aux.feature.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in before)  # projections are in the optimiser
+    checkpoint = tmp_path / "ckpt" / "checkpoint-2"
+    assert (checkpoint / AUX_FILE).exists()
+    fresh = trainer_for(1)
+    fresh._load_from_checkpoint(str(checkpoint))
+    for k, v in fresh.aux.feature.state_dict().items():
+        torch.testing.assert_close(v, trained[k])
+
+
+def test_causal_shift_and_masks_match_a_plain_reference(student_dir, teacher, tmp_path):
+    """Logits at t score token t+1; prompt and padding count nowhere; mean over counted tokens of the batch."""
+    import torch.nn.functional as F
+
+    _, student, trainer = _train_once(student_dir, teacher, batch=8, accum=1, tmp_path=tmp_path, steps=1,
+                                      objective=DistillObjective([LossTerm("cross_entropy", 1.0, {})]))
+    student.eval()
+    rows = _examples()
+    batch = DistillCollator(0)(rows)
+    with torch.no_grad():
+        got = trainer.compute_loss(student, dict(batch))
+        total, count = 0.0, 0
+        for row in rows:  # one unpadded example at a time, float64
+            logits = student(torch.tensor([row["input_ids"]])).logits[0].double()
+            labels = torch.tensor(row["labels"])
+            for t in range(len(labels) - 1):
+                if labels[t + 1] != -100:
+                    total += -F.log_softmax(logits[t], -1)[labels[t + 1]].item()
+                    count += 1
+    assert got.item() == pytest.approx(total / count, rel=1e-5)

@@ -39,7 +39,7 @@ from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
                                    stage_draws, write_seed_aliases)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
-from lmdistill.train.trainer import DistillationTrainer
+from lmdistill.train.trainer import AUX_FILE, DistillationTrainer
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
     """A Trainer checkpoint minus optimizer/scheduler/rng state: the weights (or adapters) and the tokenizer."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "aux_terms.pt"}
+    skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", AUX_FILE}
     shutil.copytree(checkpoint, tmp, ignore=lambda d, names: [n for n in names if n in skip or n.startswith("rng_state")])
     tokenizer.save_pretrained(tmp)
     replace_dir_atomic(tmp, target)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +28,8 @@ from lmdistill.losses import DistillObjective
 log = logging.getLogger(__name__)
 
 MAX_NONFINITE_IN_A_ROW = 3
+# Learned projections of the hidden-state terms, beside the student's weights in each checkpoint.
+AUX_FILE = "aux_terms.safetensors"
 
 
 @dataclass
@@ -115,6 +118,29 @@ class DistillationTrainer(Trainer):
 
         optimizer.step = guarded_step
         return optimizer
+
+    # ------------------------------------------------------------------ projections saved with every checkpoint
+    def _aux_modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({name: module for name in ("feature", "contrastive")
+                              if (module := getattr(self.aux, name)) is not None and any(True for _ in module.parameters())})
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        modules = self._aux_modules()
+        if len(modules):
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in modules.state_dict().items()},
+                      os.path.join(output_dir or self.args.output_dir, AUX_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, AUX_FILE)
+        modules = self._aux_modules()
+        if len(modules) and os.path.exists(path):
+            from safetensors.torch import load_file
+
+            modules.load_state_dict(load_file(path))
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, model: nn.Module, inputs: dict, labels: torch.Tensor, *, body_only: bool):
