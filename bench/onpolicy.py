@@ -80,20 +80,26 @@ def _args(folder: Path, a) -> dict:
                 save_strategy="no", seed=0, disable_tqdm=True)
 
 
+def best_sampling_rate(batches, sample_labels, repeats: int = 3) -> float:
+    """Best of `repeats` passes: sampled (trained-on) tokens per second; `sample_labels(batch)` returns labels."""
+    best = 0.0
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        tokens, start = 0, time.perf_counter()
+        for batch in batches:
+            tokens += int((sample_labels(batch) != -100).sum())
+        best = max(best, tokens / (time.perf_counter() - start))
+    return best
+
+
 def bench_ours(folder: Path, tokenizer, teacher, a) -> tuple[float, float]:
     examples = encode_rows(_rows(a.batch * a.steps), tokenizer, max_length=96).examples
     collator = DistillCollator(tokenizer.pad_token_id)
     settings = GenerationSettings(temperature=1.0, top_p=1.0, max_new_tokens=a.max_new_tokens)
     student = _student(tokenizer)
     batches = [collator(examples[i:i + a.batch]) for i in range(0, len(examples), a.batch)]
-    best = 0.0
-    for _ in range(3):
-        torch.manual_seed(0)
-        tokens, start = 0, time.perf_counter()
-        for batch in batches:
-            out = sample_batch(student, batch_prompts(batch), collator, settings, tokenizer.eos_token_id)
-            tokens += int((out["labels"] != -100).sum())
-        best = max(best, tokens / (time.perf_counter() - start))
+    best = best_sampling_rate(batches, lambda batch: sample_batch(
+        student, batch_prompts(batch), collator, settings, tokenizer.eos_token_id)["labels"])
     clock = StepClock()
     trainer = OnPolicyTrainer(model=_student(tokenizer), args=TrainingArguments(**_args(folder / "ours", a)),
                               train_dataset=ListDataset(examples), data_collator=collator, processing_class=tokenizer,
@@ -121,14 +127,8 @@ def bench_trl(folder: Path, tokenizer, teacher, a) -> tuple[float, float] | None
     student = trainer.model
     collator = trainer.data_collator
     batches = [collator(rows[i:i + a.batch]) for i in range(0, len(rows), a.batch)]
-    best = 0.0
-    for _ in range(3):
-        torch.manual_seed(0)
-        tokens, start = 0, time.perf_counter()
-        for batch in batches:
-            _, _, labels = GKDTrainer.generate_on_policy_outputs(student, batch, trainer.generation_config)
-            tokens += int((labels != -100).sum())
-        best = max(best, tokens / (time.perf_counter() - start))
+    best = best_sampling_rate(batches, lambda batch: GKDTrainer.generate_on_policy_outputs(
+        student, batch, trainer.generation_config)[2])
     trainer.train()
     return best, clock.seconds_per_step()
 

@@ -68,12 +68,7 @@ def _one_process(command: str, config_path: Path, out: Path):
     from lmdistill.config import load_config
     from lmdistill.teacher import commands
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return getattr(commands, command)(load_config(config_path), out=out)
-    finally:
-        torch.set_num_threads(threads)
+    return getattr(commands, command)(load_config(config_path), out=out)
 
 
 @pytest.mark.multiprocess

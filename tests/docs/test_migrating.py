@@ -82,7 +82,6 @@ def test_page_shows_commands_for_every_seed():
 
 
 def test_every_command_on_the_page_runs(tmp_path, monkeypatch, names, qa_jsonl):
-    torch.set_num_threads(1)  # the box is shared
     monkeypatch.chdir(tmp_path)
     _local_data(tmp_path, qa_jsonl)
     runner, ran = CliRunner(), 0

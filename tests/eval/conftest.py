@@ -22,16 +22,6 @@ def encode_pair(tokenizer, prompt: str, answer: str, source: str = "domain") -> 
             "prompt_length": len(prompt_ids), "source": source}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared: more threads only
-    oversubscribe them (measured: 60 s -> 19 s for this folder under load). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def teacher(teacher_dir) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(teacher_dir)

@@ -3,16 +3,15 @@
 import json
 
 import pytest
-import torch
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads per process thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def t5_pair(t5_teacher_dir, t5_student_dir):
+    from transformers import AutoModelForSeq2SeqLM
+
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(t5_teacher_dir).eval().requires_grad_(False)
+    student = AutoModelForSeq2SeqLM.from_pretrained(t5_student_dir).eval()  # eval: no dropout in the comparisons
+    return teacher, student
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ its own layer map and projections; causal models keep the single-stack distiller
 
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM, BartConfig, T5Config, TrainingArguments
+from transformers import BartConfig, T5Config, TrainingArguments
 
 from lmdistill.config import StageSettings
 from lmdistill.data.collate import DistillCollator
@@ -15,13 +15,6 @@ from lmdistill.train.trainer import DistillationTrainer
 
 PAD, EOS = 0, 1
 WEIGHT = 0.5
-
-
-@pytest.fixture(scope="module")
-def t5_pair(t5_teacher_dir, t5_student_dir):
-    teacher = AutoModelForSeq2SeqLM.from_pretrained(t5_teacher_dir).eval().requires_grad_(False)
-    student = AutoModelForSeq2SeqLM.from_pretrained(t5_student_dir).eval()  # eval: no dropout in the comparisons
-    return teacher, student
 
 
 def _stage(kind="mse", layers="uniform") -> StageSettings:

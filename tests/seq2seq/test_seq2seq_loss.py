@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM, TrainingArguments
+from transformers import TrainingArguments
 
 from lmdistill.data.collate import DistillCollator
 from lmdistill.errors import TrainingError
@@ -11,13 +11,6 @@ from lmdistill.train.trainer import DistillationTrainer
 
 PAD, EOS = 0, 1
 T = 2.0
-
-
-@pytest.fixture(scope="module")
-def t5_pair(t5_teacher_dir, t5_student_dir):
-    teacher = AutoModelForSeq2SeqLM.from_pretrained(t5_teacher_dir).eval().requires_grad_(False)
-    student = AutoModelForSeq2SeqLM.from_pretrained(t5_student_dir).eval()  # eval: no dropout in the comparisons
-    return teacher, student
 
 
 def _examples(n=3, seed=0) -> list[dict]:

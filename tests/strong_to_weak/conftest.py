@@ -3,15 +3,8 @@
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The box is shared: more threads per process were measured far slower under load.
-    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ PROMPTS = ["What does the bank report?", "What does a trader report?", "What doe
 
 @pytest.fixture(scope="module")
 def models(teacher_dir, student_dir):
-    torch.set_num_threads(1)
     return (AutoModelForCausalLM.from_pretrained(teacher_dir).eval(),
             AutoModelForCausalLM.from_pretrained(student_dir))
 

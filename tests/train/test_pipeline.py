@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

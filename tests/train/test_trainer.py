@@ -147,3 +147,21 @@ def test_causal_shift_and_masks_match_a_plain_reference(student_dir, teacher, tm
                     total += -F.log_softmax(logits[t], -1)[labels[t + 1]].item()
                     count += 1
     assert got.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_fused_trainer_path_equals_the_logits_path(student_dir, teacher, tmp_path):
+    objective = DistillObjective([LossTerm("forward_kl", 0.7, {}), LossTerm("cross_entropy", 0.3, {})], temperature=2.0)
+    _, student, plain = _train_once(student_dir, teacher, batch=8, accum=1, tmp_path=tmp_path, steps=1,
+                                    objective=objective)
+    fused = DistillationTrainer(model=student, args=plain.args, train_dataset=_examples(),
+                                data_collator=DistillCollator(0), objective=objective, teacher=teacher, fused=True)
+    batch = DistillCollator(0)(_examples())
+    student.eval()
+    losses = []
+    for trainer in (plain, fused):
+        student.zero_grad()
+        loss = trainer.compute_loss(student, dict(batch))
+        loss.backward()
+        losses.append((loss.detach(), student.lm_head.weight.grad.clone(), student.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    for a, b in zip(*losses):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

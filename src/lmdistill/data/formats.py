@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lmdistill.data.badrows import BadRows
 from lmdistill.data.readers import RawTable, Unreadable, read_tables

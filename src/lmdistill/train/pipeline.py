@@ -13,6 +13,7 @@ others wait for it, so no file has two writers and no process reads a half-writt
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from lmdistill.train.feedback import EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
 from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
-                                   stage_draws, write_seed_aliases)
+                                   write_seed_aliases)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
 from lmdistill.train.trainer import AUX_FILE, DistillationTrainer
 
@@ -192,8 +193,6 @@ def stage_callbacks(config: PipelineConfig, prep: Prepared, stage: StageSettings
 def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSettings, run_dir: Path,
               start_from: str | None) -> tuple[str, str, float | None]:
     """Train one stage; returns (best_path, final_path, best_metric)."""
-    import json
-
     stage_dir = run_dir / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     teacher = prep.teacher if stage.kind != "finetune" else None
@@ -225,8 +224,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         model=student, args=args, train_dataset=train_dataset,
         eval_dataset=ListDataset(eval_examples) if eval_examples else None,
         data_collator=DistillCollator(prep.tokenizer.pad_token_id, task_type=prep.task_type),
-        processing_class=prep.tokenizer, objective=objective, teacher=teacher if objective.needs_teacher or (
-            aux.needs_hidden or aux.needs_attentions) else None, aux=aux, balancer=build_balancer(stage),
+        processing_class=prep.tokenizer, objective=objective, teacher=teacher, aux=aux, balancer=build_balancer(stage),
         task_type=prep.task_type, shared_vocab=shared_vocab, fused=stage.fused, teacher_cache=teacher_cache,
         **policy,
     )

@@ -195,12 +195,12 @@ class DistillationTrainer(Trainer):
             num_items_in_batch = num_items_in_batch.to(labels.device)
 
         if self.fused:
-            s_body, s_head = _decoder_and_head(model)
+            s_head = _decoder_and_head(model)[1]
+            t_head = _decoder_and_head(self.teacher)[1] if teacher_out is not None else None
             out = self.objective.fused(
                 student_out.last_hidden_state[:, :-1], s_head.weight, s_head.bias,
                 teacher_out.last_hidden_state[:, :-1] if teacher_out is not None else None,
-                _decoder_and_head(self.teacher)[1].weight if teacher_out is not None else None,
-                _decoder_and_head(self.teacher)[1].bias if teacher_out is not None else None,
+                t_head.weight if t_head is not None else None, t_head.bias if t_head is not None else None,
                 target, num_items=num_items_in_batch,
                 student_softcap=_softcap(model), teacher_softcap=_softcap(self.teacher) if self.teacher else None)
         else:
