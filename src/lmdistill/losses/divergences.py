@@ -153,14 +153,16 @@ class TermSpec:
 
 
 def topk_rows(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, temperature: float,
-              cache_temperature: float, tail: str) -> Tensor:
+              cache_temperature: float, tail: str, teacher_tail: Tensor | None = None) -> Tensor:
     """Top-k KL(p || q) per token against cached teacher log-probs.
 
     student [n, V] logits; teacher_ids [n, k] int64; teacher_logprobs [n, k] = log softmax(u / T_cache)
-    at those ids. Returns [n] (without T^2). The kept teacher probs are re-tempered p^(T_cache/T); the
-    student log-softmax runs over the full vocabulary before gathering. `bucket` scores k+1 buckets (the
-    kept ids and one tail, whose re-tempered mass is tail^(T_cache/T)); `drop` renormalises both sides
-    over the k kept ids. Both are exact when k = V.
+    at those ids; teacher_tail [n] (optional) = the mass outside the kept ids, as the cache stored it.
+    Returns [n] (without T^2). The kept teacher probs are re-tempered p^(T_cache/T); the student
+    log-softmax runs over the full vocabulary before gathering. `bucket` scores k+1 buckets (the kept ids
+    and one tail, whose re-tempered mass is tail^(T_cache/T), renormalised with the kept ones); the tail is
+    the stored one when given, else 1 - sum(kept). `drop` renormalises both sides over the k kept ids.
+    Both are exact when k = V.
     """
     lq = F.log_softmax(upcast(student) / temperature, dim=-1)  # [n, V]
     lq_kept = lq.gather(-1, teacher_ids)  # [n, k]
@@ -171,6 +173,10 @@ def topk_rows(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, te
         return (torch.special.xlogy(lp.exp(), lp.exp()) - lp.exp() * lq_norm).sum(-1)
     if teacher_ids.shape[-1] == student.shape[-1]:
         tail_mass = tempered.new_zeros(tempered.shape[:-1])  # k = V: no tail; 1 - sum would be rounding noise
+    elif teacher_tail is not None:
+        # Summed from the full distribution at capture: 1 - sum(kept) would drown a small tail in the rounding
+        # of k fp16 log-probs.
+        tail_mass = upcast(teacher_tail).to(tempered.dtype)  # [n]
     else:
         # clamp: only rounding in the cached log-probs can push the kept sum past 1
         tail_mass = (1.0 - teacher_logprobs.double().exp().sum(-1)).clamp_min(0.0).to(tempered.dtype)  # [n]
@@ -183,11 +189,13 @@ def topk_rows(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, te
 
 
 def score_rows(specs: Sequence[TermSpec], student: Tensor, teacher: Tensor | None, labels: Tensor | None,
-               teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None) -> Tensor:
+               teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None,
+               teacher_tail: Tensor | None = None) -> Tensor:
     """Sum of each term over a block of counted tokens.
 
     student [n, V] logits; teacher [n, V] logits (or None when no term needs them); labels [n] (all
-    counted: masking happened before); teacher_ids / teacher_logprobs [n, k] for 'topk_kl'.
+    counted: masking happened before); teacher_ids / teacher_logprobs [n, k] and teacher_tail [n] (or
+    None) for 'topk_kl'.
     Returns [len(specs)] float32 (float64 for float64 input) sums; KD terms include T^2, cross_entropy uses T = 1.
     """
     student = upcast(student)
@@ -209,7 +217,8 @@ def score_rows(specs: Sequence[TermSpec], student: Tensor, teacher: Tensor | Non
         elif spec.name == "topk_kl":
             if teacher_ids is None or teacher_logprobs is None:
                 raise LossInputError("topk_kl needs teacher_ids and teacher_logprobs from a teacher cache")
-            sums.append(t * t * topk_rows(student, teacher_ids, teacher_logprobs, t, **spec.params).sum())
+            sums.append(t * t * topk_rows(student, teacher_ids, teacher_logprobs, t, teacher_tail=teacher_tail,
+                                                  **spec.params).sum())
         else:
             if teacher is None:
                 raise LossInputError(f"{spec.name} needs teacher logits, got None")

@@ -68,9 +68,11 @@ def _check_pair(student: Tensor, teacher: Tensor, what: str) -> None:
 
 def logit_terms(specs: Sequence[TermSpec], student_logits: Tensor, teacher_logits: Tensor | None,
                 labels: Tensor | None, chunk_size: int | None = None, coeffs: Tensor | None = None,
-                teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None) -> tuple[Tensor, int]:
+                teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None,
+                teacher_tail: Tensor | None = None) -> tuple[Tensor, int]:
     """Term sums over counted tokens from full logits. student_logits [..., V]; teacher_logits [..., V'] or
-    None; labels [...]; teacher_ids / teacher_logprobs [..., k] for topk_kl. Returns ([terms], count)."""
+    None; labels [...]; teacher_ids / teacher_logprobs [..., k] and teacher_tail [...] (or None) for topk_kl.
+    Returns ([terms], count)."""
     v = student_logits.shape[-1]
     student = student_logits.reshape(-1, v)  # [N, V]
     flat_labels, counted, count = counted_rows(labels, student.shape[0])
@@ -78,7 +80,7 @@ def logit_terms(specs: Sequence[TermSpec], student_logits: Tensor, teacher_logit
     if teacher_logits is not None:
         _check_pair(student_logits, teacher_logits, "logits")
         teacher = teacher_logits.reshape(student.shape[0], -1)  # [N, V']
-    ids = lps = None
+    ids = lps = tails = None
     if teacher_ids is not None and teacher_logprobs is not None:
         _check_pair(student_logits, teacher_ids, "logits / cached ids")
         if teacher_ids.shape != teacher_logprobs.shape:
@@ -89,11 +91,16 @@ def logit_terms(specs: Sequence[TermSpec], student_logits: Tensor, teacher_logit
                                  f"has {v} entries; the cache was made with another tokenizer: rebuild it")
         ids = teacher_ids.reshape(student.shape[0], -1)  # [N, k]
         lps = teacher_logprobs.reshape(student.shape[0], -1)  # [N, k]
+        if teacher_tail is not None:
+            if teacher_tail.shape != teacher_ids.shape[:-1]:
+                raise LossInputError(f"teacher_tail {tuple(teacher_tail.shape)} must be shaped like teacher_ids "
+                                     f"without their last dimension, {tuple(teacher_ids.shape[:-1])}")
+            tails = teacher_tail.reshape(student.shape[0])  # [N]
 
     def fn(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None]) -> Tensor:
         return score_rows(specs, *rows)
 
-    return reduce_rows(fn, [student, teacher, flat_labels, ids, lps], [], counted, chunk_size, coeffs), count
+    return reduce_rows(fn, [student, teacher, flat_labels, ids, lps, tails], [], counted, chunk_size, coeffs), count
 
 
 def _divergence(name: str, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None,
@@ -164,17 +171,18 @@ def topk_spec(temperature: float, cache_temperature: float, tail: str) -> TermSp
 
 def topk_kl(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, labels: Tensor | None = None, *,
             temperature: float = 1.0, cache_temperature: float = 1.0, tail: str = "bucket",
-            reduction: str = "mean", chunk_size: int | None = None) -> Tensor:
+            teacher_tail: Tensor | None = None, reduction: str = "mean", chunk_size: int | None = None) -> Tensor:
     """T^2 forward KL against a top-k teacher cache.
 
     student_logits [..., V]; teacher_ids [..., k] int64; teacher_logprobs [..., k] = log softmax(u / T_cache)
-    at those ids; labels [...]. `tail="bucket"` scores k+1 buckets (kept ids + the rest), `"drop"` the k kept
-    ids renormalised. Exact (equal to `forward_kl`) when k = V; see `divergences.topk_rows`.
+    at those ids; labels [...]; teacher_tail [...] the cache's stored mass outside the kept ids (None: taken as
+    1 - sum(kept)). `tail="bucket"` scores k+1 buckets (kept ids + the rest), `"drop"` the k kept ids
+    renormalised. Exact (equal to `forward_kl`) when k = V; see `divergences.topk_rows`.
     """
     spec = topk_spec(temperature, cache_temperature, tail)
     coeffs = backward_coeffs(labels, student_logits[..., 0].numel(), reduction, student_logits.device)
     sums, count = logit_terms([spec], student_logits, None, labels, chunk_size, coeffs,
-                              teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs)
+                              teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, teacher_tail=teacher_tail)
     return finish(sums[0], count, reduction)
 
 

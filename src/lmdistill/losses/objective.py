@@ -133,8 +133,12 @@ class DistillObjective:
 
     def cached(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, labels: Tensor | None,
                num_items: int | float | Tensor | None = None, cache_temperature: float = 1.0,
-               tail: str = "bucket") -> ObjectiveOutput:
-        """KD against a top-k teacher cache (ids / log-probs [..., k]); only forward_kl is defined there."""
+               tail: str = "bucket", teacher_tail: Tensor | None = None) -> ObjectiveOutput:
+        """KD against a top-k teacher cache (ids / log-probs [..., k]); only forward_kl is defined there.
+
+        teacher_tail [...]: the mass outside the kept ids as the cache stored it (summed over the full
+        vocabulary at capture); None rebuilds it as 1 - sum(exp(kept)), which fp16 rounding blurs for small
+        tails."""
         other = [t.name for t in self.terms if t.name not in ("forward_kl", "cross_entropy")]
         if other:
             raise LossConfigError(f"a cached (top-k) teacher supports only forward_kl and cross_entropy, not "
@@ -142,7 +146,8 @@ class DistillObjective:
         kd = topk_spec(self.temperature, cache_temperature, tail)
         denom = self._denominator(labels, student_logits[..., 0].numel(), num_items)
         sums, _ = logit_terms(self._specs(kd), student_logits, None, labels, self.chunk_size,
-                              self._coeffs(denom, student_logits.device), teacher_ids, teacher_logprobs)
+                              self._coeffs(denom, student_logits.device), teacher_ids, teacher_logprobs,
+                              teacher_tail)
         return self._output(sums, denom)
 
     def _require_teacher(self, teacher: Tensor | None) -> None:

@@ -122,24 +122,27 @@ class CacheLookup:
         self.tail = tail
         self.cache_temperature = cache.manifest.temperature
 
-    def lookup(self, example_ids: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def lookup(self, example_ids: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """example_ids [B]; labels [B, T'] aligned with the student logits (after the causal shift).
-        Returns ids [B, T', k] int64 and logprobs [B, T', k] float32 (zeros where labels are -100)."""
+        Returns ids [B, T', k] int64, logprobs [B, T', k] float32 and the stored tail mass [B, T'] float32
+        (zeros where labels are -100)."""
         if example_ids is None:
             raise CacheError("a cached-teacher stage got a batch without example ids; build its data with "
                              "MixtureDataset (or add 'example_id' to each example)")
         k = self.cache.manifest.k
         ids = torch.zeros(*labels.shape, k, dtype=torch.int64)
         logprobs = torch.zeros(*labels.shape, k, dtype=torch.float32)
+        tail = torch.zeros(*labels.shape, dtype=torch.float32)
         counted = (labels != IGNORE_INDEX).cpu()
         for b, example_id in enumerate(example_ids.tolist()):
             source, row = split_example_id(example_id)
             key = self.keys[source]
-            row_ids, lps, _ = self.cache.example(key, self.positions[key][row])
+            row_ids, lps, row_tail = self.cache.example(key, self.positions[key][row])
             where = counted[b].nonzero().squeeze(1)
             if len(where) != len(row_ids):
                 raise CacheError(f"teacher cache {self.cache.path}: row {row} of {key!r} has {len(row_ids)} cached "
                                  f"tokens but the batch counts {len(where)}; the data no longer matches: {REBUILD}")
             ids[b, where] = row_ids
             logprobs[b, where] = lps.float()
-        return ids.to(labels.device), logprobs.to(labels.device)
+            tail[b, where] = row_tail.float()
+        return ids.to(labels.device), logprobs.to(labels.device), tail.to(labels.device)

@@ -51,12 +51,14 @@ class AuxTerms:
 
 
 class TeacherCacheLookup(Protocol):
-    """An offline teacher: top-k ids/log-probs for a batch of example ids (lmdistill.teacher.reader.CacheLookup)."""
+    """An offline teacher: top-k ids/log-probs and the stored tail mass for a batch of example ids
+    (lmdistill.teacher.reader.CacheLookup)."""
 
     cache_temperature: float
     tail: str
 
-    def lookup(self, example_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def lookup(self, example_ids: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -208,10 +210,10 @@ class DistillationTrainer(Trainer):
             if self.shared_vocab is not None:
                 s_logits = s_logits[..., : self.shared_vocab]
             if self.teacher_cache is not None and self.objective.needs_teacher:
-                ids, logprobs = self.teacher_cache.lookup(example_ids, target)
+                ids, logprobs, tail = self.teacher_cache.lookup(example_ids, target)
                 out = self.objective.cached(s_logits, ids, logprobs, target, num_items=num_items_in_batch,
                                             cache_temperature=self.teacher_cache.cache_temperature,
-                                            tail=self.teacher_cache.tail)
+                                            tail=self.teacher_cache.tail, teacher_tail=tail)
             else:
                 t_logits = None
                 if teacher_out is not None and self.objective.needs_teacher:
