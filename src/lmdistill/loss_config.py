@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LOGIT_LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "cross_entropy")
 
@@ -45,18 +45,34 @@ class FeatureTerm(Strict):
         "uniform", description="'uniform' or explicit [[student_layer, teacher_layer], ...] (0-based, embeddings excluded).")
 
 
+def _distinct_sides(sides: list[str] | None) -> list[str] | None:
+    if sides is not None and len(set(sides)) != len(sides):
+        raise ValueError(f"sides {sides} repeat a side; list each once")
+    return sides
+
+
 class AttentionTerm(Strict):
     name: Literal["attention"]
     weight: float = Field(0.05, ge=0)
     layers: Literal["uniform"] | list[tuple[int, int]] = "uniform"
     heads: Literal["auto", "average", "group"] = Field(
         "auto", description="Differing head counts: 'group' when one divides the other, else 'average' (auto).")
+    sides: list[Literal["encoder", "decoder", "cross"]] | None = Field(
+        None, min_length=1, description="Encoder-decoder models only: which attentions to match (encoder self, "
+        "decoder self, decoder cross); the term is their mean. Unset: all three.")
+
+    _sides = field_validator("sides")(_distinct_sides)
 
 
 class ContrastiveTerm(Strict):
     name: Literal["contrastive"]
     weight: float = Field(0.05, ge=0)
     temperature: float = Field(0.1, gt=0)
+    sides: list[Literal["encoder", "decoder"]] | None = Field(
+        None, min_length=1, description="Encoder-decoder models only: pooled encoder and/or decoder states, one "
+        "InfoNCE each; the term is their mean. Unset: both.")
+
+    _sides = field_validator("sides")(_distinct_sides)
 
 
 _LOSS_TAGS = set(LOGIT_LOSS_NAMES) | {"feature", "attention", "contrastive"}

@@ -145,9 +145,10 @@ def test_uneven_stacks_get_their_own_uniform_maps():
     feature = build_aux_loss({"name": "feature"}, dims).module
     assert feature.encoder.layer_map == [(0, 2)] and feature.decoder.layer_map == [(0, 1), (1, 3)]
     assert len(feature.encoder.projections) == 1 and len(feature.decoder.projections) == 2
-    # Attention maps are decoder self-attention: built from the decoder counts.
-    attention = build_aux_loss({"name": "attention"}, dims).module
-    assert attention.layer_map == [(0, 1), (1, 3)]
+    # Attention: encoder self-attention from the encoder counts; decoder self- and cross-attention from the decoder's.
+    attention = build_aux_loss({"name": "attention"}, dims).module.per_side
+    assert attention["encoder"].layer_map == [(0, 2)]
+    assert attention["decoder"].layer_map == attention["cross"].layer_map == [(0, 1), (1, 3)]
 
 
 def test_explicit_layers_must_fit_both_sides(t5_pair):

@@ -1,4 +1,9 @@
-"""Contrastive representation distillation: InfoNCE between pooled student and teacher representations."""
+"""Contrastive representation distillation: InfoNCE between pooled student and teacher representations.
+
+Causal LMs: one `ContrastiveDistiller` over the last hidden state. Encoder-decoder models (T5, BART):
+`EncoderDecoderContrastiveDistiller`, one InfoNCE per side (encoder states pooled over source tokens, decoder states
+over counted labels), each with its own projections, averaged over the sides it was built for.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmdistill.losses.divergences import check_temperature
+from lmdistill.losses.sides import check_sides
+
+CONTRASTIVE_SIDES = ("encoder", "decoder")
 
 
 def masked_mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -49,3 +57,32 @@ class ContrastiveDistiller(nn.Module):
         logits = z_s @ z_t.T / self.temperature  # [B, B]
         targets = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+class EncoderDecoderContrastiveDistiller(nn.Module):
+    """InfoNCE on each side of an encoder-decoder model, each side a `ContrastiveDistiller` with its own projections.
+
+    The encoder side pools the last encoder state over source tokens (the encoder attention mask), the decoder side
+    the last decoder state over target tokens (the decoder label mask). The loss is the mean over `sides` (default
+    both), so each side weighs the same; `sides=("decoder",)` gives the decoder-only term of earlier versions.
+    """
+
+    requires = "hidden_states"
+
+    def __init__(self, student_hidden_size: int, teacher_hidden_size: int, proj_dim: int | None = None,
+                 temperature: float = 0.1, sides: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.sides = check_sides(sides, CONTRASTIVE_SIDES, "contrastive")
+        # Only the chosen sides get projections, so nothing untrained lands in the optimiser or the checkpoint.
+        self.per_side = nn.ModuleDict({side: ContrastiveDistiller(student_hidden_size, teacher_hidden_size, proj_dim,
+                                                                  temperature) for side in self.sides})
+
+    def forward(self, student_encoder: Sequence[Tensor] | Tensor, teacher_encoder: Sequence[Tensor] | Tensor,
+                encoder_mask: Tensor, student_decoder: Sequence[Tensor] | Tensor,
+                teacher_decoder: Sequence[Tensor] | Tensor, decoder_mask: Tensor) -> Tensor:
+        """*_encoder: encoder hidden-state tuples (last entry used) or last states [B, S, d], encoder_mask [B, S]
+        (1 = source token); *_decoder: the same for the decoder, [B, T, d], decoder_mask [B, T] (1 = counted
+        label). Returns a scalar."""
+        inputs = {"encoder": (student_encoder, teacher_encoder, encoder_mask),
+                  "decoder": (student_decoder, teacher_decoder, decoder_mask)}
+        return torch.stack([self.per_side[side](*inputs[side]) for side in self.sides]).mean()

@@ -4,6 +4,7 @@
     {"name": "feature", "weight": 0.1, "kind": "mse", "layers": "uniform"}
     {"name": "attention", "weight": 0.05, "heads": "auto"}
     {"name": "contrastive", "weight": 0.05, "temperature": 0.1}
+    {"name": "attention", "sides": ["encoder", "cross"]}            (sides: encoder-decoder models only)
 
 Logit terms become one `DistillObjective`; the others become modules (`AuxLoss`) that take the models'
 hidden-state or attention tuples. Model sizes come from `ModelDims` (read them from the two model configs).
@@ -18,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from lmdistill.losses.attention import AttentionDistiller
-from lmdistill.losses.contrastive import ContrastiveDistiller
+from lmdistill.losses.attention import AttentionDistiller, EncoderDecoderAttentionDistiller
+from lmdistill.losses.contrastive import ContrastiveDistiller, EncoderDecoderContrastiveDistiller
 from lmdistill.losses.errors import LossConfigError
 from lmdistill.losses.features import EncoderDecoderFeatureDistiller, FeatureDistiller
 from lmdistill.losses.functional import LOGIT_LOSSES
@@ -44,13 +45,6 @@ class ModelDims:
     def encoder_decoder(self) -> bool:
         return self.student_decoder_layers is not None
 
-    @property
-    def output_layers(self) -> tuple[int, int]:
-        """(student, teacher) layers whose states reach the logits: the decoder's, or the causal LM's own."""
-        if self.encoder_decoder:
-            return self.student_decoder_layers, self.teacher_decoder_layers
-        return self.student_layers, self.teacher_layers
-
 
 def _feature(d: ModelDims, params: dict[str, Any]) -> nn.Module:
     if d.encoder_decoder:
@@ -60,13 +54,34 @@ def _feature(d: ModelDims, params: dict[str, Any]) -> nn.Module:
     return FeatureDistiller(d.student_hidden_size, d.teacher_hidden_size, d.student_layers, d.teacher_layers, **params)
 
 
+def _causal_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A causal LM has one stack, so `sides` (None when a config leaves it unset) has nothing to choose from."""
+    sides = params.pop("sides", None)
+    if sides is not None:
+        raise LossConfigError(f"loss '{name}': sides {sides!r} applies to encoder-decoder models only; these models "
+                              f"are causal LMs: remove sides")
+    return params
+
+
+def _attention(d: ModelDims, params: dict[str, Any]) -> nn.Module:
+    if d.encoder_decoder:
+        return EncoderDecoderAttentionDistiller((d.student_layers, d.student_decoder_layers),
+                                                (d.teacher_layers, d.teacher_decoder_layers), **params)
+    return AttentionDistiller(d.student_layers, d.teacher_layers, **_causal_params("attention", params))
+
+
+def _contrastive(d: ModelDims, params: dict[str, Any]) -> nn.Module:
+    if d.encoder_decoder:
+        return EncoderDecoderContrastiveDistiller(d.student_hidden_size, d.teacher_hidden_size, **params)
+    return ContrastiveDistiller(d.student_hidden_size, d.teacher_hidden_size,
+                                **_causal_params("contrastive", params))
+
+
 AuxFactory = Callable[[ModelDims, dict[str, Any]], nn.Module]
 AUX_LOSSES: dict[str, tuple[tuple[str, ...], AuxFactory]] = {
     "feature": (("kind", "layers"), _feature),
-    # Attention maps are the decoder's self-attention for encoder-decoder models (the trainer passes those).
-    "attention": (("layers", "heads"), lambda d, p: AttentionDistiller(*d.output_layers, **p)),
-    "contrastive": (("temperature", "proj_dim"), lambda d, p: ContrastiveDistiller(
-        d.student_hidden_size, d.teacher_hidden_size, **p)),
+    "attention": (("layers", "heads", "sides"), _attention),
+    "contrastive": (("temperature", "proj_dim", "sides"), _contrastive),
 }
 LOSS_NAMES = (*LOGIT_LOSSES, *AUX_LOSSES)
 
@@ -74,7 +89,9 @@ LOSS_NAMES = (*LOGIT_LOSSES, *AUX_LOSSES)
 @dataclass
 class AuxLoss:
     """A non-logit loss: `module(student_states, teacher_states, attention_mask)` where the states are the
-    models' `module.requires` outputs ("hidden_states" or "attentions")."""
+    models' `module.requires` outputs ("hidden_states" or "attentions"). Encoder-decoder modules take the encoder's
+    (student, teacher, encoder mask) then the decoder's (student, teacher, decoder label mask), and the attention
+    module the cross-attention (student, teacher) last."""
 
     name: str
     weight: float

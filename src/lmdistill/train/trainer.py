@@ -248,24 +248,23 @@ class DistillationTrainer(Trainer):
         # Hidden-state terms are means over this micro-batch; divide by the accumulation steps so their sum over an
         # accumulated batch is a mean, as for the logit terms.
         scale = 1.0 / max(1, self.current_gradient_accumulation_steps) if self.model.training else 1.0
-        mask = inputs["attention_mask"]
-        s_hidden = getattr(student_out, "decoder_hidden_states", None) or student_out.hidden_states
-        t_hidden = getattr(teacher_out, "decoder_hidden_states", None) or teacher_out.hidden_states
+        s, t = student_out, teacher_out
         if self.task_type == "seq2seq":
-            mask = (inputs["labels"] != -100).long()
+            # Every term covers both stacks (the EncoderDecoder* modules): encoder outputs over source tokens, decoder
+            # outputs over counted labels (the decoder mask, not the encoder's); attention adds cross-attention.
+            enc_mask, dec_mask = inputs["attention_mask"], (inputs["labels"] != -100).long()
+            hidden = (s.encoder_hidden_states, t.encoder_hidden_states, enc_mask,
+                      s.decoder_hidden_states, t.decoder_hidden_states, dec_mask)
+            attentions = (s.encoder_attentions, t.encoder_attentions, enc_mask, s.decoder_attentions,
+                          t.decoder_attentions, dec_mask, s.cross_attentions, t.cross_attentions)
+        else:
+            mask = inputs["attention_mask"]
+            hidden = (s.hidden_states, t.hidden_states, mask)
+            attentions = (s.attentions, t.attentions, mask)
         terms = {}
-        if self.aux.feature is not None and self.task_type == "seq2seq":
-            # Encoder states over source tokens, decoder states over counted labels (EncoderDecoderFeatureDistiller).
-            terms["feature"] = self.aux.feature(student_out.encoder_hidden_states, teacher_out.encoder_hidden_states,
-                                                inputs["attention_mask"], s_hidden, t_hidden, mask) * scale
-        elif self.aux.feature is not None:
-            terms["feature"] = self.aux.feature(s_hidden, t_hidden, mask) * scale
-        if self.aux.contrastive is not None:
-            terms["contrastive"] = self.aux.contrastive(s_hidden[-1], t_hidden[-1], mask) * scale
-        if self.aux.attention is not None:
-            s_att = getattr(student_out, "decoder_attentions", None) or student_out.attentions
-            t_att = getattr(teacher_out, "decoder_attentions", None) or teacher_out.attentions
-            terms["attention"] = self.aux.attention(s_att, t_att, mask) * scale
+        for name, args in (("feature", hidden), ("contrastive", hidden), ("attention", attentions)):
+            if (module := getattr(self.aux, name)) is not None:
+                terms[name] = module(*args) * scale
         weights.update(self.aux.weights)
         return terms
 
