@@ -13,16 +13,21 @@ the whole accumulated batch.
 
 DistiLLM-style replay (`replay_size > 0`): sampled batches go into a bounded buffer, and an on-policy micro-batch is
 taken from the buffer instead of sampled anew with probability `replay_ratio` (sampling is the expensive part).
+Each process keeps its own buffer and saves it in every checkpoint (`replay_buffer_R.safetensors` for process R,
+beside Trainer's `rng_state_R.pth`); a resumed run starts from it instead of from an empty buffer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import deque
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from lmdistill.config import GenerationSettings, OnPolicySettings, PipelineConfig, StageSettings
@@ -33,6 +38,11 @@ from lmdistill.teacher.thinking import ThinkingModes, thinking_modes
 from lmdistill.train.trainer import DistillationTrainer
 
 log = logging.getLogger(__name__)
+
+
+def replay_file(process_index: int) -> str:
+    """The checkpoint file holding process `process_index`'s replay buffer."""
+    return f"replay_buffer_{process_index}.safetensors"
 
 
 def batch_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -99,6 +109,7 @@ class ReplayBuffer:
     """The last `capacity` sampled batches (kept on CPU), drawn uniformly for reuse."""
 
     def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
         self.batches: deque[dict[str, torch.Tensor]] = deque(maxlen=capacity)
 
     def __len__(self) -> int:
@@ -111,6 +122,29 @@ class ReplayBuffer:
         """The batch at position floor(u * len) (u in [0, 1)), on `device`."""
         chosen = self.batches[min(int(u * len(self.batches)), len(self.batches) - 1)]
         return {k: v.to(device) for k, v in chosen.items()}
+
+    def save(self, path: str) -> None:
+        """Every batch, oldest first, as tensors named 'I.KEY' (batch I's input_ids [B, T] is 'I.input_ids')."""
+        tensors = {f"{i}.{key}": value.contiguous() for i, batch in enumerate(self.batches)
+                   for key, value in batch.items()}
+        save_file(tensors, path, metadata={"batches": str(len(self.batches))})
+
+    def load(self, path: str) -> None:
+        """Replace the contents with the batches saved at `path`; past capacity, the oldest are dropped."""
+        try:
+            with safe_open(path, framework="pt") as f:
+                batches: list[dict[str, torch.Tensor]] = [{} for _ in range(int(f.metadata()["batches"]))]
+                for name in f.keys():
+                    index, key = name.split(".", 1)
+                    batches[int(index)][key] = f.get_tensor(name)
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, IndexError) as err:
+            raise TrainingError(f"replay buffer {path} cannot be read ({err!r}); delete that file to resume with an "
+                                "empty replay buffer") from None
+        if len(batches) > self.capacity:
+            log.warning("replay buffer %s holds %d batches, more than replay_size=%d: keeping the newest %d", path,
+                        len(batches), self.capacity, self.capacity)
+        self.batches.clear()
+        self.batches.extend(batches)
 
 
 class OnPolicyTrainer(DistillationTrainer):
@@ -133,6 +167,28 @@ class OnPolicyTrainer(DistillationTrainer):
         self._collator = DistillCollator(self.processing_class.pad_token_id, task_type="causal")
         self._counts = {"student": 0, "replayed": 0, "teacher": 0, "dataset": 0}
         self._sample_tokens, self._sample_seconds = 0, 0.0
+
+    # ------------------------------------------------------------------ the replay buffer in every checkpoint
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Every process passes here to write its own rng_state_R.pth: the place for its own buffer too.
+        super()._save_rng_state(output_dir)
+        if self.replay is not None:
+            self.replay.save(os.path.join(output_dir, replay_file(self.args.process_index)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # Restored here, not with the rng state: every process, every backend (DeepSpeed too) passes this hook before
+        # the first step, whereas a mid-epoch resume restores the rng state only after that step's batches are built.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.replay is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, replay_file(self.args.process_index))
+        if not os.path.exists(path):
+            log.warning("checkpoint %s has no replay buffer for process %d (written before buffers were saved, or "
+                        "by fewer processes): resuming with an empty replay buffer", checkpoint,
+                        self.args.process_index)
+            return
+        self.replay.load(path)
+        log.info("replay buffer restored from %s: %d batches", path, len(self.replay))
 
     # ------------------------------------------------------------------ the hook: swap micro-batches, then count
     def get_batch_samples(self, epoch_iterator, num_batches, device):
