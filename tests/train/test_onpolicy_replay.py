@@ -78,19 +78,24 @@ def _same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) ->
                                     for x, y in zip(a, b))
 
 
+def _losses(trainer: OnPolicyTrainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, student_dir, teacher, examples, tokenizer):
-    """A policy stage trained 4 steps with replay, checkpoints at steps 2 and 4, and its buffer at each save."""
+    """A policy stage trained 6 steps (4 per epoch) with replay, checkpoints every 2 steps: the folder, the buffer
+    at each save, and the loss curve."""
     out = tmp_path_factory.mktemp("policy")
     snapshots = Snapshots()
-    trainer = _trainer(out, student_dir, teacher, examples, tokenizer, max_steps=4, callbacks=[snapshots])
+    trainer = _trainer(out, student_dir, teacher, examples, tokenizer, max_steps=6, callbacks=[snapshots])
     trainer.train()
-    return out, snapshots.at
+    return out, snapshots.at, _losses(trainer)
 
 
 def test_checkpoint_holds_the_buffer_and_resume_restores_it(run, student_dir, teacher, examples, tokenizer, tmp_path):
-    out, at = run
-    assert sorted(at) == [2, 4] and len(at[2]) >= 1 and (out / "checkpoint-2" / replay_file(0)).exists()
+    out, at, _ = run
+    assert sorted(at) == [2, 4, 6] and len(at[2]) >= 1 and (out / "checkpoint-2" / replay_file(0)).exists()
     # A new trainer resumed at step 2 (mid-epoch): its buffer is the one saved there before its first step.
     snapshots = Snapshots()
     resumed = _trainer(tmp_path, student_dir, teacher, examples, tokenizer, max_steps=3, callbacks=[snapshots])
@@ -99,9 +104,21 @@ def test_checkpoint_holds_the_buffer_and_resume_restores_it(run, student_dir, te
     assert _same(snapshots.begin, at[2])
 
 
+@pytest.mark.parametrize("step", [2, 4])
+def test_resumed_run_samples_replays_and_trains_like_the_uninterrupted_one(run, step, student_dir, teacher, examples,
+                                                                          tokenizer, tmp_path):
+    """Step 2 resumes mid-epoch (Trainer restores the rng state late; the samples must not notice), step 4 at an
+    epoch's start."""
+    out, at, losses = run
+    resumed = _trainer(tmp_path, student_dir, teacher, examples, tokenizer, max_steps=6)
+    resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{step}"))
+    assert _losses(resumed) == pytest.approx(losses, rel=1e-6)
+    assert _same(list(resumed.replay.batches), at[6])
+
+
 def test_old_checkpoint_without_a_buffer_resumes_empty_with_a_log_line(run, student_dir, teacher, examples, tokenizer,
                                                                        tmp_path, caplog):
-    out, _ = run
+    out, _, _ = run
     old = shutil.copytree(out / "checkpoint-2", tmp_path / "checkpoint-2")
     (old / replay_file(0)).unlink()
     snapshots = Snapshots()

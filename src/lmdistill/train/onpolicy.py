@@ -167,8 +167,11 @@ class OnPolicyTrainer(DistillationTrainer):
         self._collator = DistillCollator(self.processing_class.pad_token_id, task_type="causal")
         self._counts = {"student": 0, "replayed": 0, "teacher": 0, "dataset": 0}
         self._sample_tokens, self._sample_seconds = 0, 0.0
+        # Resume: the checkpoint whose rng state Trainer has yet to restore / that get_batch_samples restored early.
+        self._rng_pending: str | None = None
+        self._rng_restored_early: str | None = None
 
-    # ------------------------------------------------------------------ the replay buffer in every checkpoint
+    # ------------------------------------------------------------------ checkpoints: replay buffer; rng on resume
     def _save_rng_state(self, output_dir: str) -> None:
         # Every process passes here to write its own rng_state_R.pth: the place for its own buffer too.
         super()._save_rng_state(output_dir)
@@ -179,7 +182,10 @@ class OnPolicyTrainer(DistillationTrainer):
         # Restored here, not with the rng state: every process, every backend (DeepSpeed too) passes this hook before
         # the first step, whereas a mid-epoch resume restores the rng state only after that step's batches are built.
         super()._load_optimizer_and_scheduler(checkpoint)
-        if self.replay is None or checkpoint is None:
+        if checkpoint is None:
+            return
+        self._rng_pending = checkpoint
+        if self.replay is None:
             return
         path = os.path.join(checkpoint, replay_file(self.args.process_index))
         if not os.path.exists(path):
@@ -190,9 +196,22 @@ class OnPolicyTrainer(DistillationTrainer):
         self.replay.load(path)
         log.info("replay buffer restored from %s: %d batches", path, len(self.replay))
 
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # Trainer restores the rng state at the start of the resumed epoch (before any batch), or, resuming mid-epoch,
+        # only after the first step's batches are gathered: too late for the samples drawn while gathering them.
+        # get_batch_samples restores it before sampling then, and this later call must not rewind it.
+        if checkpoint is not None and checkpoint == self._rng_restored_early:
+            self._rng_restored_early = None
+            return
+        self._rng_pending = None
+        super()._load_rng_state(checkpoint)
+
     # ------------------------------------------------------------------ the hook: swap micro-batches, then count
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._rng_pending is not None:  # the first step of a mid-epoch resume: sample as the uninterrupted run did
+            super()._load_rng_state(self._rng_pending)
+            self._rng_restored_early, self._rng_pending = self._rng_pending, None
         batches = [self.policy_batch(batch, index) for index, batch in enumerate(batches)]
         return batches, self._get_num_items_in_batch(batches, device)
 
