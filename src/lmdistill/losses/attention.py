@@ -5,6 +5,9 @@ with `attn_implementation="eager"` and call them with `output_attentions=True` (
 None, and the loss says so). Heads are matched by `heads`: `"average"` compares head-averaged maps; `"group"`
 averages consecutive groups of heads of the model with more heads down to the other's count (one count must
 divide the other); `"auto"` groups when it can and averages otherwise. Query rows of padding are not counted.
+Models that apply dropout to attention probabilities (T5's `dropout_rate`, BART's `attention_dropout`) return the
+maps after dropout while training: the zeroed entries hit the log floor and inflate the value about tenfold at
+p = 0.1 (they carry no gradient). Train with that dropout at 0 when this term matters.
 
 Causal LMs: `AttentionDistiller` over the self-attention of every mapped layer. Encoder-decoder models (T5, BART):
 `EncoderDecoderAttentionDistiller` compares encoder self-attention (rows and keys masked by the encoder mask),
