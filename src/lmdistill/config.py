@@ -58,7 +58,10 @@ class ModelSettings(Strict):
 
 
 class TeacherSettings(ModelSettings):
-    pass
+    shard: Literal["auto", "always", "never"] = Field(
+        "auto", description="Under several processes: 'auto' splits the teacher's weights over them when the student "
+        "is sharded too (FSDP or DeepSpeed ZeRO-3), 'always' also next to a DDP student, 'never' keeps a whole copy "
+        "per process (see docs/distributed.md).")
 
 
 class StudentSettings(ModelSettings):

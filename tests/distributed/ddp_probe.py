@@ -1,8 +1,9 @@
 """`lmdistill run` with probes, for launch under torchrun / accelerate launch in tests (not a test module).
 
 Each process writes PROBE_DIR/probe-rank{RANK}.json with: the world size it trained in, the example ids of every
-training micro-batch it computed a loss on, the example ids of the whole stage dataset in order, a digest of its
-student weights after training, and the pipeline writes (state, config, model folders, export) it performed.
+training micro-batch it computed a loss on, the example ids of the whole stage dataset in order, digests of its
+student weights and of the loss terms' projections after training, the teacher parameters it held (and the
+teacher's total), and the pipeline writes (state, config, model folders, export) it performed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lmdistill import cli
+from lmdistill.models.sharding import local_parameter_count
 from lmdistill.train import pipeline
 from lmdistill.train.state import PipelineState
 from lmdistill.train.trainer import DistillationTrainer
@@ -54,7 +56,10 @@ def _on_loss(trainer, model, inputs, *args, **kwargs) -> None:
 def _on_trained(_, trainer, *args, **kwargs) -> None:
     record.update(world_size=dist.get_world_size() if dist.is_initialized() else 1,
                   trainer_processes=trainer.accelerator.num_processes,
-                  digest=weights_digest(trainer.model.state_dict()))
+                  digest=weights_digest(trainer.model.state_dict()),
+                  projections_digest=weights_digest(trainer._aux_modules().state_dict()))
+    if trainer.teacher is not None:
+        record["teacher_params"] = local_parameter_count(trainer.teacher)
 
 
 def _on_dataset(dataset, *args, **kwargs) -> None:

@@ -101,7 +101,9 @@ def perplexity(model: torch.nn.Module, examples: Sequence[dict], batch_size: int
     sequences, so padding and batch size do not change the value)."""
     _check_examples(examples)
     total_nll, count = 0.0, 0
-    with eval_mode(model), torch.inference_mode():
+    # no_grad rather than inference_mode here and below: a sharded (FSDP2) model refills its gather buffers in place
+    # on later passes, which tensors created under inference_mode forbid.
+    with eval_mode(model), torch.no_grad():
         for batch in _batches(examples, batch_size):
             logits, targets = counted_logits(model, batch)  # [N, V], [N]
             for rows in _token_chunks(targets.numel(), logits.shape[-1]):
@@ -123,7 +125,7 @@ def agreement_and_kl(teacher: torch.nn.Module, student: torch.nn.Module, example
     """
     _check_examples(examples)
     agree, kl_sum, count = 0, 0.0, 0
-    with eval_mode(teacher), eval_mode(student), torch.inference_mode():
+    with eval_mode(teacher), eval_mode(student), torch.no_grad():
         for batch in _batches(examples, batch_size):
             t_logits, targets = counted_logits(teacher, batch)  # [N, Vt], [N]
             s_logits, _ = counted_logits(student, batch)  # [N, Vs]
@@ -201,7 +203,7 @@ def generate_continuations(model: torch.nn.Module, tokenizer, prompts: Sequence[
     device = next(model.parameters()).device
     all_ids = [_prompt_ids(tokenizer, p, i) for i, p in enumerate(prompts)]
     outputs: list[str] = []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.no_grad():
         for batch in _batches(all_ids, batch_size):
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)

@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from lmdistill.eval.metrics import generate_continuations
+from lmdistill.models.sharding import is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def read_samples(run_dir: str | Path) -> list[dict]:
 
 class SamplesCallback(TrainerCallback):
     """At every evaluation, answer `prompts` with the model being trained and with the teacher, side by side,
-    into RUN_DIR/samples.jsonl, the log and (with `tensorboard_dir`) TensorBoard. Runs on the main process only.
+    into RUN_DIR/samples.jsonl, the log and (with `tensorboard_dir`) TensorBoard. Runs on the main process only,
+    or on every process when the teacher or the student is sharded over them (their generation is collective).
     """
 
     def __init__(self, teacher: torch.nn.Module, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -100,17 +102,21 @@ class SamplesCallback(TrainerCallback):
         self._writer = None
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or model is None or not self.prompts:
+        if model is None or not self.prompts:
+            return
+        if not (state.is_world_process_zero or is_sharded(self.teacher) or is_sharded(model)):
             return
         if self._teacher_outputs is None:
             self._teacher_outputs = generate_continuations(self.teacher, self.tokenizer, self.prompts,
                                                            self.max_new_tokens, self.batch_size)
+        records = side_by_side(self._teacher_outputs, model, self.tokenizer, self.prompts, self.max_new_tokens,
+                               self.batch_size)
+        if not state.is_world_process_zero:
+            return
         if self._writer is None and self.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.tensorboard_dir))
-        records = side_by_side(self._teacher_outputs, model, self.tokenizer, self.prompts, self.max_new_tokens,
-                               self.batch_size)
         write_samples(self.run_dir, records, self.stage, state.global_step, self._writer)
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -62,7 +62,7 @@ def generation_tokens_per_s(model: torch.nn.Module, prompt_ids: Sequence[Sequenc
                        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
 
     batches = [prompt_ids[i:i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.no_grad():
         run(batches[0][:1])
         _synchronize(device)
         start = time.perf_counter()

@@ -69,11 +69,18 @@ def _quantization_config(settings: ModelSettings):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_model(settings: ModelSettings, task_type: str, *, device: torch.device, name: str | None = None) -> PreTrainedModel:
-    """Load a model as configured; `name` overrides settings.name (used for checkpoints of earlier stages)."""
+def load_model(settings: ModelSettings, task_type: str, *, device: torch.device, name: str | None = None,
+               shard_over: int = 1) -> PreTrainedModel:
+    """Load a model as configured; `name` overrides settings.name (used for checkpoints of earlier stages).
+
+    shard_over > 1: loaded with FSDP2 over that many launched processes (lmdistill.models.sharding), each process
+    reading its own shard onto its own device (`cuda:LOCAL_RANK`, or the CPU); `device` is then not used."""
     name = name or settings.name
     if not name:
         raise ModelError("no model name or path given")
+    if shard_over > 1 and settings.quantization is not None:
+        raise ModelError(f"{name!r}: a quantized teacher cannot be sharded over processes; set teacher.shard: never "
+                         "(each process then holds a whole quantized copy)")
     auto = AutoModelForSeq2SeqLM if task_type == "seq2seq" else AutoModelForCausalLM
     kwargs = {"trust_remote_code": settings.trust_remote_code}
     if settings.dtype != "auto":
@@ -86,11 +93,15 @@ def load_model(settings: ModelSettings, task_type: str, *, device: torch.device,
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": str(device)}
+    if shard_over > 1:
+        from transformers.distributed import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=shard_over)
     try:
         model = auto.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         raise _hub_or_folder_error(name, err) from None
-    if quant is None:
+    if quant is None and shard_over == 1:
         model.to(device)
     return model
 
@@ -131,6 +142,7 @@ def load_student(settings: StudentSettings, task_type: str, *, device: torch.dev
                  checkpoint: str | None = None) -> PreTrainedModel:
     """The student: from a checkpoint (a previous stage's best, or --checkpoint_path), its configured name, or built
     from the teacher by layer dropping. LoRA is applied by the trainer set-up, not here."""
+    from lmdistill.models.sharding import is_sharded
     from lmdistill.models.student_init import student_from_teacher
 
     if checkpoint:
@@ -138,6 +150,10 @@ def load_student(settings: StudentSettings, task_type: str, *, device: torch.dev
     if settings.from_teacher is not None:
         if teacher is None:
             raise ModelError("student.from_teacher needs a teacher model; set teacher.name")
+        if is_sharded(teacher):
+            raise ModelError("student.from_teacher copies the teacher's layers, but the teacher is sharded over the "
+                             "processes: set teacher.shard: never, or build the student in one process first "
+                             "(a one-stage run with max_steps: 0) and give its folder as student.name")
         return student_from_teacher(teacher, settings.from_teacher).to(device)
     return load_model(settings, task_type, device=device)
 

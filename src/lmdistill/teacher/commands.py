@@ -91,7 +91,16 @@ def write_generations(config: PipelineConfig, prep, settings: GenerationSettings
 def ensure_generations(config: PipelineConfig, prep) -> Path:
     """The generations an off-policy (non_policy) stage trains on: written or finished now when the run has the
     teacher loaded, used as they are when it has not (a stage whose losses need no teacher)."""
+    from lmdistill.models.sharding import is_sharded
+
     path = generations_path(config)
+    if is_sharded(prep.teacher):
+        # Generation splits the prompts over the processes, which a sharded teacher (collective forwards) cannot.
+        if not path.exists():
+            raise ConfigError(f"the non_policy stage trains on teacher generations, but {path} does not exist and the "
+                              "teacher is sharded over the processes: run `lmdistill generate CONFIG` first (it "
+                              "loads a whole teacher per process), or set teacher.shard: never")
+        return path
     if prep.teacher is not None:
         return write_generations(config, prep)[0]
     if not path.exists():

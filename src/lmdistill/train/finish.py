@@ -28,8 +28,9 @@ def generation_prompts(config: PipelineConfig, eval_sets: dict[str, list[dict]],
 
 
 def evaluate_roles(config: PipelineConfig, run_dir: Path, models: dict[str, torch.nn.Module], tokenizer,
-                   eval_sets: dict[str, list[dict]], teacher, task_type: str, model_dirs: dict | None = None) -> dict:
-    """Score models on the eval sets and merge the numbers into RUN_DIR/metrics.json."""
+                   eval_sets: dict[str, list[dict]], teacher, task_type: str, model_dirs: dict | None = None,
+                   write: bool = True) -> dict:
+    """Score models on the eval sets and (write=True) merge the numbers into RUN_DIR/metrics.json."""
     if not eval_sets:
         return {}
     prompts, refs = generation_prompts(config, eval_sets, tokenizer, task_type)
@@ -38,7 +39,8 @@ def evaluate_roles(config: PipelineConfig, run_dir: Path, models: dict[str, torc
                               measure_speed=config.evaluation.measure_speed,
                               batch_size=config.training.eval_batch_size,
                               max_new_tokens=config.generation.max_new_tokens)
-    write_metrics(run_dir, metrics)
+    if write:
+        write_metrics(run_dir, metrics)
     return metrics
 
 

@@ -8,7 +8,8 @@
 
 Under torchrun / accelerate launch every process runs this same function: all of them train (Trainer shards the
 batches), and the main process alone writes files (state, config, final/, best/, metrics, report) while the
-others wait for it, so no file has two writers and no process reads a half-written one.
+others wait for it, so no file has two writers and no process reads a half-written one. A teacher sharded over the
+processes (teacher.shard) runs only with all of them, so every process then scores and the main one writes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lmdistill.data.tokenize import encode_rows
 from lmdistill.errors import ConfigError
 from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_model, load_student, load_tokenizer,
                                    resolve_device)
+from lmdistill.models.sharding import is_sharded, local_parameter_count, teacher_shard_size
 from lmdistill.models.vocab import check_same_vocab
 from lmdistill.teacher.commands import ensure_generations
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
@@ -60,6 +62,16 @@ def _main_writes(processes, write: Callable[[], object]) -> None:
     """One writer per file: `write` runs on the main process, and every process waits until it has finished."""
     if processes.is_main_process:
         write()
+    processes.wait_for_everyone()
+
+
+def _scores_and_writes(processes, teacher, work: Callable[[bool], object]) -> None:
+    """Scoring with the teacher, then files: `work(write)` runs on the main process while the others wait, or, when
+    the teacher is sharded (its forward passes are collective), on every process, the main one alone writing."""
+    if is_sharded(teacher):
+        work(processes.is_main_process)
+    elif processes.is_main_process:
+        work(True)
     processes.wait_for_everyone()
 
 
@@ -102,7 +114,9 @@ def load_data(config: PipelineConfig, tokenizer, task_type: str) -> tuple[dict, 
     return sources, eval_sets, report
 
 
-def prepare(config: PipelineConfig, load_teacher: bool = True) -> Prepared:
+def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bool = False) -> Prepared:
+    """shard_teacher: split the teacher over the launched processes when `teacher.shard` says so (training runs;
+    the one-process commands keep it whole)."""
     check_precision(config)
     check_reporting(config)
     device = resolve_device("auto", no_cuda=config.training.no_cuda)
@@ -113,7 +127,13 @@ def prepare(config: PipelineConfig, load_teacher: bool = True) -> Prepared:
     if config.needs_teacher and load_teacher and config.teacher.name:
         teacher_tokenizer = load_tokenizer(config.teacher.name)
         teacher_device = resolve_device(config.teacher.device, no_cuda=config.training.no_cuda)
-        teacher = freeze(load_model(config.teacher, task_type, device=teacher_device))
+        shard_over = teacher_shard_size(config.teacher.shard, launched_processes(config).num_processes) \
+            if shard_teacher else 1
+        teacher = freeze(load_model(config.teacher, task_type, device=teacher_device, shard_over=shard_over))
+        if shard_over > 1:
+            held, total = local_parameter_count(teacher)
+            log.info("teacher sharded over %d processes: this one holds %d of its %d parameters", shard_over, held,
+                     total)
         student_rows = teacher.get_output_embeddings().weight.shape[0]
         if config.student.name:
             from transformers import AutoConfig
@@ -163,7 +183,8 @@ def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", AUX_FILE}
-    shutil.copytree(checkpoint, tmp, ignore=lambda d, names: [n for n in names if n in skip or n.startswith("rng_state")])
+    per_process = ("rng_state", "replay_buffer_")
+    shutil.copytree(checkpoint, tmp, ignore=lambda d, names: [n for n in names if n in skip or n.startswith(per_process)])
     tokenizer.save_pretrained(tmp)
     replace_dir_atomic(tmp, target)
 
@@ -202,7 +223,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         student = apply_lora(student, config.student.lora, prep.task_type,
                              total_steps=stage.max_steps or None)
     objective = build_objective(stage)
-    aux = build_aux(stage, student, teacher)
+    aux = build_aux(stage, student, teacher, seed=config.training.seed)
     processes = launched_processes(config)
     if stage.kind == "non_policy":
         # Seed 003's off-policy stage trains on the teacher's responses: written (or finished) here when
@@ -226,7 +247,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         data_collator=DistillCollator(prep.tokenizer.pad_token_id, task_type=prep.task_type),
         processing_class=prep.tokenizer, objective=objective, teacher=teacher, aux=aux, balancer=build_balancer(stage),
         task_type=prep.task_type, shared_vocab=shared_vocab, fused=stage.fused, teacher_cache=teacher_cache,
-        **policy,
+        teacher_shard=config.teacher.shard, **policy,
     )
     for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset, teacher):
         trainer.add_callback(callback)
@@ -258,14 +279,15 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
     _main_writes(processes, lambda: save_config(config, run_dir / CONFIG_FILE))
     stages = selected_stages(config, start_stage, end_stage, kinds)
     state = PipelineState.load(run_dir)
-    prep = prepare(config, load_teacher=needs_live_teacher(config, [s for _, s in stages]))
+    prep = prepare(config, load_teacher=needs_live_teacher(config, [s for _, s in stages]), shard_teacher=True)
     start_from = checkpoint_path
     if start_from is None and stages[0][0] > 1:
         # A slice starting later continues from the previous stage's best, when the run has it.
         previous = state.record(config.stages[stages[0][0] - 2].name)
         start_from = previous.best_path
     if config.evaluation.enabled:
-        _main_writes(processes, lambda: evaluate_start(config, prep, run_dir, start_from))
+        _scores_and_writes(processes, prep.teacher,
+                           lambda write: evaluate_start(config, prep, run_dir, start_from, write))
     for index, stage in stages:
         rec = state.record(stage.name)
         if rec.status == "done" and rec.best_path and Path(rec.best_path).exists():
@@ -279,25 +301,30 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
         rec.best_metric, rec.metric_name = metric, stage.metric_for_best
         _main_writes(processes, lambda: state.save(run_dir))
         start_from = best
-    _main_writes(processes, lambda: finish_run(config, prep, run_dir, state, start_from))
+    _scores_and_writes(processes, prep.teacher,
+                       lambda write: finish_run(config, prep, run_dir, state, start_from, write))
     return run_dir
 
 
 def finish_run(config: PipelineConfig, prep: Prepared, run_dir: Path, state: PipelineState,
-               student_path: str | None) -> None:
-    """The final student: scored, exported to RUN_DIR/final with its model card, recorded; then the report."""
+               student_path: str | None, write: bool = True) -> None:
+    """The final student: scored, exported to RUN_DIR/final with its model card, recorded; then the report.
+    write=False: score only (a process beside the main one, when the sharded teacher needs every process)."""
     final_model = load_student(config.student, prep.task_type, device=prep.device, teacher=prep.teacher,
                                checkpoint=student_path)
     if config.evaluation.enabled:
         evaluate_roles(config, run_dir, {"student_after": final_model}, prep.tokenizer, prep.eval_sets, prep.teacher,
-                       prep.task_type, model_dirs={"student_after": student_path})
+                       prep.task_type, model_dirs={"student_after": student_path}, write=write)
+    if not write:
+        return
     state.final_path = str(export_final(config, run_dir, final_model, prep.tokenizer))
     state.save(run_dir)
     if config.evaluation.report:
         report(run_dir)
 
 
-def evaluate_start(config: PipelineConfig, prep: Prepared, run_dir: Path, start_from: str | None) -> None:
+def evaluate_start(config: PipelineConfig, prep: Prepared, run_dir: Path, start_from: str | None,
+                   write: bool = True) -> None:
     """Teacher and the starting student, scored once per run directory (kept in metrics.json)."""
     from lmdistill.eval.evaluate import read_metrics
 
@@ -310,4 +337,5 @@ def evaluate_start(config: PipelineConfig, prep: Prepared, run_dir: Path, start_
                                                 teacher=prep.teacher, checkpoint=start_from)
     if models:
         evaluate_roles(config, run_dir, models, prep.tokenizer, prep.eval_sets, prep.teacher, prep.task_type,
-                       model_dirs={"teacher": config.teacher.name, "student_before": start_from or config.student.name})
+                       model_dirs={"teacher": config.teacher.name, "student_before": start_from or config.student.name},
+                       write=write)

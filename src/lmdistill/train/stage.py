@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, LogitTerm, PipelineConfig, StageSettings
@@ -82,8 +83,10 @@ def model_dims(student_config, teacher_config) -> ModelDims:
                      teacher_decoder_layers=t_dec)
 
 
-def build_aux(stage: StageSettings, student, teacher) -> AuxTerms:
-    """Feature / attention / contrastive terms with their projections, on the student's device."""
+def build_aux(stage: StageSettings, student, teacher, seed: int = 0) -> AuxTerms:
+    """Feature / attention / contrastive terms with their projections, on the student's device. The projections
+    start from `seed` (not from whatever the global generator holds), so every process and every rerun starts them
+    alike."""
     aux = AuxTerms()
     specs = [t for t in stage.losses if isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm))]
     if not specs:
@@ -92,8 +95,10 @@ def build_aux(stage: StageSettings, student, teacher) -> AuxTerms:
         raise ConfigError(f"stage {stage.name!r}: the {specs[0].name} loss needs a live teacher")
     dims = model_dims(student.config, teacher.config)
     device = next(student.parameters()).device
-    for term in specs:
-        built = build_aux_loss(term.model_dump(mode="json"), dims)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        built_terms = [(term, build_aux_loss(term.model_dump(mode="json"), dims)) for term in specs]
+    for term, built in built_terms:
         setattr(aux, term.name, built.module.to(device))
         aux.weights[term.name] = built.weight
         if term.name == "attention":

@@ -21,9 +21,12 @@ from typing import Protocol
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from lmdistill.errors import TrainingError
 from lmdistill.losses import DistillObjective
+from lmdistill.models.sharding import is_sharded, release_gathered
+from lmdistill.train.deepspeed_teacher import deepspeed_teacher
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +78,25 @@ class DistillationTrainer(Trainer):
     def __init__(self, *args, objective: DistillObjective, teacher: nn.Module | None = None,
                  aux: AuxTerms | None = None, balancer=None, task_type: str = "causal",
                  shared_vocab: int | None = None, fused: bool = False, teacher_cache: TeacherCacheLookup | None = None,
-                 **kwargs):
+                 teacher_shard: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
+        if teacher is not None and self.is_deepspeed_enabled and teacher_shard != "never" and not is_sharded(teacher):
+            # Under ZeRO-3 the teacher gets its own inference engine (partitioned like the student); once per run,
+            # since later stages share the same teacher.
+            teacher = deepspeed_teacher(teacher, self.accelerator)
         if objective.needs_teacher and teacher is None and teacher_cache is None:
             raise TrainingError("the stage's losses need a teacher, but neither a live teacher nor a cache was given")
         if fused and task_type != "causal":
             raise TrainingError("fused: true is for causal LMs; seq2seq stages use the chunked path (chunk_size)")
+        if fused and (is_sharded(teacher) or self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
+            raise TrainingError("fused: true reads the teacher's and the student's lm_head weights directly, but FSDP / "
+                                "DeepSpeed ZeRO-3 shard them over the processes: set fused: false (chunk_size bounds "
+                                "the loss memory instead)")
         if fused and teacher is not None and next(teacher.parameters()).device != self.args.device:
             raise TrainingError("fused: true needs the teacher on the student's device (its lm_head enters the "
                                 "loss); set teacher.device to the student's, or fused: false")
         self.teacher = teacher
+        self._teacher_sharded = is_sharded(teacher)
         self.teacher_cache = teacher_cache
         self.objective = objective
         self.aux = aux or AuxTerms()
@@ -112,6 +124,11 @@ class DistillationTrainer(Trainer):
         step = optimizer.step
 
         def guarded_step(*a, **kw):
+            if extra and self.accelerator.num_processes > 1:
+                # DDP averages the student's gradients only; the projections live outside it, so they are
+                # averaged here alike (before the skip test, which every process must reach with this collective).
+                for p in extra:
+                    p.grad = self.accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
             if self._skip_optimizer_step:
                 self._skip_optimizer_step = False
                 optimizer.zero_grad(set_to_none=True)
@@ -129,7 +146,7 @@ class DistillationTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         modules = self._aux_modules()
-        if len(modules):
+        if len(modules) and self.args.should_save:
             from safetensors.torch import save_file
 
             save_file({k: v.detach().cpu().contiguous() for k, v in modules.state_dict().items()},
@@ -168,6 +185,8 @@ class DistillationTrainer(Trainer):
             labels = labels.to(there)
         with torch.no_grad():
             out = self._forward(self.teacher, inputs, labels, body_only=self.fused)
+        if self._teacher_sharded:
+            release_gathered(self.teacher)
         if there == here:
             return out
         for key, value in out.items():
