@@ -311,9 +311,6 @@ def test_t5_pair_trains_with_both_terms_and_resume_restores_both_sides(runs):
     assert sorted(resumed) == [1, 2, 3, 4] and step3 == {k: logged[2][k] for k in step3}
 
 
-@pytest.mark.xfail(strict=True, reason="Trainer zeroes only the model's gradients after a step, so the projections' "
-                                       "gradients accumulate across steps (reset by the resume): create_optimizer must "
-                                       "clear them after each optimizer step")
 def test_resumed_run_ends_with_the_uninterrupted_projections(runs):
     final, resumed = (load_file(d / "kd" / "checkpoint-4" / AUX_FILE) for d in runs)
     assert resumed.keys() == final.keys()

@@ -133,7 +133,11 @@ class DistillationTrainer(Trainer):
                 self._skip_optimizer_step = False
                 optimizer.zero_grad(set_to_none=True)
                 return None
-            return step(*a, **kw)
+            result = step(*a, **kw)
+            # Trainer clears only the model's gradients between steps; the projections' would otherwise add up.
+            for p in extra:
+                p.grad = None
+            return result
 
         optimizer.step = guarded_step
         return optimizer
