@@ -27,7 +27,7 @@ LAUNCHERS = {
 BATCH, STEPS = 4, 4
 
 
-def _config(tmp_path, teacher_dir, student_dir, qa_jsonl) -> Path:
+def _config(tmp_path, teacher_dir, student_dir, qa_jsonl, fused: bool) -> Path:
     cfg = {
         "teacher": {"name": str(teacher_dir)},
         "student": {"name": str(student_dir)},
@@ -38,7 +38,7 @@ def _config(tmp_path, teacher_dir, student_dir, qa_jsonl) -> Path:
         "generation": {"max_new_tokens": 4},
         "evaluation": {"num_samples": 2, "report": False},
         "output_dir": str(tmp_path / "run"),
-        "stages": [{"name": "kd", "max_steps": STEPS, "losses": [{"name": "forward_kl", "weight": 0.8},
+        "stages": [{"name": "kd", "max_steps": STEPS, "fused": fused, "losses": [{"name": "forward_kl", "weight": 0.8},
                                                                   {"name": "cross_entropy", "weight": 0.2}]}],
     }
     path = tmp_path / "ddp.yaml"
@@ -49,7 +49,8 @@ def _config(tmp_path, teacher_dir, student_dir, qa_jsonl) -> Path:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_processes_shard_data_and_agree_on_the_student(launcher, tmp_path, teacher_dir, student_dir, qa_jsonl):
-    cfg = _config(tmp_path, teacher_dir, student_dir, qa_jsonl)
+    # The torchrun run uses the fused loss (its forward must still pass through DDP's wrapper), the other one logits.
+    cfg = _config(tmp_path, teacher_dir, student_dir, qa_jsonl, fused=launcher == "torchrun")
     env = {**os.environ, "PROBE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     cmd = LAUNCHERS[launcher] + [str(PROBE), "run", str(cfg)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -74,7 +74,31 @@ def test_padding_counts_in_no_logit_loss(t5_pair, tmp_path, name):
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_is_refused_for_seq2seq(t5_pair, tmp_path):
+def test_fused_path_equals_the_logits_path(t5_pair, tmp_path):
+    """T5 scales the decoder output by d_model^-0.5 before its tied lm_head: the fused loss must see that too."""
     teacher, student = t5_pair
-    with pytest.raises(TrainingError, match="fused: true is for causal LMs"):
-        _trainer(student, teacher, tmp_path, [LossTerm("forward_kl", 1.0)], fused=True)
+    assert student.config.tie_word_embeddings and student.config.scale_decoder_outputs
+    terms = [LossTerm("forward_kl", 0.7), LossTerm("cross_entropy", 0.3)]
+    batch = DistillCollator(PAD, task_type="seq2seq")(_examples())
+    results = []
+    for fused in (False, True):
+        trainer = _trainer(student, teacher, tmp_path, terms, fused=fused)
+        student.zero_grad()
+        loss = trainer.compute_loss(student, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), student.lm_head.weight.grad.clone(),
+                        student.encoder.block[0].layer[0].SelfAttention.q.weight.grad.clone()))
+    student.zero_grad()
+    for plain, fused in zip(*results):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_is_refused_for_a_head_bias_added_after_the_lm_head(t5_pair, tmp_path):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    teacher, _ = t5_pair
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=1024, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=32, decoder_ffn_dim=32))
+    with pytest.raises(TrainingError, match="cannot apply the student's final_logits_bias.*fused: false"):
+        _trainer(bart, teacher, tmp_path, [LossTerm("forward_kl", 1.0)], fused=True)

@@ -15,6 +15,8 @@ import logging
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,14 +66,49 @@ class TeacherCacheLookup(Protocol):
                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer body (returns normed last hidden states) and the output layer of a causal LM (peft or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / accelerate wrappers and peft."""
+    while isinstance(getattr(model, "module", None), nn.Module):  # DistributedDataParallel and kin
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _output_layer(model: nn.Module) -> nn.Module:
+    return _unwrapped(model).get_output_embeddings()
+
+
+@contextmanager
+def _head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While active, the model's lm_head records its input (the hidden states exactly as they reach it, after any
+    scaling the architecture applies, e.g. T5's d_model^-0.5) and returns empty logits [..., 0]. The forward pass
+    still goes through the model's wrappers (DDP registers its gradient sync there); the fused loss applies the head
+    itself, a chunk of tokens at a time, so the [B, T, V] logits never exist."""
+    head = _output_layer(model)
+    captured: list[torch.Tensor] = []
+
+    def record(hidden: torch.Tensor) -> torch.Tensor:
+        captured.append(hidden)
+        return hidden.new_empty(*hidden.shape[:-1], 0)
+
+    head.forward = record  # an instance attribute shadows the class's forward
+    try:
+        yield captured
+    finally:
+        del head.forward
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cpu and cpu:0 (what Trainer reports under a launcher) are one device; cuda:0 and cuda:1 are not."""
+    return a.type == b.type and (a.type == "cpu" or a.index == b.index)
 
 
 def _softcap(model: nn.Module) -> float | None:
-    return getattr(model.config, "final_logit_softcapping", None)
+    return getattr(_unwrapped(model).config, "final_logit_softcapping", None)
+
+
+def _logit_scale(model: nn.Module) -> float:
+    """A scale the model applies to its logits after the head (Cohere's `logit_scale`)."""
+    return float(getattr(_unwrapped(model).config, "logit_scale", None) or 1.0)
 
 
 class DistillationTrainer(Trainer):
@@ -86,13 +123,15 @@ class DistillationTrainer(Trainer):
             teacher = deepspeed_teacher(teacher, self.accelerator)
         if objective.needs_teacher and teacher is None and teacher_cache is None:
             raise TrainingError("the stage's losses need a teacher, but neither a live teacher nor a cache was given")
-        if fused and task_type != "causal":
-            raise TrainingError("fused: true is for causal LMs; seq2seq stages use the chunked path (chunk_size)")
+        for who, m in (("student", self.model), ("teacher", teacher)):
+            if fused and m is not None and hasattr(_unwrapped(m), "final_logits_bias"):
+                raise TrainingError(f"fused: true cannot apply the {who}'s final_logits_bias (BART-style heads add it "
+                                    "after the lm_head); set fused: false and bound the loss memory with chunk_size")
         if fused and (is_sharded(teacher) or self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
             raise TrainingError("fused: true reads the teacher's and the student's lm_head weights directly, but FSDP / "
                                 "DeepSpeed ZeRO-3 shard them over the processes: set fused: false (chunk_size bounds "
                                 "the loss memory instead)")
-        if fused and teacher is not None and next(teacher.parameters()).device != self.args.device:
+        if fused and teacher is not None and not _same_device(next(teacher.parameters()).device, self.args.device):
             raise TrainingError("fused: true needs the teacher on the student's device (its lm_head enters the "
                                 "loss); set teacher.device to the student's, or fused: false")
         self.teacher = teacher
@@ -167,17 +206,17 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, model: nn.Module, inputs: dict, labels: torch.Tensor, *, body_only: bool):
-        kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        wants_hidden = self.aux.needs_hidden
+        """The model's outputs; body_only: no logits, but `head_input` [B, T, H], what enters the lm_head."""
+        kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      output_hidden_states=self.aux.needs_hidden, output_attentions=self.aux.needs_attentions)
         if self.task_type == "seq2seq":
-            kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
-            kwargs["output_hidden_states"] = wants_hidden
-            kwargs["output_attentions"] = self.aux.needs_attentions
+            kwargs["decoder_input_ids"] = _unwrapped(model).prepare_decoder_input_ids_from_labels(labels=labels)
+        if not body_only:
             return model(**kwargs)
-        if body_only:
-            body, _ = _decoder_and_head(model)
-            return body(**kwargs, output_hidden_states=wants_hidden, output_attentions=self.aux.needs_attentions)
-        return model(**kwargs, output_hidden_states=wants_hidden, output_attentions=self.aux.needs_attentions)
+        with _head_inputs(model) as captured:
+            out = model(**kwargs)
+        out["head_input"] = captured[-1]
+        return out
 
     def _teacher_outputs(self, inputs: dict, labels: torch.Tensor):
         """The teacher's forward pass, on the teacher's own device (teacher.device); outputs come back to the
@@ -220,14 +259,19 @@ class DistillationTrainer(Trainer):
             num_items_in_batch = num_items_in_batch.to(labels.device)
 
         if self.fused:
-            s_head = _decoder_and_head(model)[1]
-            t_head = _decoder_and_head(self.teacher)[1] if teacher_out is not None else None
+            s_head = _output_layer(model)
+            t_head = _output_layer(self.teacher) if teacher_out is not None else None
+            s_hidden = student_out.head_input[:, :-1] if shift else student_out.head_input
+            t_hidden = None
+            if teacher_out is not None:
+                t_hidden = teacher_out.head_input[:, :-1] if shift else teacher_out.head_input
             out = self.objective.fused(
-                student_out.last_hidden_state[:, :-1], s_head.weight, s_head.bias,
-                teacher_out.last_hidden_state[:, :-1] if teacher_out is not None else None,
+                s_hidden, s_head.weight, s_head.bias, t_hidden,
                 t_head.weight if t_head is not None else None, t_head.bias if t_head is not None else None,
                 target, num_items=num_items_in_batch,
-                student_softcap=_softcap(model), teacher_softcap=_softcap(self.teacher) if self.teacher else None)
+                student_softcap=_softcap(model), teacher_softcap=_softcap(self.teacher) if self.teacher else None,
+                student_logit_scale=_logit_scale(model),
+                teacher_logit_scale=_logit_scale(self.teacher) if self.teacher else 1.0)
         else:
             s_logits = student_out.logits[:, :-1] if shift else student_out.logits
             if self.shared_vocab is not None:
