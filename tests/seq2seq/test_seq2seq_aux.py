@@ -8,16 +8,17 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainingArguments
+
+from s2s_trainer import seq2seq_trainer
 
 from lmdistill.config import StageSettings, config_from_dict
 from lmdistill.data.collate import DistillCollator
 from lmdistill.errors import ConfigError
-from lmdistill.losses import DistillObjective, LossTerm, ModelDims, build_losses
+from lmdistill.losses import ModelDims, build_losses
 from lmdistill.losses.errors import LossConfigError
 from lmdistill.train.pipeline import run_pipeline
 from lmdistill.train.stage import build_aux
-from lmdistill.train.trainer import AUX_FILE, DistillationTrainer
+from lmdistill.train.trainer import AUX_FILE
 
 PAD, EOS = 0, 1
 WEIGHT = 0.5
@@ -43,12 +44,8 @@ def _masks(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["attention_mask"], (batch["labels"] != -100).long()
 
 
-def _trainer(student, teacher, tmp_path, aux=None) -> DistillationTrainer:
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
-                             remove_unused_columns=False, save_strategy="no")
-    return DistillationTrainer(model=student, args=args, objective=DistillObjective([LossTerm("forward_kl", 1.0)]),
-                               teacher=teacher, task_type="seq2seq", aux=aux,
-                               data_collator=DistillCollator(PAD, task_type="seq2seq"))
+def _trainer(student, teacher, tmp_path, aux=None):
+    return seq2seq_trainer(student, teacher, tmp_path, aux=aux)
 
 
 def _outputs(model, batch):

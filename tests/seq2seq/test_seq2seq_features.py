@@ -3,15 +3,16 @@ its own layer map and projections; causal models keep the single-stack distiller
 
 import pytest
 import torch
-from transformers import BartConfig, T5Config, TrainingArguments
+from transformers import BartConfig, T5Config
+
+from s2s_trainer import seq2seq_trainer
 
 from lmdistill.config import StageSettings
 from lmdistill.data.collate import DistillCollator
-from lmdistill.losses import DistillObjective, FeatureDistiller, LossTerm
+from lmdistill.losses import FeatureDistiller
 from lmdistill.losses.errors import LossConfigError
 from lmdistill.losses.features import EncoderDecoderFeatureDistiller
 from lmdistill.train.stage import build_aux, model_dims
-from lmdistill.train.trainer import DistillationTrainer
 
 PAD, EOS = 0, 1
 WEIGHT = 0.5
@@ -33,12 +34,8 @@ def _batch(seed=0) -> dict:
     return batch
 
 
-def _trainer(student, teacher, tmp_path, aux=None) -> DistillationTrainer:
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
-                             remove_unused_columns=False, save_strategy="no")
-    return DistillationTrainer(model=student, args=args, objective=DistillObjective([LossTerm("forward_kl", 1.0)]),
-                               teacher=teacher, task_type="seq2seq", aux=aux,
-                               data_collator=DistillCollator(PAD, task_type="seq2seq"))
+def _trainer(student, teacher, tmp_path, aux=None):
+    return seq2seq_trainer(student, teacher, tmp_path, aux=aux)
 
 
 def _states(model, batch):

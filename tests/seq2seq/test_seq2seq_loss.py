@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from transformers import TrainingArguments
+
+from s2s_trainer import seq2seq_trainer
 
 from lmdistill.data.collate import DistillCollator
 from lmdistill.errors import TrainingError
-from lmdistill.losses import LOGIT_LOSSES, DistillObjective, LossTerm
-from lmdistill.train.trainer import DistillationTrainer
+from lmdistill.losses import LOGIT_LOSSES, LossTerm
 
 PAD, EOS = 0, 1
 T = 2.0
@@ -24,12 +24,8 @@ def _examples(n=3, seed=0) -> list[dict]:
     return out
 
 
-def _trainer(student, teacher, tmp_path, terms, **kw) -> DistillationTrainer:
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
-                             remove_unused_columns=False, save_strategy="no")
-    objective = DistillObjective(terms=terms, temperature=T)
-    return DistillationTrainer(model=student, args=args, objective=objective, teacher=teacher, task_type="seq2seq",
-                               data_collator=DistillCollator(PAD, task_type="seq2seq"), **kw)
+def _trainer(student, teacher, tmp_path, terms, **kw):
+    return seq2seq_trainer(student, teacher, tmp_path, terms, temperature=T, **kw)
 
 
 def _reference_logits(model, batch):
