@@ -1,8 +1,12 @@
-"""deepspeed_teacher on CPU processes, for launch under torchrun by test_deepspeed_cpu.py (not a test module).
+"""DeepSpeed ZeRO-3 on CPU processes, for launch by test_deepspeed_cpu.py (not a test module). Two modes:
 
-Each process builds accelerate's DeepSpeed ZeRO-3 setup (the plugin that examples/accelerate/deepspeed_zero3.yaml
-gives, "auto" values included), hands two tiny Llama teachers to `deepspeed_teacher` (one float32, one under bf16)
-and writes CHECK_DIR/rank{RANK}.json with what it holds and what the teachers computed, next to a whole copy of each.
+`engine` (under torchrun): each process builds accelerate's DeepSpeed ZeRO-3 setup (the plugin that
+examples/accelerate/deepspeed_zero3.yaml gives, "auto" values included), hands two tiny Llama teachers to
+`deepspeed_teacher` (one float32, one under bf16) and writes CHECK_DIR/rank{RANK}.json with what it holds and what
+the teachers computed, next to a whole copy of each.
+
+`run CONFIG` (under accelerate launch): `lmdistill run CONFIG`, where each process writes CHECK_DIR/run-rank{RANK}.json
+right after training: the launch it trained in, the parts of the teacher and the student it holds, and the losses.
 
 Accelerate only enables DeepSpeed for a non-CPU device, and with no GPU it picks no process-group backend (it then
 says num_processes 1 on every rank); naming the backend (gloo) before the Accelerator is built fixes both. DeepSpeed
@@ -15,6 +19,7 @@ import gc
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -56,7 +61,7 @@ def _run(bf16: bool, accelerator: Accelerator, ids: torch.Tensor) -> dict:
             "max_abs_diff": (got - want).abs().max().item()}
 
 
-def main() -> None:
+def engine_check() -> None:
     PartialState(backend="gloo")
     plugin = DeepSpeedPlugin(zero_stage=3, zero3_init_flag=False, offload_param_device="none",
                              offload_optimizer_device="none")
@@ -70,5 +75,29 @@ def main() -> None:
     Path(os.environ["CHECK_DIR"], f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def run_check(config: str) -> None:
+    from lmdistill import cli
+    from lmdistill.train.trainer import DistillationTrainer
+
+    train = DistillationTrainer.train
+
+    def probed_train(trainer, *args, **kwargs):
+        output = train(trainer, *args, **kwargs)
+        world = trainer.accelerator.num_processes
+        record = {"world_size": world, "distributed_type": str(trainer.accelerator.distributed_type),
+                  "teacher": _holdings(trainer.teacher, world), "student": _holdings(trainer.model, world),
+                  "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}
+        rank = trainer.accelerator.process_index
+        Path(os.environ["CHECK_DIR"], f"run-rank{rank}.json").write_text(json.dumps(record))
+        return output
+
+    DistillationTrainer.train = probed_train
+    sys.argv = ["lmdistill", "run", config]
+    cli.main()
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "engine":
+        engine_check()
+    else:
+        run_check(sys.argv[2])
