@@ -4,8 +4,10 @@ processes, next to a student that Trainer (through accelerate) trains with ZeRO-
 Trainer hands DeepSpeed only its `model`; the teacher would otherwise stay a whole copy on every process. Here the
 teacher gets its own engine, built from the student's DeepSpeed config (the one accelerate holds) with everything
 that only training needs taken out. This follows accelerate's "multiple models with DeepSpeed" guide and TRL's
-`prepare_deepspeed` for reference models, with two differences: the hidden-size knobs are sized for the teacher,
-and the result has no "auto" left (DeepSpeed itself rejects "auto" in its top-level batch keys).
+`prepare_deepspeed` for reference models, with three differences: the optimizer-side sections are dropped rather
+than carried along unused, the hidden-size knobs are sized for the teacher, and the result has no "auto" left.
+DeepSpeed (0.19.8, checked) fails on "auto" in train_micro_batch_size_per_gpu (a TypeError in its batch check),
+silently reads fp16/bf16 "enabled": "auto" as false, and replaces "auto" inside zero_optimization by its defaults.
 
 Forward passes of a ZeRO-3 teacher are collective (each layer's weights are all-gathered when it runs): every
 process must run the same number of teacher forwards, in the same order.
