@@ -182,9 +182,12 @@ def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
     """A Trainer checkpoint minus optimizer/scheduler/rng state: the weights (or adapters) and the tokenizer."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", AUX_FILE}
-    per_process = ("rng_state", "replay_buffer_")
-    shutil.copytree(checkpoint, tmp, ignore=lambda d, names: [n for n in names if n in skip or n.startswith(per_process)])
+    # Training state, not the model: Trainer's, ours, and DeepSpeed's (global_stepN/ shards, `latest`, its script).
+    skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", AUX_FILE, "latest",
+            "zero_to_fp32.py"}
+    skip_prefixes = ("rng_state", "replay_buffer_", "global_step")
+    shutil.copytree(checkpoint, tmp,
+                    ignore=lambda d, names: [n for n in names if n in skip or n.startswith(skip_prefixes)])
     tokenizer.save_pretrained(tmp)
     replace_dir_atomic(tmp, target)
 
@@ -268,6 +271,12 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     _main_writes(processes, lambda: (stage_dir / "log_history.json").write_text(
         json.dumps(trainer.state.log_history, indent=1)))
     _main_writes(processes, lambda: write_seed_aliases(stage, stage_dir))
+    if trainer.is_deepspeed_enabled:
+        # Trainer's ZeRO-3 config stays registered with transformers, which would then load every later model
+        # (the next stage's student, the final one scored and exported) partitioned, with no engine to run it.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     return str(best_dir), str(final_dir), trainer.state.best_metric
 
 
