@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
 from lmdistill.data.collate import DistillCollator
 from lmdistill.errors import TrainingError
@@ -165,3 +165,31 @@ def test_fused_trainer_path_equals_the_logits_path(student_dir, teacher, tmp_pat
         losses.append((loss.detach(), student.lm_head.weight.grad.clone(), student.model.layers[0].mlp.up_proj.weight.grad.clone()))
     for a, b in zip(*losses):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_projection_gradients_are_clipped_and_cleared_each_step(student_dir, teacher, tmp_path):
+    from lmdistill.config import StageSettings
+    from lmdistill.train.stage import build_aux
+
+    limit, lr = 1e-3, 1.0
+    stage = StageSettings(name="f", losses=[{"name": "forward_kl"}, {"name": "feature", "weight": 1.0}])
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    aux = build_aux(stage, student, teacher)
+    args = TrainingArguments(output_dir=str(tmp_path / "clip"), per_device_train_batch_size=4, max_steps=2,
+                             learning_rate=lr, optim="sgd", lr_scheduler_type="constant", max_grad_norm=limit,
+                             report_to="none", use_cpu=True, save_strategy="no", train_sampling_strategy="sequential",
+                             remove_unused_columns=False)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=_examples(), data_collator=DistillCollator(0),
+                                  objective=DistillObjective([LossTerm("forward_kl", 1.0, {})]), teacher=teacher,
+                                  aux=aux)
+    steps = []
+    trainer.add_callback(type("Watch", (TrainerCallback,), {"on_step_end": lambda self, *a, **k: steps.append(
+        {n: p.detach().clone() for n, p in aux.feature.named_parameters()})})())
+    before = {n: p.detach().clone() for n, p in aux.feature.named_parameters()}
+    trainer.train()
+    for start, end in zip([before, *steps], steps):
+        # SGD: the step is lr x the clipped gradient, whose norm over all projections is at most the limit.
+        moved = torch.sqrt(sum(((end[n] - start[n]) ** 2).sum() for n in start))
+        assert 0 < moved <= lr * limit * (1 + 1e-4)
+    assert all(p.grad is None for p in aux.feature.parameters())  # cleared after the step, as the model's are
+

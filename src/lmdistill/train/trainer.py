@@ -168,6 +168,9 @@ class DistillationTrainer(Trainer):
                 # averaged here alike (before the skip test, which every process must reach with this collective).
                 for p in extra:
                     p.grad = self.accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
+            if extra and self.args.max_grad_norm > 0:
+                # Trainer clips the model's gradients only; the projections get the same limit on their own norm.
+                torch.nn.utils.clip_grad_norm_(extra, self.args.max_grad_norm)
             if self._skip_optimizer_step:
                 self._skip_optimizer_step = False
                 optimizer.zero_grad(set_to_none=True)
