@@ -1,8 +1,10 @@
 """DistillationTrainer: transformers.Trainer plus a frozen teacher and a distillation objective.
 
-Only `compute_loss` and `log` are overridden, and `create_optimizer` is extended (projections of hidden-state terms
-join the optimiser; a step whose loss was non-finite is skipped); accumulation, precision, optimizers, schedules,
-clipping, checkpoints, resume and logging are Trainer's own.
+Only `compute_loss` and `log` are overridden, and `create_optimizer` is extended: the projections of hidden-state
+terms join the optimiser, and since they live outside the model, their gradients are averaged over the processes,
+clipped and cleared here as Trainer does for the model's; a step whose loss was non-finite is skipped. The projections
+are saved beside each checkpoint (`_save` / `_load_from_checkpoint`). Accumulation, precision, optimizers, schedules,
+clipping of the model, checkpoints, resume and logging are Trainer's own.
 
 Normalisation: every logit term is a sum over counted tokens divided by `num_items_in_batch`, which Trainer counts over
 the whole accumulated batch (after the causal shift), so N micro-batches give the same update as one batch N times
