@@ -1,5 +1,6 @@
 """`lmdistill cache-teacher` and `lmdistill generate` under `torchrun --nproc_per_node 2` on CPU: each process takes
-its share, the main process merges, the result is the one-process result, and a run killed half-way resumes.
+its share, the main process merges, the result is the one-process result, and a run killed half-way resumes. The
+generations a `non_policy` stage of `lmdistill run` writes itself are split the same way.
 
 Run as a script (under torchrun) this file is the probe: it runs the CLI commands given on its command line,
 separated by `+`, in the same processes, and records per process what each command did (PROBE_DIR/NAME-rankR.json).
@@ -21,7 +22,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ROWS, SHARD, BATCH = 16, 4, 4
 
 
-def _config(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl) -> Path:
+def _config(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl, stage_kind: str = "distill") -> Path:
     cfg = {
         "teacher": {"name": str(teacher_dir)},
         "student": {"name": str(student_dir)},
@@ -33,9 +34,9 @@ def _config(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl) -> Path:
         "generation": {"max_new_tokens": 4, "batch_size": BATCH, "sources": ["domain"]},
         "evaluation": {"enabled": False, "num_samples": 0},
         "output_dir": str(tmp_path / "run"),
-        "stages": [{"name": "s", "max_steps": 1}],
+        "stages": [{"name": "s", "kind": stage_kind, "max_steps": 1}],
     }
-    path = tmp_path / "teacher_outputs.yaml"
+    path = tmp_path / f"teacher_outputs_{stage_kind}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -128,6 +129,19 @@ def test_two_processes_split_cache_and_generations_and_resume(tmp_path, teacher_
     assert written == ROWS - len(kept) and not part.exists()
     assert sorted(line["row_id"] for line in final) == sorted({line["row_id"] for line in final})
     assert len(final) == ROWS and all(line in final for line in kept)
+
+    # 4. `lmdistill run` with a non_policy stage and no generations yet: both processes generate their half of the
+    #    batches before training, and the file is the one-process file.
+    run_cfg = _config(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl, stage_kind="non_policy")
+    run = _launch(tmp_path, "run", [["run", str(run_cfg)]])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert [p[0]["generate_calls"] for p in _probes(tmp_path, "run")] == [ROWS // BATCH // 2] * 2
+    from lmdistill.config import load_config
+    from lmdistill.teacher.stage import generations_path
+
+    written = generations_path(load_config(run_cfg))
+    assert sorted(_lines(written), key=key) == sorted(_lines(tmp_path / "gen_one.jsonl"), key=key)
+    assert json.loads((tmp_path / "run" / "pipeline_state.json").read_text())["stages"][0]["status"] == "done"
 
 
 def _probe_main() -> None:

@@ -88,9 +88,10 @@ def write_generations(config: PipelineConfig, prep, settings: GenerationSettings
     return path, written
 
 
-def ensure_generations(config: PipelineConfig, prep) -> Path:
+def ensure_generations(config: PipelineConfig, prep, processes: Processes = ONE_PROCESS) -> Path:
     """The generations an off-policy (non_policy) stage trains on: written or finished now when the run has the
-    teacher loaded, used as they are when it has not (a stage whose losses need no teacher)."""
+    teacher loaded (each of the `processes` generating its share of the batches, as `lmdistill generate` does), used
+    as they are when it has not (a stage whose losses need no teacher)."""
     from lmdistill.models.sharding import is_sharded
 
     path = generations_path(config)
@@ -102,7 +103,7 @@ def ensure_generations(config: PipelineConfig, prep) -> Path:
                               "loads a whole teacher per process), or set teacher.shard: never")
         return path
     if prep.teacher is not None:
-        return write_generations(config, prep)[0]
+        return write_generations(config, prep, processes=processes)[0]
     if not path.exists():
         raise ConfigError(f"the non_policy stage trains on teacher generations, but {path} does not exist and the "
                           "run loads no teacher: run `lmdistill generate CONFIG` first, or set teacher.name")

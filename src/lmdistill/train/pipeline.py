@@ -230,8 +230,9 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     processes = launched_processes(config)
     if stage.kind == "non_policy":
         # Seed 003's off-policy stage trains on the teacher's responses: written (or finished) here when
-        # `lmdistill generate` has not; the file is resumable, so a complete one is left as it is.
-        _main_writes(processes, lambda: ensure_generations(config, prep))
+        # `lmdistill generate` has not, each process taking its share; a complete file is left as it is.
+        ensure_generations(config, prep, processes)
+        processes.wait_for_everyone()
     # Trainer splits each global batch over the processes: draw enough examples for all of them.
     train_dataset = build_train_dataset(config, stage, stage_training_sources(config, prep, stage),
                                         world_size=processes.num_processes)
