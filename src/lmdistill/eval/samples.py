@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from lmdistill.eval.metrics import generate_continuations
-from lmdistill.models.sharding import is_sharded
+from lmdistill.models.sharding import is_sharded, release_gathered
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class SamplesCallback(TrainerCallback):
         if self._teacher_outputs is None:
             self._teacher_outputs = generate_continuations(self.teacher, self.tokenizer, self.prompts,
                                                            self.max_new_tokens, self.batch_size)
+            if is_sharded(self.teacher):
+                release_gathered(self.teacher)
         records = side_by_side(self._teacher_outputs, model, self.tokenizer, self.prompts, self.max_new_tokens,
                                self.batch_size)
         if not state.is_world_process_zero:
