@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
 from lmdistill.errors import LmdistillError, ModelError
 from lmdistill.eval.evaluate import KNOWN_ROLES
@@ -103,6 +103,35 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _merged(model) -> torch.nn.Module:
+    """The adapters of a peft `model` merged into plain weights, on a copy: the caller may still evaluate or keep
+    training the adapter model after export.
+
+    A QLoRA student (adapters on a 4-bit bitsandbytes base) is merged into its base reloaded at full precision
+    instead: merging into the 4-bit weights re-rounds them to nf4, which blurs the small adapter update (peft warns
+    so), and leaves a folder that loads only where bitsandbytes is installed. The 4-bit copy is
+    also not a safe source to dequantize: on AVX512-BF16 CPUs bitsandbytes 0.50 repacks 4-bit weights in place
+    after the first eval-mode forward, and its dequantize_4bit then reads the new layout as the old one."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    base = model.get_base_model()
+    if not getattr(base, "is_quantized", False):
+        return copy.deepcopy(model).merge_and_unload()
+    adapter = model.active_adapter
+    peft_config = copy.deepcopy(model.peft_config[adapter])
+    auto = AutoModelForSeq2SeqLM if base.config.is_encoder_decoder else AutoModelForCausalLM
+    try:
+        # base.dtype: that of its unquantized parts (embeddings, norms), i.e. the student's configured dtype
+        full = auto.from_pretrained(peft_config.base_model_name_or_path, dtype=base.dtype)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot merge the QLoRA adapters: their base model {peft_config.base_model_name_or_path!r} "
+                         f"does not load at full precision ({str(err).splitlines()[0]}); set "
+                         f"student.lora.merge_on_save: false to export the adapters alone") from None
+    full = get_peft_model(full, peft_config, adapter_name=adapter)
+    set_peft_model_state_dict(full, get_peft_model_state_dict(model, adapter_name=adapter), adapter_name=adapter)
+    return full.merge_and_unload()
+
+
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished `tmp` folder to `out_dir`, replacing an older export only once the new one is whole."""
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -126,8 +155,7 @@ def export_student(model: torch.nn.Module, tokenizer, out_dir: str | Path, confi
     peft_model = _is_peft(model)
     adapter_only = peft_model and not merge_lora
     if peft_model and merge_lora:
-        # Merge a copy: the caller may still evaluate or keep training the adapter model after export.
-        model = copy.deepcopy(model).merge_and_unload()
+        model = _merged(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an exported model is meant to be shared

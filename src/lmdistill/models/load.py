@@ -117,6 +117,12 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str, total
     """Wrap a student with peft adapters (LoRA, QLoRA = LoRA on a k-bit base, AdaLoRA)."""
     from peft import AdaLoraConfig, LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    if lora.method == "qlora":
+        if not getattr(model, "is_quantized", False):
+            # Without a k-bit base, QLoRA would silently be plain LoRA on full-precision weights.
+            raise ModelError("student.lora.method=qlora trains adapters on a 4-bit base, but the student was loaded "
+                             "unquantized: add student.quantization: {bits: 4} (or use method: lora)")
+        _keep_4bit_layout(model)
     if isinstance(model, PeftModel):
         # Adapters loaded from an earlier stage: keep training them (peft loads them frozen by default).
         for pname, param in model.named_parameters():
@@ -130,12 +136,27 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str, total
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if lora.method == "adalora":
         if not total_steps:
-            raise ModelError("adalora needs the stage's number of steps (set max_steps or epochs)")
+            raise ModelError("student.lora.method=adalora schedules its rank budget over a known number of steps: "
+                             "set max_steps on every stage (epochs alone do not give it)")
         peft_config = AdaLoraConfig(init_r=lora.r * 2, target_r=lora.r, total_step=total_steps, **{
             k: v for k, v in common.items() if k != "r"})
     else:
         peft_config = LoraConfig(**common)
     return get_peft_model(model, peft_config)
+
+
+def _keep_4bit_layout(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes (0.50) from repacking a trainable 4-bit base for its AVX512-BF16 CPU inference kernel.
+
+    It repacks each Linear4bit in place at its first eval-mode forward (a Trainer evaluation, say) and keeps the
+    new layout for good; training steps after that run through the packed kernel, whose backward gives wrong input
+    gradients (checked here: LoRA gradients off by up to 100%), and dequantize_4bit misreads the packed weights.
+    Related upstream: bitsandbytes-foundation/bitsandbytes#2078 (the packed layout corrupting weights on .to())."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_student(settings: StudentSettings, task_type: str, *, device: torch.device, teacher: PreTrainedModel | None,
