@@ -146,8 +146,8 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(student_dir):
     ids = torch.tensor([[5, 17, 42, 99, 3, 8, 9]])
 
     def grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same random A in both models
         model = apply_lora(load_student(settings, "causal", device=CPU, teacher=None), settings.lora, "causal")
-        torch.manual_seed(0)
         for name, param in model.named_parameters():
             if "lora_B" in name:  # B = 0 at init would hide gradients reaching A and the layers below
                 torch.nn.init.normal_(param, std=0.05)
