@@ -165,9 +165,6 @@ class StageSettings(Strict):
                              "weight): add beta (seed 003: alpha=KD, beta=CE) or use named loss weights")
         if self.kind == "policy" and self.teacher_source != "live":
             raise ValueError("a policy stage scores the student's own samples, so it needs teacher_source: live")
-        if self.fused and self.teacher_source == "cache":
-            raise ValueError("fused: true computes the teacher's logits from its hidden states; a cached stage has "
-                             "no teacher: drop fused, or set chunk_size to bound the loss memory")
         if self.kind == "non_policy" and self.teacher_source == "cache":
             raise ValueError("a non_policy stage trains on teacher generations, which the top-k cache does not cover; "
                              "use teacher_source: live (the teacher scores the generations as it trains)")

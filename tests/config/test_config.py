@@ -64,7 +64,6 @@ def test_json_config_roundtrip(tmp_path):
     ({"stages": [{"name": "a", "mixture": {"weights": {"domain": 1}}}]}, "names source 'domain'"),
     ({"stages": [{"name": "a"}, {"name": "a"}]}, "repeated: ['a']"),
     (minimal(kind="finetune", losses=[{"name": "forward_kl"}]), "finetune stage trains on cross_entropy only"),
-    (minimal(fused=True, teacher_source="cache"), "a cached stage has no teacher"),
 ])
 def test_bad_config_names_the_key(data, message):
     with pytest.raises(ConfigError) as err:
@@ -72,6 +71,12 @@ def test_bad_config_names_the_key(data, message):
     assert message in str(err.value)
     assert str(err.value).startswith("c.yaml: ")
     assert "\n" not in str(err.value)
+
+
+def test_fused_stage_may_read_a_teacher_cache():
+    """The fused loss scores the cache's top-k rows chunk by chunk (tests/teacher/test_cache_fused.py)."""
+    stage = config_from_dict(minimal(fused=True, teacher_source="cache")).stages[0]
+    assert stage.fused and stage.teacher_source == "cache"
 
 
 def test_missing_and_unparsable_files(tmp_path):

@@ -66,6 +66,31 @@ def _check_pair(student: Tensor, teacher: Tensor, what: str) -> None:
                              "must agree on every dimension but the last; pass the same batch to both models")
 
 
+def cache_rows(student: Tensor, what: str, vocab: int, teacher_ids: Tensor | None,
+               teacher_logprobs: Tensor | None,
+               teacher_tail: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Check a top-k cache against the student's [..., X] logits or hidden states (`what` names them) and a
+    student vocabulary of `vocab`; flatten it to rows. teacher_ids / teacher_logprobs [..., k], teacher_tail [...]
+    -> ([N, k], [N, k], [N] or None); all None without a cache."""
+    if teacher_ids is None or teacher_logprobs is None:
+        return None, None, None
+    _check_pair(student, teacher_ids, f"{what} / cached ids")
+    if teacher_ids.shape != teacher_logprobs.shape:
+        raise LossInputError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
+                             f"{tuple(teacher_logprobs.shape)} must have the same shape")
+    if teacher_ids.numel() and int(teacher_ids.max()) >= vocab:
+        raise LossInputError(f"cached teacher ids go up to {int(teacher_ids.max())} but the student vocabulary "
+                             f"has {vocab} entries; the cache was made with another tokenizer: rebuild it")
+    n_rows = student[..., 0].numel()
+    tails = None
+    if teacher_tail is not None:
+        if teacher_tail.shape != teacher_ids.shape[:-1]:
+            raise LossInputError(f"teacher_tail {tuple(teacher_tail.shape)} must be shaped like teacher_ids "
+                                 f"without their last dimension, {tuple(teacher_ids.shape[:-1])}")
+        tails = teacher_tail.reshape(n_rows)  # [N]
+    return teacher_ids.reshape(n_rows, -1), teacher_logprobs.reshape(n_rows, -1), tails  # [N, k], [N, k]
+
+
 def logit_terms(specs: Sequence[TermSpec], student_logits: Tensor, teacher_logits: Tensor | None,
                 labels: Tensor | None, chunk_size: int | None = None, coeffs: Tensor | None = None,
                 teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None,
@@ -80,22 +105,7 @@ def logit_terms(specs: Sequence[TermSpec], student_logits: Tensor, teacher_logit
     if teacher_logits is not None:
         _check_pair(student_logits, teacher_logits, "logits")
         teacher = teacher_logits.reshape(student.shape[0], -1)  # [N, V']
-    ids = lps = tails = None
-    if teacher_ids is not None and teacher_logprobs is not None:
-        _check_pair(student_logits, teacher_ids, "logits / cached ids")
-        if teacher_ids.shape != teacher_logprobs.shape:
-            raise LossInputError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
-                                 f"{tuple(teacher_logprobs.shape)} must have the same shape")
-        if teacher_ids.numel() and int(teacher_ids.max()) >= v:
-            raise LossInputError(f"cached teacher ids go up to {int(teacher_ids.max())} but the student vocabulary "
-                                 f"has {v} entries; the cache was made with another tokenizer: rebuild it")
-        ids = teacher_ids.reshape(student.shape[0], -1)  # [N, k]
-        lps = teacher_logprobs.reshape(student.shape[0], -1)  # [N, k]
-        if teacher_tail is not None:
-            if teacher_tail.shape != teacher_ids.shape[:-1]:
-                raise LossInputError(f"teacher_tail {tuple(teacher_tail.shape)} must be shaped like teacher_ids "
-                                     f"without their last dimension, {tuple(teacher_ids.shape[:-1])}")
-            tails = teacher_tail.reshape(student.shape[0])  # [N]
+    ids, lps, tails = cache_rows(student_logits, "logits", v, teacher_ids, teacher_logprobs, teacher_tail)
 
     def fn(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None]) -> Tensor:
         return score_rows(specs, *rows)

@@ -5,7 +5,9 @@ lm_head, scored, and differentiated right away (see `engine.py`), so the memory 
 gradient plus one [chunk, V] block per model. Handles tied embeddings (pass the embedding matrix: autograd
 adds the gradient into the shared parameter), an lm_head bias, a logit scale (Cohere's `logit_scale`,
 applied first) and final-logit soft-capping (Gemma's `final_logit_softcapping`, applied after). Student
-and teacher vocabularies that differ only by padding rows are compared on the shared prefix.
+and teacher vocabularies that differ only by padding rows are compared on the shared prefix. In place of a
+teacher, a top-k teacher cache (ids, log-probs, tail mass per token) can be passed: its rows are sliced with the
+student's, so the cached KD terms too see only one chunk of student logits at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature, score_rows, upcast
 from lmdistill.losses.engine import reduce_rows
 from lmdistill.losses.errors import LossInputError
-from lmdistill.losses.functional import backward_coeffs, counted_rows, finish
+from lmdistill.losses.functional import backward_coeffs, cache_rows, counted_rows, finish
 
 
 BLOCK_ELEMENTS = 2**24  # per [chunk, V] float32 block: 64 MiB, whatever the vocabulary
@@ -59,10 +61,16 @@ def _check_head(hidden: Tensor, head: LMHead, who: str) -> None:
 
 def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head: LMHead,
                 teacher_hidden: Tensor | None, teacher_head: LMHead | None, labels: Tensor | None,
-                chunk_size: int | None, coeffs: Tensor | None = None) -> tuple[Tensor, int]:
+                chunk_size: int | None, coeffs: Tensor | None = None, teacher_ids: Tensor | None = None,
+                teacher_logprobs: Tensor | None = None, teacher_tail: Tensor | None = None) -> tuple[Tensor, int]:
     """Term sums over counted tokens. student_hidden [..., Hs]; teacher_hidden [..., Ht] (or None when no term
-    needs the teacher); labels [...]. Returns ([terms] float32, count of counted tokens)."""
+    needs the teacher's logits); labels [...]; for 'topk_kl' a teacher cache in place of the teacher:
+    teacher_ids / teacher_logprobs [..., k] and teacher_tail [...] (or None). Returns ([terms] float32, count of
+    counted tokens)."""
     _check_head(student_hidden, student_head, "student")
+    # The cache is sliced per chunk with the hidden states, so each chunk's logits meet their own top-k rows.
+    ids, lps, tails = cache_rows(student_hidden, "hidden states", student_head.weight.shape[0], teacher_ids,
+                                 teacher_logprobs, teacher_tail)
     s_rows = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, Hs]
     t_rows = None
     if teacher_hidden is not None and teacher_head is not None:
@@ -75,14 +83,15 @@ def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head:
     t_head = teacher_head if t_rows is not None else None
 
     def fn(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None]) -> Tensor:
-        s_hidden, t_hidden, chunk_labels = rows
+        s_hidden, t_hidden, *rest = rows  # rest: labels [n], cached ids / log-probs [n, k], tails [n]
         s_logits = student_head.logits(s_hidden, shared[0], shared[1])  # [n, Vs]
         t_logits = t_head.logits(t_hidden, shared[2], shared[3]) if t_head is not None else None  # [n, Vt]
-        return score_rows(specs, s_logits, t_logits, chunk_labels)
+        return score_rows(specs, s_logits, t_logits, *rest)
 
     shared = [student_head.weight, student_head.bias,
               t_head.weight if t_head else None, t_head.bias if t_head else None]
-    return reduce_rows(fn, [s_rows, t_rows, flat_labels], shared, counted, chunk_size, coeffs), count
+    return reduce_rows(fn, [s_rows, t_rows, flat_labels, ids, lps, tails], shared, counted, chunk_size,
+                       coeffs), count
 
 
 def fused_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,

@@ -3,8 +3,8 @@
 Each term is a SUM over counted tokens divided by `num_items`, the count of counted tokens across the whole
 accumulated batch (supplied by the trainer; this call's count when None; floored at 1). So N micro-batches
 accumulate to exactly the loss of one batch N times larger. All terms share one pass over the tokens (one
-log-softmax per model and temperature), in full-logit, fused (hidden states + lm_head) or cached (top-k
-teacher) mode.
+log-softmax per model and temperature), in full-logit, fused (hidden states + lm_head), cached (top-k
+teacher) or fused-cached mode.
 """
 
 from __future__ import annotations
@@ -139,16 +139,38 @@ class DistillObjective:
         teacher_tail [...]: the mass outside the kept ids as the cache stored it (summed over the full
         vocabulary at capture); None rebuilds it as 1 - sum(exp(kept)), which fp16 rounding blurs for small
         tails."""
+        specs = self._cached_specs(cache_temperature, tail)
+        denom = self._denominator(labels, student_logits[..., 0].numel(), num_items)
+        sums, _ = logit_terms(specs, student_logits, None, labels, self.chunk_size,
+                              self._coeffs(denom, student_logits.device), teacher_ids, teacher_logprobs,
+                              teacher_tail)
+        return self._output(sums, denom)
+
+    def fused_cached(self, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
+                     teacher_ids: Tensor, teacher_logprobs: Tensor, labels: Tensor | None,
+                     num_items: int | float | Tensor | None = None, cache_temperature: float = 1.0,
+                     tail: str = "bucket", teacher_tail: Tensor | None = None, student_softcap: float | None = None,
+                     student_logit_scale: float = 1.0) -> ObjectiveOutput:
+        """`cached` on the logits of student_hidden [..., H] through the lm_head (weight [V, H], bias [V] or None),
+        which never exist whole: chunks of `chunk_size` tokens (`default_chunk_size(V)` when the objective has
+        none). teacher_ids / teacher_logprobs [..., k], teacher_tail [...] as in `cached`; equal loss and
+        gradients (w.r.t. hidden states, weight and bias)."""
+        specs = self._cached_specs(cache_temperature, tail)
+        student = LMHead(student_weight, student_bias, student_softcap, student_logit_scale)
+        denom = self._denominator(labels, student_hidden[..., 0].numel(), num_items)
+        sums, _ = fused_terms(specs, student_hidden, student, None, None, labels,
+                              self.chunk_size or default_chunk_size(student_weight.shape[0]),
+                              self._coeffs(denom, student_hidden.device), teacher_ids, teacher_logprobs, teacher_tail)
+        return self._output(sums, denom)
+
+    def _cached_specs(self, cache_temperature: float, tail: str) -> list[TermSpec]:
+        """The terms against a top-k cache: forward_kl becomes topk_kl; every other divergence needs the full
+        teacher distribution, which the cache does not hold."""
         other = [t.name for t in self.terms if t.name not in ("forward_kl", "cross_entropy")]
         if other:
             raise LossConfigError(f"a cached (top-k) teacher supports only forward_kl and cross_entropy, not "
                                   f"{', '.join(other)}; use a live teacher for those losses or switch to forward_kl")
-        kd = topk_spec(self.temperature, cache_temperature, tail)
-        denom = self._denominator(labels, student_logits[..., 0].numel(), num_items)
-        sums, _ = logit_terms(self._specs(kd), student_logits, None, labels, self.chunk_size,
-                              self._coeffs(denom, student_logits.device), teacher_ids, teacher_logprobs,
-                              teacher_tail)
-        return self._output(sums, denom)
+        return self._specs(topk_spec(self.temperature, cache_temperature, tail))
 
     def _require_teacher(self, teacher: Tensor | None) -> None:
         if teacher is None and self.needs_teacher:

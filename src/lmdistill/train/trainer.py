@@ -265,18 +265,28 @@ class DistillationTrainer(Trainer):
 
         if self.fused:
             s_head = _output_layer(model)
-            t_head = _output_layer(self.teacher) if teacher_out is not None else None
             s_hidden = student_out.head_input[:, :-1] if shift else student_out.head_input
-            t_hidden = None
-            if teacher_out is not None:
-                t_hidden = teacher_out.head_input[:, :-1] if shift else teacher_out.head_input
-            out = self.objective.fused(
-                s_hidden, s_head.weight, s_head.bias, t_hidden,
-                t_head.weight if t_head is not None else None, t_head.bias if t_head is not None else None,
-                target, num_items=num_items_in_batch,
-                student_softcap=_softcap(model), teacher_softcap=_softcap(self.teacher) if self.teacher else None,
-                student_logit_scale=_logit_scale(model),
-                teacher_logit_scale=_logit_scale(self.teacher) if self.teacher else 1.0)
+            if self.teacher_cache is not None and self.objective.needs_teacher:
+                ids, logprobs, tail = self.teacher_cache.lookup(example_ids, target)
+                # The head's rows cut to the cache's vocabulary: the same cut as the logits' in the cached branch below.
+                vocab = self.shared_vocab or s_head.weight.shape[0]
+                out = self.objective.fused_cached(
+                    s_hidden, s_head.weight[:vocab], s_head.bias[:vocab] if s_head.bias is not None else None,
+                    ids, logprobs, target, num_items=num_items_in_batch,
+                    cache_temperature=self.teacher_cache.cache_temperature, tail=self.teacher_cache.tail,
+                    teacher_tail=tail, student_softcap=_softcap(model), student_logit_scale=_logit_scale(model))
+            else:
+                t_head = _output_layer(self.teacher) if teacher_out is not None else None
+                t_hidden = None
+                if teacher_out is not None:
+                    t_hidden = teacher_out.head_input[:, :-1] if shift else teacher_out.head_input
+                out = self.objective.fused(
+                    s_hidden, s_head.weight, s_head.bias, t_hidden,
+                    t_head.weight if t_head is not None else None, t_head.bias if t_head is not None else None,
+                    target, num_items=num_items_in_batch,
+                    student_softcap=_softcap(model), teacher_softcap=_softcap(self.teacher) if self.teacher else None,
+                    student_logit_scale=_logit_scale(model),
+                    teacher_logit_scale=_logit_scale(self.teacher) if self.teacher else 1.0)
         else:
             s_logits = student_out.logits[:, :-1] if shift else student_out.logits
             if self.shared_vocab is not None:
