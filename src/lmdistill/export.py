@@ -107,11 +107,12 @@ def _merged(model) -> torch.nn.Module:
     """The adapters of a peft `model` merged into plain weights, on a copy: the caller may still evaluate or keep
     training the adapter model after export.
 
-    A QLoRA student (adapters on a 4-bit bitsandbytes base) is merged into its base reloaded at full precision
-    instead: merging into the 4-bit weights re-rounds them to nf4, which blurs the small adapter update (peft warns
-    so), and leaves a folder that loads only where bitsandbytes is installed. The 4-bit copy is
-    also not a safe source to dequantize: on AVX512-BF16 CPUs bitsandbytes 0.50 repacks 4-bit weights in place
-    after the first eval-mode forward, and its dequantize_4bit then reads the new layout as the old one."""
+    A QLoRA student (adapters on a 4-bit or 8-bit bitsandbytes base) is merged into its base dequantized to the
+    student's dtype: exactly the function it was trained and evaluated as, in a folder that loads without
+    bitsandbytes. Merging into the quantized weights instead re-rounds every merged weight (peft warns so) and
+    keeps the quantization config. The base is quantized afresh from its own weights (the same codes) rather than
+    dequantized from `model`: bitsandbytes 0.50 repacks 4-bit weights in place for its AVX512-BF16 CPU kernel at
+    the first eval-mode forward, and dequantize_4bit misreads the packed layout."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     base = model.get_base_model()
@@ -119,15 +120,17 @@ def _merged(model) -> torch.nn.Module:
         return copy.deepcopy(model).merge_and_unload()
     adapter = model.active_adapter
     peft_config = copy.deepcopy(model.peft_config[adapter])
+    name = peft_config.base_model_name_or_path
     auto = AutoModelForSeq2SeqLM if base.config.is_encoder_decoder else AutoModelForCausalLM
     try:
         # base.dtype: that of its unquantized parts (embeddings, norms), i.e. the student's configured dtype
-        full = auto.from_pretrained(peft_config.base_model_name_or_path, dtype=base.dtype)
+        fresh = auto.from_pretrained(name, dtype=base.dtype, quantization_config=base.hf_quantizer.quantization_config,
+                                     device_map={"": str(base.device)})
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot merge the QLoRA adapters: their base model {peft_config.base_model_name_or_path!r} "
-                         f"does not load at full precision ({str(err).splitlines()[0]}); set "
-                         f"student.lora.merge_on_save: false to export the adapters alone") from None
-    full = get_peft_model(full, peft_config, adapter_name=adapter)
+        raise ModelError(f"cannot merge the QLoRA adapters: their base model {name!r} does not load "
+                         f"({str(err).splitlines()[0]}); set student.lora.merge_on_save: false to export the adapters "
+                         f"alone") from None
+    full = get_peft_model(fresh.dequantize(dtype=base.dtype), peft_config, adapter_name=adapter)
     set_peft_model_state_dict(full, get_peft_model_state_dict(model, adapter_name=adapter), adapter_name=adapter)
     return full.merge_and_unload()
 

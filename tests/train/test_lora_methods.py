@@ -42,10 +42,14 @@ def qlora_run(tiny_pipeline):
     stages = [{"name": "a", "max_steps": 4, "save_steps": 2, "losses": KD}]
     data = _config(tiny_pipeline, stages, {"method": "qlora", "r": 4, "alpha": 8},
                    quantization={"bits": 4, "compute_dtype": "float32"})
+    # Scored before export: a 4-bit model evaluated on the CPU is the case where bitsandbytes repacks its weights.
+    data["evaluation"] = {"enabled": True, "report": False, "num_samples": 0, "max_prompts": 2, "measure_speed": False}
     return data, run_pipeline(config_from_dict(data))
 
 
-def test_qlora_trains_adapters_on_a_4bit_base_and_exports_them_merged_at_full_precision(qlora_run, student_dir):
+def test_qlora_trains_adapters_on_a_4bit_base_and_exports_them_merged_into_the_dequantized_base(qlora_run,
+                                                                                               student_dir):
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
     from bitsandbytes.nn import Linear4bit
 
     data, run_dir = qlora_run
@@ -58,22 +62,27 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_exports_them_merged_at_full_pr
     lora_b = {k: v for k, v in adapters.items() if "lora_B" in k}
     assert len(lora_b) == 2 * 7 and all(v.abs().max() > 0 for v in lora_b.values())
     settings = StudentSettings.model_validate(data["student"])
-    reloaded = load_student(settings, "causal", device=CPU, teacher=None, checkpoint=str(best))
-    assert sum(isinstance(m, Linear4bit) for m in reloaded.modules()) == 2 * 7  # the base is 4-bit again
+    trained = apply_lora(load_student(settings, "causal", device=CPU, teacher=None, checkpoint=str(best)),
+                         settings.lora, "causal").eval()
+    assert sum(isinstance(m, Linear4bit) for m in trained.modules()) == 2 * 7  # the base is 4-bit again
 
     final_dir = run_dir / "final"
     assert "quantization_config" not in json.loads((final_dir / "config.json").read_text())
-    final = AutoModelForCausalLM.from_pretrained(final_dir)
-    assert not any("lora" in k for k in final.state_dict())
-    # Reference: the student's own full-precision weights plus (alpha / r) * B @ A from the saved adapters.
+    final = AutoModelForCausalLM.from_pretrained(final_dir).eval()
+    weights = final.state_dict()
+    assert not any("lora" in k for k in weights)
+    # Reference: the student's weights through an nf4 round trip (what training saw) plus (alpha / r) * B @ A.
     base = AutoModelForCausalLM.from_pretrained(student_dir).state_dict()
     scale = data["student"]["lora"]["alpha"] / data["student"]["lora"]["r"]
     for key, b in lora_b.items():
         module = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
-        a = adapters[key.replace("lora_B", "lora_A")]
-        expected = base[f"{module}.weight"] + scale * b @ a
-        torch.testing.assert_close(final.state_dict()[f"{module}.weight"], expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(final.state_dict()["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+        seen = dequantize_4bit(*quantize_4bit(base[f"{module}.weight"], quant_type="nf4"))
+        expected = seen + scale * b @ adapters[key.replace("lora_B", "lora_A")]
+        torch.testing.assert_close(weights[f"{module}.weight"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    with torch.no_grad():  # the exported student is the function that was trained (and evaluated)
+        torch.testing.assert_close(final(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_qlora_stage_resumes_from_its_checkpoint_with_the_same_loss_curve(qlora_run):
