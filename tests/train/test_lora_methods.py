@@ -183,3 +183,18 @@ def test_adalora_rank_budget_is_allocated_by_the_end_of_the_stage(tiny_pipeline)
     run_dir = run_pipeline(config_from_dict(_config(tiny_pipeline, stages, {"method": "adalora", "r": 2})))
     # peft writes the final per-module ranks into the config once the budgeting phase ends (step total_step - tfinal)
     assert json.loads((run_dir / "a" / "best" / "adapter_config.json").read_text())["rank_pattern"]
+
+
+def test_qlora_merge_names_a_base_that_no_longer_loads(tmp_path, student_dir, tokenizer):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes (the `gpu` extra) is not installed")
+    from lmdistill.export import export_student
+
+    moved = tmp_path / "student"
+    shutil.copytree(student_dir, moved)
+    settings = StudentSettings(name=str(moved), lora={"method": "qlora", "r": 4}, quantization={"bits": 4})
+    model = apply_lora(load_student(settings, "causal", device=CPU, teacher=None), settings.lora, "causal")
+    shutil.rmtree(moved)
+    with pytest.raises(ModelError, match=r"cannot merge the QLoRA adapters: their base model .*student' does not "
+                                         r"load .*set student.lora.merge_on_save: false"):
+        export_student(model, tokenizer, tmp_path / "final", "{}\n")
+    assert not (tmp_path / "final").exists()

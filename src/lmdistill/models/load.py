@@ -185,9 +185,7 @@ def _load_checkpoint(settings: StudentSettings, task_type: str, device: torch.de
     if not folder.exists():
         raise ModelError(f"checkpoint path {path!r} does not exist")
     if (folder / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        from peft import PeftConfig
+        from peft import PeftConfig, PeftModel
 
         base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
         base = load_model(settings, task_type, device=device, name=base_name)
