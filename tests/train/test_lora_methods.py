@@ -1,5 +1,5 @@
 """QLoRA and AdaLoRA students through the whole pipeline: adapters train (across stages too), final/ loads with
-AutoModelForCausalLM (merged at full precision, or as a peft adapter folder), and an interrupted stage resumes."""
+AutoModelForCausalLM (merged into a dequantized base, or as a peft adapter folder), and an interrupted stage resumes."""
 
 import json
 import shutil
