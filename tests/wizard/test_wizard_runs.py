@@ -21,13 +21,14 @@ def _answers(tmp_path, model_dir, data, method: str) -> dict:
 
 
 def _trained(run_dir, changed: str) -> int:
-    """Steps trained (the loss finite); the adapter weights named `changed` (zero at init) all moved."""
+    """Steps trained (the loss finite); the adapter weights named `changed` (zero at init) all moved (AdaLoRA may
+    have pruned a module's ranks to none: an empty tensor)."""
     from safetensors.torch import load_file
 
     summary = json.loads((run_dir / "finetune" / "log_history.json").read_text())[-1]
     assert torch.isfinite(torch.tensor(summary["train_loss"])), summary
     adapters = load_file(run_dir / "finetune" / "best" / "adapter_model.safetensors")
-    moved = [v.abs().max() > 0 for k, v in adapters.items() if changed in k]
+    moved = [v.abs().max() > 0 for k, v in adapters.items() if changed in k and v.numel()]
     assert moved and all(moved)
     return summary["step"]
 

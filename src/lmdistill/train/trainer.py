@@ -75,6 +75,18 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _adalora_budget(model: nn.Module) -> nn.Module | None:
+    """The peft AdaLoRA model inside `model` whose rank budget this stage allocates (update_and_allocate after every
+    optimizer step), or None. Adapters an earlier stage allocated (their config holds its rank_pattern) keep those
+    ranks: peft's allocator cannot resume from a pattern."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    base = getattr(model, "base_model", None)
+    if not hasattr(base, "update_and_allocate"):
+        return None
+    return base if base.peft_config[base.trainable_adapter_name].rank_pattern is None else None
+
+
 def _output_layer(model: nn.Module) -> nn.Module:
     return _unwrapped(model).get_output_embeddings()
 
@@ -153,6 +165,7 @@ class DistillationTrainer(Trainer):
         self._term_counts: dict[str, int] = defaultdict(int)
         self._nonfinite_in_a_row = 0
         self._skip_optimizer_step = False
+        self._adalora_budget = _adalora_budget(self.model)
 
     # ------------------------------------------------------------------ optimiser: trainable projections + skip guard
     def create_optimizer(self, model=None):
@@ -178,6 +191,9 @@ class DistillationTrainer(Trainer):
                 optimizer.zero_grad(set_to_none=True)
                 return None
             result = step(*a, **kw)
+            if self._adalora_budget is not None:
+                # peft's rank budget is scored from this step's gradients: after the step, before they are cleared.
+                self._adalora_budget.update_and_allocate(self.state.global_step)
             # Trainer clears only the model's gradients between steps; the projections' would otherwise add up.
             for p in extra:
                 p.grad = None
