@@ -193,3 +193,27 @@ def test_projection_gradients_are_clipped_and_cleared_each_step(student_dir, tea
         assert 0 < moved <= lr * limit * (1 + 1e-4)
     assert all(p.grad is None for p in aux.feature.parameters())  # cleared after the step, as the model's are
 
+
+
+def test_fused_path_cuts_padded_head_rows_like_the_logits_path(student_dir, teacher, tmp_path):
+    """A student head padded past the shared vocabulary: both paths score the shared rows only."""
+    objective = DistillObjective([LossTerm("forward_kl", 0.7, {}), LossTerm("cross_entropy", 0.3, {})], temperature=2.0)
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    shared = student.get_output_embeddings().weight.shape[0]
+    student.resize_token_embeddings(shared + 8)
+    with torch.no_grad():
+        student.get_output_embeddings().weight[shared:] = 5.0  # padding rows that would dominate a softmax
+    args = TrainingArguments(output_dir=str(tmp_path / "pad"), report_to="none", use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no")
+    batch = DistillCollator(0)(_examples())
+    student.eval()
+    losses = []
+    for fused in (False, True):
+        trainer = DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), objective=objective,
+                                      teacher=teacher, shared_vocab=shared, fused=fused)
+        student.zero_grad()
+        loss = trainer.compute_loss(student, dict(batch))
+        loss.backward()
+        losses.append((loss.detach(), student.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    for plain, fused in zip(*losses):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-6)

@@ -111,6 +111,14 @@ def _head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         del head.forward
 
 
+def _head_rows(head: nn.Module, vocab: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An output layer's weight [V, H] and bias [V], their rows cut to the first `vocab` (None: all)."""
+    bias = head.bias if getattr(head, "bias", None) is not None else None
+    if vocab is None:
+        return head.weight, bias
+    return head.weight[:vocab], bias[:vocab] if bias is not None else None
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """cpu and cpu:0 (what Trainer reports under a launcher) are one device; cuda:0 and cuda:1 are not."""
     return a.type == b.type and (a.type == "cpu" or a.index == b.index)
@@ -280,26 +288,22 @@ class DistillationTrainer(Trainer):
             num_items_in_batch = num_items_in_batch.to(labels.device)
 
         if self.fused:
-            s_head = _output_layer(model)
+            # The heads' rows cut to the shared vocabulary: the same cut as the logits' in the branch below.
+            s_weight, s_bias = _head_rows(_output_layer(model), self.shared_vocab)
             s_hidden = student_out.head_input[:, :-1] if shift else student_out.head_input
             if self.teacher_cache is not None and self.objective.needs_teacher:
                 ids, logprobs, tail = self.teacher_cache.lookup(example_ids, target)
-                # The head's rows cut to the cache's vocabulary: the same cut as the logits' in the cached branch below.
-                vocab = self.shared_vocab or s_head.weight.shape[0]
                 out = self.objective.fused_cached(
-                    s_hidden, s_head.weight[:vocab], s_head.bias[:vocab] if s_head.bias is not None else None,
-                    ids, logprobs, target, num_items=num_items_in_batch,
+                    s_hidden, s_weight, s_bias, ids, logprobs, target, num_items=num_items_in_batch,
                     cache_temperature=self.teacher_cache.cache_temperature, tail=self.teacher_cache.tail,
                     teacher_tail=tail, student_softcap=_softcap(model), student_logit_scale=_logit_scale(model))
             else:
-                t_head = _output_layer(self.teacher) if teacher_out is not None else None
-                t_hidden = None
+                t_hidden, t_weight, t_bias = None, None, None
                 if teacher_out is not None:
                     t_hidden = teacher_out.head_input[:, :-1] if shift else teacher_out.head_input
+                    t_weight, t_bias = _head_rows(_output_layer(self.teacher), self.shared_vocab)
                 out = self.objective.fused(
-                    s_hidden, s_head.weight, s_head.bias, t_hidden,
-                    t_head.weight if t_head is not None else None, t_head.bias if t_head is not None else None,
-                    target, num_items=num_items_in_batch,
+                    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, num_items=num_items_in_batch,
                     student_softcap=_softcap(model), teacher_softcap=_softcap(self.teacher) if self.teacher else None,
                     student_logit_scale=_logit_scale(model),
                     teacher_logit_scale=_logit_scale(self.teacher) if self.teacher else 1.0)
