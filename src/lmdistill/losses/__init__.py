@@ -19,7 +19,8 @@ Logit terms (one `DistillObjective`; every entry also takes `weight` [1.0]; the 
   Cached teacher (top-k log-probs): `DistillObjective.cached` / `topk_kl` with cache_temperature [1.0] and
   tail ["bucket" | "drop"]; only forward_kl (and cross_entropy) are defined there.
   Memory: `chunk_size` (tokens) on every function and on the objective; `fused_distill_loss` /
-  `DistillObjective.fused` take hidden states + lm_head weight so full logits never exist.
+  `DistillObjective.fused` take hidden states + lm_head weight so full logits never exist;
+  `DistillObjective.fused_cached` does the same against a top-k teacher cache.
 
 Auxiliary terms (`build_losses` -> `AuxLoss` modules; each also takes `weight` [1.0]):
     feature      kind ["mse" | "cosine"], layers ["uniform" | [[student, teacher], ...]]   hidden states
