@@ -217,3 +217,26 @@ def test_fused_path_cuts_padded_head_rows_like_the_logits_path(student_dir, teac
         losses.append((loss.detach(), student.model.layers[0].mlp.up_proj.weight.grad.clone()))
     for plain, fused in zip(*losses):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_hidden_state_terms_are_not_multiplied_by_the_process_count(student_dir, teacher, tmp_path, monkeypatch):
+    """Under N processes a logit term is this process's share of a global mean (num_items counts every process's
+    tokens) and the loss is multiplied by N against DDP's gradient average. The feature term, a per-process mean,
+    must come out of that as itself: two simulated processes holding equal batches give the one-process loss."""
+    from lmdistill.config import StageSettings
+    from lmdistill.train.stage import build_aux
+
+    stage = StageSettings(name="f", losses=[{"name": "forward_kl"}, {"name": "feature", "weight": 1.0}])
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    args = TrainingArguments(output_dir=str(tmp_path / "spread"), report_to="none", use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no")
+    trainer = DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), teacher=teacher,
+                                  objective=DistillObjective([LossTerm("forward_kl", 1.0, {})]),
+                                  aux=build_aux(stage, student, teacher))
+    batch = DistillCollator(0)(_examples())
+    counted = (batch["labels"][:, 1:] != -100).sum()
+    student.eval()
+    one = trainer.compute_loss(student, dict(batch), num_items_in_batch=counted)
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    two = trainer.compute_loss(student, dict(batch), num_items_in_batch=2 * counted)
+    torch.testing.assert_close(two, one)

@@ -324,19 +324,21 @@ class DistillationTrainer(Trainer):
                         t_logits = t_logits[..., : self.shared_vocab]
                 out = self.objective(s_logits, t_logits, target, num_items=num_items_in_batch)
 
+        # The logit terms divide by the tokens of all processes (num_items), so each process holds its share of the
+        # global mean; DDP then averages gradients over the processes, which `spread` undoes. The hidden-state terms
+        # are this process's means: divided by `spread` they become shares of the global mean too.
+        spread = self.accelerator.num_processes if (
+            self.args.average_tokens_across_devices and num_items_in_batch is not None) else 1
         terms = dict(out.terms)
         weights = {term.name: term.weight for term in self.objective.terms}
-        terms.update(self._aux_terms(student_out, teacher_out, inputs, weights))
+        terms.update({name: value / spread
+                      for name, value in self._aux_terms(student_out, teacher_out, inputs, weights).items()})
         total = self._combine(model, terms, weights)
 
         if model.training:
             total = self._guard_nonfinite(total, terms)
-            self._record(terms, weights)
-        if (self.args.average_tokens_across_devices and num_items_in_batch is not None
-                and self.accelerator.num_processes > 1):
-            # DDP averages gradients over ranks while num_items counts tokens of all ranks: undo the average.
-            total = total * self.accelerator.num_processes
-        return (total, student_out) if return_outputs else total
+            self._record({name: value * spread for name, value in terms.items()}, weights)
+        return (total * spread, student_out) if return_outputs else total * spread
 
     def _combine(self, model, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
         if self.balancer is None:
