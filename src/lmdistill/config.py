@@ -26,7 +26,9 @@ class Quantization(Strict):
 
 
 class LoraSettings(Strict):
-    method: Literal["lora", "qlora", "adalora"] = "lora"
+    method: Literal["lora", "qlora", "adalora"] = Field(
+        "lora", description="lora | qlora (LoRA on a 4-bit base: set student.quantization) | adalora (AdaLoRA's "
+        "SVD-form adapters at rank 2r; its rank-budget reallocation is not run)")
     r: int = Field(8, gt=0)
     alpha: int = Field(16, gt=0, description="LoRA scaling numerator (lora_alpha); unrelated to the CE weight alpha.")
     dropout: float = Field(0.05, ge=0, lt=1)

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from lmdistill.errors import TrainingError
@@ -75,16 +75,16 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _adalora_budget(model: nn.Module) -> nn.Module | None:
-    """The peft AdaLoRA model inside `model` whose rank budget this stage allocates (update_and_allocate after every
-    optimizer step), or None. Adapters an earlier stage allocated (their config holds its rank_pattern) keep those
-    ranks: peft's allocator cannot resume from a pattern."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    base = getattr(model, "base_model", None)
-    if not hasattr(base, "update_and_allocate"):
-        return None
-    return base if base.peft_config[base.trainable_adapter_name].rank_pattern is None else None
+class _ClearGradients(TrainerCallback):
+    """Clears the gradients of parameters outside the model at every step's end, as Trainer does for the model's
+    (also when the fp16 scaler skipped the optimizer step)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for p in self.params:
+            p.grad = None
 
 
 def _output_layer(model: nn.Module) -> nn.Module:
@@ -173,42 +173,43 @@ class DistillationTrainer(Trainer):
         self._term_counts: dict[str, int] = defaultdict(int)
         self._nonfinite_in_a_row = 0
         self._skip_optimizer_step = False
-        self._adalora_budget = _adalora_budget(self.model)
+        # The projections of hidden-state terms live outside the model, so Trainer neither syncs, clips nor clears
+        # their gradients: training_step, the optimizer step and a callback do it for them.
+        self._projections = [p for module in (self.aux.feature, self.aux.contrastive) if module is not None
+                             for p in module.parameters() if p.requires_grad]
+        if self._projections:
+            self.add_callback(_ClearGradients(self._projections))
 
     # ------------------------------------------------------------------ optimiser: trainable projections + skip guard
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        extra = [p for module in (self.aux.feature, self.aux.contrastive) if module is not None
-                 for p in module.parameters() if p.requires_grad]
-        if extra:
+        projections = self._projections
+        if projections:
             # Projections learned with the student (feature/contrastive widths differ): same lr, no weight decay.
-            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+            optimizer.add_param_group({"params": projections, "weight_decay": 0.0})
         step = optimizer.step
 
         def guarded_step(*a, **kw):
-            if extra and self.accelerator.num_processes > 1:
-                # DDP averages the student's gradients only; the projections live outside it, so they are
-                # averaged here alike (before the skip test, which every process must reach with this collective).
-                for p in extra:
-                    p.grad = self.accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
-            if extra and self.args.max_grad_norm > 0:
+            if projections and self.args.max_grad_norm > 0:
                 # Trainer clips the model's gradients only; the projections get the same limit on their own norm.
-                torch.nn.utils.clip_grad_norm_(extra, self.args.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(projections, self.args.max_grad_norm)
             if self._skip_optimizer_step:
                 self._skip_optimizer_step = False
                 optimizer.zero_grad(set_to_none=True)
                 return None
-            result = step(*a, **kw)
-            if self._adalora_budget is not None:
-                # peft's rank budget is scored from this step's gradients: after the step, before they are cleared.
-                self._adalora_budget.update_and_allocate(self.state.global_step)
-            # Trainer clears only the model's gradients between steps; the projections' would otherwise add up.
-            for p in extra:
-                p.grad = None
-            return result
+            return step(*a, **kw)
 
         optimizer.step = guarded_step
         return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._projections and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            # DDP averaged the student's gradients in this backward; the projections are averaged here alike, on the
+            # micro-batch every process syncs on, so that the fp16 scaler's inf check agrees on every process.
+            for p in self._projections:
+                p.grad = self.accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
+        return loss
 
     # ------------------------------------------------------------------ projections saved with every checkpoint
     def _aux_modules(self) -> nn.ModuleDict:
