@@ -240,3 +240,15 @@ def test_hidden_state_terms_are_not_multiplied_by_the_process_count(student_dir,
     monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
     two = trainer.compute_loss(student, dict(batch), num_items_in_batch=2 * counted)
     torch.testing.assert_close(two, one)
+
+
+def test_fused_refuses_a_lora_adapter_on_the_lm_head(student_dir, teacher, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    student = get_peft_model(AutoModelForCausalLM.from_pretrained(student_dir),
+                             LoraConfig(r=2, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path / "lora"), report_to="none", use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no")
+    with pytest.raises(TrainingError, match="LoRA adapter on lm_head would be left out.*target_modules"):
+        DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), teacher=teacher, fused=True,
+                            objective=DistillObjective([LossTerm("forward_kl", 1.0, {})]))

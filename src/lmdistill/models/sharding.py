@@ -49,7 +49,7 @@ def is_sharded(model: nn.Module | None) -> bool:
         return False
     if isinstance(model, FSDPModule | FullyShardedDataParallel) or getattr(model, "_is_fsdp_managed_module", False):
         return True
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    return isinstance(model, nn.Module) and any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def local_parameter_count(model: nn.Module) -> tuple[int, int]:

@@ -99,6 +99,8 @@ def _head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     itself, a chunk of tokens at a time, so the [B, T, V] logits never exist."""
     head = _output_layer(model)
     captured: list[torch.Tensor] = []
+    had_own = "forward" in vars(head)  # e.g. accelerate's device hook on a dispatched model
+    previous = vars(head).get("forward")
 
     def record(hidden: torch.Tensor) -> torch.Tensor:
         captured.append(hidden)
@@ -108,7 +110,22 @@ def _head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     try:
         yield captured
     finally:
-        del head.forward
+        if had_own:
+            head.forward = previous
+        else:
+            del head.forward
+    if not captured:
+        raise TrainingError(f"fused: true: {type(_unwrapped(model)).__name__} never called its output layer "
+                            "(get_output_embeddings()); set fused: false")
+
+
+def _has_adapter(layer: nn.Module) -> bool:
+    """A peft tuner layer (LoRA and kin) wraps this layer: its output is more than weight and bias."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return isinstance(layer, BaseTunerLayer)
 
 
 def _head_rows(head: nn.Module, vocab: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -149,6 +166,10 @@ class DistillationTrainer(Trainer):
             if fused and m is not None and hasattr(_unwrapped(m), "final_logits_bias"):
                 raise TrainingError(f"fused: true cannot apply the {who}'s final_logits_bias (BART-style heads add it "
                                     "after the lm_head); set fused: false and bound the loss memory with chunk_size")
+        if fused and _has_adapter(_output_layer(self.model)):
+            raise TrainingError("fused: true applies the student's lm_head weight itself, so a LoRA adapter on "
+                                "lm_head would be left out of the loss: remove lm_head from student.lora."
+                                "target_modules, or set fused: false")
         if fused and (is_sharded(teacher) or self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
             raise TrainingError("fused: true reads the teacher's and the student's lm_head weights directly, but FSDP / "
                                 "DeepSpeed ZeRO-3 shard them over the processes: set fused: false (chunk_size bounds "
@@ -177,6 +198,10 @@ class DistillationTrainer(Trainer):
         # their gradients: training_step, the optimizer step and a callback do it for them.
         self._projections = [p for module in (self.aux.feature, self.aux.contrastive) if module is not None
                              for p in module.parameters() if p.requires_grad]
+        if self._projections and self.is_deepspeed_enabled:
+            raise TrainingError("the feature / contrastive terms learn projections outside the student, which "
+                                "DeepSpeed's engine neither syncs nor checkpoints: drop those terms for DeepSpeed runs, "
+                                "or train with DDP / FSDP")
         if self._projections:
             self.add_callback(_ClearGradients(self._projections))
 
@@ -300,7 +325,7 @@ class DistillationTrainer(Trainer):
                     teacher_tail=tail, student_softcap=_softcap(model), student_logit_scale=_logit_scale(model))
             else:
                 t_hidden, t_weight, t_bias = None, None, None
-                if teacher_out is not None:
+                if teacher_out is not None and self.objective.needs_teacher:
                     t_hidden = teacher_out.head_input[:, :-1] if shift else teacher_out.head_input
                     t_weight, t_bias = _head_rows(_output_layer(self.teacher), self.shared_vocab)
                 out = self.objective.fused(
