@@ -3,7 +3,8 @@
 Each process writes PROBE_DIR/probe-rank{RANK}.json with: the world size it trained in, the example ids of every
 training micro-batch it computed a loss on, the example ids of the whole stage dataset in order, digests of its
 student weights and of the loss terms' projections after training, the teacher parameters it held (and the
-teacher's total), and the pipeline writes (state, config, model folders, export) it performed.
+teacher's total), and the pipeline writes (state, config, model folders, export) it performed. With PROBE_NAN=R:S,
+process R's loss is NaN at step S, and each process records which optimizer steps it skipped.
 """
 
 from __future__ import annotations
@@ -70,6 +71,21 @@ def _write(what: str):
     return lambda *args, **kwargs: record["writes"].append(what)
 
 
+def _nan_on(rank_and_step: str) -> None:
+    """PROBE_NAN=R:S: process R's loss is NaN at optimizer step S (0-based), as a diverging batch would make it."""
+    rank, step = map(int, rank_and_step.split(":"))
+    combine = DistillationTrainer._combine
+
+    def combined(self, model, terms, weights):
+        total = combine(self, model, terms, weights)
+        if model.training and int(os.environ.get("RANK", "0")) == rank and self.state.global_step == step:
+            record["nan_steps"] = record.get("nan_steps", 0) + 1
+            return total * float("nan")
+        return total
+
+    DistillationTrainer._combine = combined
+
+
 def install_probes() -> None:
     _wrap(DistillationTrainer, "compute_loss", before=_on_loss)
     _wrap(DistillationTrainer, "train", after=_on_trained)
@@ -78,6 +94,10 @@ def install_probes() -> None:
     _wrap(pipeline, "save_config", before=_write("config"))
     _wrap(pipeline, "export_final", before=_write("export"))
     _wrap(PipelineState, "save", before=_write("state"))
+    if os.environ.get("PROBE_NAN"):
+        _nan_on(os.environ["PROBE_NAN"])
+        _wrap(DistillationTrainer, "_step_is_skipped",
+              after=lambda skipped, *a, **k: record.setdefault("skipped", []).append(skipped))
 
 
 if __name__ == "__main__":

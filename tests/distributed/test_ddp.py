@@ -83,3 +83,20 @@ def test_two_processes_shard_data_and_agree_on_the_student(launcher, tmp_path, t
     assert [h["step"] for h in history if "loss" in h] == list(range(1, STEPS + 1))
     assert "student_after" in json.loads((run_dir / "metrics.json").read_text())
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final").config.num_hidden_layers == 2
+
+
+@pytest.mark.multiprocess
+def test_a_nonfinite_loss_on_one_process_skips_the_step_on_both(tmp_path, teacher_dir, student_dir, qa_jsonl):
+    """Process 1 alone sees a NaN loss at the second step: both processes skip that step together (no hang in the
+    gradient sync, no replica stepping alone) and training goes on."""
+    cfg = _config(tmp_path, teacher_dir, student_dir, qa_jsonl, fused=False)
+    env = {**os.environ, "PROBE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "PROBE_NAN": "1:1"}
+    proc = subprocess.run(LAUNCHERS["torchrun"] + [str(PROBE), "run", str(cfg)], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    probes = [json.loads((tmp_path / f"probe-rank{r}.json").read_text()) for r in (0, 1)]
+    assert probes[1]["nan_steps"] == 1 and "nan_steps" not in probes[0]
+    assert probes[0]["skipped"] == probes[1]["skipped"] == [False, True] + [False] * (STEPS - 2)
+    assert probes[0]["digest"] == probes[1]["digest"]
+    history = json.loads((tmp_path / "run" / "kd" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, STEPS + 1))

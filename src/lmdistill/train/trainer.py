@@ -75,16 +75,14 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class _ClearGradients(TrainerCallback):
-    """Clears the gradients of parameters outside the model at every step's end, as Trainer does for the model's
-    (also when the fp16 scaler skipped the optimizer step)."""
+class _StepEnd(TrainerCallback):
+    """Runs the trainer's own end-of-step bookkeeping, also when an fp16 scaler skipped the optimizer step."""
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.params = params
+    def __init__(self, trainer: "DistillationTrainer") -> None:
+        self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        for p in self.params:
-            p.grad = None
+        self.trainer._end_step()
 
 
 def _output_layer(model: nn.Module) -> nn.Module:
@@ -194,6 +192,7 @@ class DistillationTrainer(Trainer):
         self._term_counts: dict[str, int] = defaultdict(int)
         self._nonfinite_in_a_row = 0
         self._skip_optimizer_step = False
+        self._nonfinite_terms: set[str] = set()
         # The projections of hidden-state terms live outside the model, so Trainer neither syncs, clips nor clears
         # their gradients: training_step, the optimizer step and a callback do it for them.
         self._projections = [p for module in (self.aux.feature, self.aux.contrastive) if module is not None
@@ -202,8 +201,7 @@ class DistillationTrainer(Trainer):
             raise TrainingError("the feature / contrastive terms learn projections outside the student, which "
                                 "DeepSpeed's engine neither syncs nor checkpoints: drop those terms for DeepSpeed runs, "
                                 "or train with DDP / FSDP")
-        if self._projections:
-            self.add_callback(_ClearGradients(self._projections))
+        self.add_callback(_StepEnd(self))
 
     # ------------------------------------------------------------------ optimiser: trainable projections + skip guard
     def create_optimizer(self, model=None):
@@ -215,17 +213,23 @@ class DistillationTrainer(Trainer):
         step = optimizer.step
 
         def guarded_step(*a, **kw):
+            if self._step_is_skipped():
+                optimizer.zero_grad(set_to_none=True)
+                return None
             if projections and self.args.max_grad_norm > 0:
                 # Trainer clips the model's gradients only; the projections get the same limit on their own norm.
                 torch.nn.utils.clip_grad_norm_(projections, self.args.max_grad_norm)
-            if self._skip_optimizer_step:
-                self._skip_optimizer_step = False
-                optimizer.zero_grad(set_to_none=True)
-                return None
             return step(*a, **kw)
 
         optimizer.step = guarded_step
         return optimizer
+
+    def _end_step(self) -> None:
+        # Trainer clears the model's gradients after each step; the projections' would otherwise add up.
+        for p in self._projections:
+            p.grad = None
+        self._skip_optimizer_step = False
+        self._nonfinite_terms.clear()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -362,7 +366,7 @@ class DistillationTrainer(Trainer):
         total = self._combine(model, terms, weights)
 
         if model.training:
-            total = self._guard_nonfinite(total, terms)
+            total = self._guard_nonfinite(model, total, terms)
             self._record({name: value * spread for name, value in terms.items()}, weights)
         return (total * spread, student_out) if return_outputs else total * spread
 
@@ -399,21 +403,33 @@ class DistillationTrainer(Trainer):
         return terms
 
     # ------------------------------------------------------------------ non-finite guard and per-term logging
-    def _guard_nonfinite(self, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _guard_nonfinite(self, model: nn.Module, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
         if not bad and torch.isfinite(total.detach()):
-            self._nonfinite_in_a_row = 0
             return total
-        self._nonfinite_in_a_row += 1
-        names = ", ".join(bad) or "total"
+        self._nonfinite_terms.update(bad or ["total"])
+        log.warning("step %d: non-finite loss term(s) %s; skipping this step", self.state.global_step,
+                    ", ".join(bad) or "total")
+        self._skip_optimizer_step = True
+        # Zero through every trainable parameter: the backward runs its DDP gradient sync like the other processes'
+        # (finite zeros, so an fp16 scaler does not skip the step behind the guard's back).
+        return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+
+    def _step_is_skipped(self) -> bool:
+        """Whether this optimizer step is skipped: a micro-batch of it had a non-finite loss on any process (all
+        processes decide alike, as they share gradients). MAX_NONFINITE_IN_A_ROW skipped steps stop the run."""
+        skip = self._skip_optimizer_step
+        if self.accelerator.num_processes > 1:
+            skip = bool(self.accelerator.reduce(torch.tensor(float(skip), device=self.args.device), "sum") > 0)
+        names = ", ".join(sorted(self._nonfinite_terms)) or "(on another process)"
+        self._skip_optimizer_step = False
+        self._nonfinite_terms.clear()
+        self._nonfinite_in_a_row = self._nonfinite_in_a_row + 1 if skip else 0
         if self._nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
             raise TrainingError(
                 f"loss term(s) {names} were NaN/inf {self._nonfinite_in_a_row} steps in a row (step "
                 f"{self.state.global_step}); lower the learning rate, check the data, or use float32/bf16 instead of fp16")
-        log.warning("step %d: non-finite loss term(s) %s; skipping this step", self.state.global_step, names)
-        self._skip_optimizer_step = True
-        # A leaf with grad so Trainer's backward runs and leaves every parameter's gradient untouched.
-        return torch.zeros((), device=total.device, requires_grad=True)
+        return skip
 
     def _record(self, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> None:
         for name, value in terms.items():
