@@ -17,8 +17,6 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +29,8 @@ from lmdistill.errors import TrainingError
 from lmdistill.losses import DistillObjective
 from lmdistill.models.sharding import is_sharded, release_gathered
 from lmdistill.train.deepspeed_teacher import deepspeed_teacher
+from lmdistill.train.heads import (has_adapter, head_inputs, head_rows, logit_scale, output_layer, same_device, softcap,
+                                   unwrapped)
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,6 @@ class TeacherCacheLookup(Protocol):
                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP / accelerate wrappers and peft."""
-    while isinstance(getattr(model, "module", None), nn.Module):  # DistributedDataParallel and kin
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class _StepEnd(TrainerCallback):
     """Runs the trainer's own end-of-step bookkeeping, also when an fp16 scaler skipped the optimizer step."""
 
@@ -83,69 +76,6 @@ class _StepEnd(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._end_step()
-
-
-def _output_layer(model: nn.Module) -> nn.Module:
-    return _unwrapped(model).get_output_embeddings()
-
-
-@contextmanager
-def _head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """While active, the model's lm_head records its input (the hidden states exactly as they reach it, after any
-    scaling the architecture applies, e.g. T5's d_model^-0.5) and returns empty logits [..., 0]. The forward pass
-    still goes through the model's wrappers (DDP registers its gradient sync there); the fused loss applies the head
-    itself, a chunk of tokens at a time, so the [B, T, V] logits never exist."""
-    head = _output_layer(model)
-    captured: list[torch.Tensor] = []
-    had_own = "forward" in vars(head)  # e.g. accelerate's device hook on a dispatched model
-    previous = vars(head).get("forward")
-
-    def record(hidden: torch.Tensor) -> torch.Tensor:
-        captured.append(hidden)
-        return hidden.new_empty(*hidden.shape[:-1], 0)
-
-    head.forward = record  # an instance attribute shadows the class's forward
-    try:
-        yield captured
-    finally:
-        if had_own:
-            head.forward = previous
-        else:
-            del head.forward
-    if not captured:
-        raise TrainingError(f"fused: true: {type(_unwrapped(model)).__name__} never called its output layer "
-                            "(get_output_embeddings()); set fused: false")
-
-
-def _has_adapter(layer: nn.Module) -> bool:
-    """A peft tuner layer (LoRA and kin) wraps this layer: its output is more than weight and bias."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return False
-    return isinstance(layer, BaseTunerLayer)
-
-
-def _head_rows(head: nn.Module, vocab: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An output layer's weight [V, H] and bias [V], their rows cut to the first `vocab` (None: all)."""
-    bias = head.bias if getattr(head, "bias", None) is not None else None
-    if vocab is None:
-        return head.weight, bias
-    return head.weight[:vocab], bias[:vocab] if bias is not None else None
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """cpu and cpu:0 (what Trainer reports under a launcher) are one device; cuda:0 and cuda:1 are not."""
-    return a.type == b.type and (a.type == "cpu" or a.index == b.index)
-
-
-def _softcap(model: nn.Module) -> float | None:
-    return getattr(_unwrapped(model).config, "final_logit_softcapping", None)
-
-
-def _logit_scale(model: nn.Module) -> float:
-    """A scale the model applies to its logits after the head (Cohere's `logit_scale`)."""
-    return float(getattr(_unwrapped(model).config, "logit_scale", None) or 1.0)
 
 
 class DistillationTrainer(Trainer):
@@ -161,10 +91,10 @@ class DistillationTrainer(Trainer):
         if objective.needs_teacher and teacher is None and teacher_cache is None:
             raise TrainingError("the stage's losses need a teacher, but neither a live teacher nor a cache was given")
         for who, m in (("student", self.model), ("teacher", teacher)):
-            if fused and m is not None and hasattr(_unwrapped(m), "final_logits_bias"):
+            if fused and m is not None and hasattr(unwrapped(m), "final_logits_bias"):
                 raise TrainingError(f"fused: true cannot apply the {who}'s final_logits_bias (BART-style heads add it "
                                     "after the lm_head); set fused: false and bound the loss memory with chunk_size")
-        if fused and _has_adapter(_output_layer(self.model)):
+        if fused and has_adapter(output_layer(self.model)):
             raise TrainingError("fused: true applies the student's lm_head weight itself, so a LoRA adapter on "
                                 "lm_head would be left out of the loss: remove lm_head from student.lora."
                                 "target_modules, or set fused: false")
@@ -172,7 +102,7 @@ class DistillationTrainer(Trainer):
             raise TrainingError("fused: true reads the teacher's and the student's lm_head weights directly, but FSDP / "
                                 "DeepSpeed ZeRO-3 shard them over the processes: set fused: false (chunk_size bounds "
                                 "the loss memory instead)")
-        if fused and teacher is not None and not _same_device(next(teacher.parameters()).device, self.args.device):
+        if fused and teacher is not None and not same_device(next(teacher.parameters()).device, self.args.device):
             raise TrainingError("fused: true needs the teacher on the student's device (its lm_head enters the "
                                 "loss); set teacher.device to the student's, or fused: false")
         self.teacher = teacher
@@ -269,10 +199,10 @@ class DistillationTrainer(Trainer):
         kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                       output_hidden_states=self.aux.needs_hidden, output_attentions=self.aux.needs_attentions)
         if self.task_type == "seq2seq":
-            kwargs["decoder_input_ids"] = _unwrapped(model).prepare_decoder_input_ids_from_labels(labels=labels)
+            kwargs["decoder_input_ids"] = unwrapped(model).prepare_decoder_input_ids_from_labels(labels=labels)
         if not body_only:
             return model(**kwargs)
-        with _head_inputs(model) as captured:
+        with head_inputs(model) as captured:
             out = model(**kwargs)
         out["head_input"] = captured[-1]
         return out
@@ -319,24 +249,24 @@ class DistillationTrainer(Trainer):
 
         if self.fused:
             # The heads' rows cut to the shared vocabulary: the same cut as the logits' in the branch below.
-            s_weight, s_bias = _head_rows(_output_layer(model), self.shared_vocab)
+            s_weight, s_bias = head_rows(output_layer(model), self.shared_vocab)
             s_hidden = student_out.head_input[:, :-1] if shift else student_out.head_input
             if self.teacher_cache is not None and self.objective.needs_teacher:
                 ids, logprobs, tail = self.teacher_cache.lookup(example_ids, target)
                 out = self.objective.fused_cached(
                     s_hidden, s_weight, s_bias, ids, logprobs, target, num_items=num_items_in_batch,
                     cache_temperature=self.teacher_cache.cache_temperature, tail=self.teacher_cache.tail,
-                    teacher_tail=tail, student_softcap=_softcap(model), student_logit_scale=_logit_scale(model))
+                    teacher_tail=tail, student_softcap=softcap(model), student_logit_scale=logit_scale(model))
             else:
                 t_hidden, t_weight, t_bias = None, None, None
                 if teacher_out is not None and self.objective.needs_teacher:
                     t_hidden = teacher_out.head_input[:, :-1] if shift else teacher_out.head_input
-                    t_weight, t_bias = _head_rows(_output_layer(self.teacher), self.shared_vocab)
+                    t_weight, t_bias = head_rows(output_layer(self.teacher), self.shared_vocab)
                 out = self.objective.fused(
                     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, num_items=num_items_in_batch,
-                    student_softcap=_softcap(model), teacher_softcap=_softcap(self.teacher) if self.teacher else None,
-                    student_logit_scale=_logit_scale(model),
-                    teacher_logit_scale=_logit_scale(self.teacher) if self.teacher else 1.0)
+                    student_softcap=softcap(model), teacher_softcap=softcap(self.teacher) if self.teacher else None,
+                    student_logit_scale=logit_scale(model),
+                    teacher_logit_scale=logit_scale(self.teacher) if self.teacher else 1.0)
         else:
             s_logits = student_out.logits[:, :-1] if shift else student_out.logits
             if self.shared_vocab is not None:
