@@ -80,3 +80,21 @@ def test_generations_stage_with_live_kd_and_bad_file(teacher_config, generations
     other.write_text(generations_file.read_text().replace('"tokenizer": "', '"tokenizer": "x'))
     with pytest.raises(DataError, match="line 1 was generated with another tokenizer"):
         load_generations(other, tokenizer_hash(tokenizer), 32, "causal")
+
+
+def test_a_sharded_teacher_needs_complete_generations(teacher_config, tmp_path):
+    """A sharded teacher cannot generate inside `run` (its forwards are collective): the stage needs the whole file
+    from `lmdistill generate`, and a partial one is refused with the number of missing rows."""
+    from lmdistill.errors import ConfigError
+    from lmdistill.teacher.commands import ensure_generations
+
+    config = config_from_dict(teacher_config(generation={**GENERATION, "path": str(tmp_path / "gen.jsonl"),
+                                                         "num_samples": 1, "max_new_tokens": 4}))
+    path, _ = generate(config)
+    prep = pipeline.prepare(config)
+    prep.teacher._is_fsdp_managed_module = True  # what transformers marks a teacher it loaded sharded
+    assert ensure_generations(config, prep) == path  # complete: used as it is
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-2]))
+    with pytest.raises(ConfigError, match=r"gen.jsonl lacks 2 rows and the teacher is sharded.*lmdistill generate"):
+        ensure_generations(config, prep)

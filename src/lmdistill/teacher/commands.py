@@ -8,7 +8,7 @@ from lmdistill.config import GenerationSettings, PipelineConfig
 from lmdistill.errors import ConfigError
 from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
 from lmdistill.teacher.fingerprint import model_config_hash, tokenizer_hash
-from lmdistill.teacher.generate import generate_responses
+from lmdistill.teacher.generate import generate_responses, missing_generations
 from lmdistill.teacher.manifest import Manifest
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes
 from lmdistill.teacher.stage import cache_dir, generations_path
@@ -97,9 +97,12 @@ def ensure_generations(config: PipelineConfig, prep, processes: Processes = ONE_
     path = generations_path(config)
     if is_sharded(prep.teacher):
         # Generation splits the prompts over the processes, which a sharded teacher (collective forwards) cannot.
-        if not path.exists():
-            raise ConfigError(f"the non_policy stage trains on teacher generations, but {path} does not exist and the "
-                              "teacher is sharded over the processes: run `lmdistill generate CONFIG` first (it "
+        names = _generation_sources(config, config.generation)
+        missing = missing_generations(path, {name: prep.sources[name] for name in names},
+                                      config.generation.num_samples, prep.task_type)
+        if missing:
+            raise ConfigError(f"the non_policy stage trains on teacher generations, but {path} lacks {missing} rows and "
+                              "the teacher is sharded over the processes: run `lmdistill generate CONFIG` first (it "
                               "loads a whole teacher per process), or set teacher.shard: never")
         return path
     if prep.teacher is not None:

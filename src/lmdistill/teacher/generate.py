@@ -57,6 +57,19 @@ def _read_complete(path: Path, num_samples: int) -> tuple[list[dict], set[tuple[
     return [line for line in lines if (line["source"], line["row_id"]) in done], done
 
 
+def _rows_to_generate(sources: dict[str, list[dict]], done: set[tuple[str, int]],
+                      task_type: str) -> list[tuple[str, dict]]:
+    """(source, example) pairs that have a prompt and are not complete in the file yet."""
+    return [(name, ex) for name, rows in sources.items() for ex in rows
+            if (name, ex["row_id"]) not in done and (task_type == "seq2seq" or ex.get("prompt_length"))]
+
+
+def missing_generations(out: str | Path, sources: dict[str, list[dict]], num_samples: int, task_type: str) -> int:
+    """How many rows of `sources` the generations file `out` still lacks (rows in the per-process parts of a run
+    that died before merging count as missing: a rerun of `generate` merges them)."""
+    return len(_rows_to_generate(sources, _read_complete(Path(out), num_samples)[1], task_type))
+
+
 def _rewrite(path: Path, lines: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
@@ -110,8 +123,7 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
     processes.wait_for_everyone()
     _, done = _read_complete(out, settings.num_samples)
     collator = DistillCollator(tokenizer.pad_token_id, task_type=task_type)
-    todo = [(name, ex) for name, rows in sources.items() for ex in rows
-            if (name, ex["row_id"]) not in done and (task_type == "seq2seq" or ex.get("prompt_length"))]
+    todo = _rows_to_generate(sources, done, task_type)
     if done:
         log.info("generations %s: %d rows already written, %d to go", out, len(done), len(todo))
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p,
