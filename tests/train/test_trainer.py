@@ -252,3 +252,25 @@ def test_fused_refuses_a_lora_adapter_on_the_lm_head(student_dir, teacher, tmp_p
     with pytest.raises(TrainingError, match="LoRA adapter on lm_head would be left out.*target_modules"):
         DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), teacher=teacher, fused=True,
                             objective=DistillObjective([LossTerm("forward_kl", 1.0, {})]))
+
+
+def test_teacher_logits_are_not_computed_for_hidden_state_terms_alone(student_dir, teacher, tmp_path):
+    """CE on labels plus a feature term: the teacher runs for its hidden states, and its [B, T, V] logits, which no
+    term reads, are never formed."""
+    from lmdistill.config import StageSettings
+    from lmdistill.train.stage import build_aux
+
+    stage = StageSettings(name="f", losses=[{"name": "cross_entropy"}, {"name": "feature", "weight": 1.0}])
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    args = TrainingArguments(output_dir=str(tmp_path / "hidden"), report_to="none", use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no")
+    trainer = DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), teacher=teacher,
+                                  objective=DistillObjective([LossTerm("cross_entropy", 1.0, {})]),
+                                  aux=build_aux(stage, student, teacher))
+    widths = []
+    hook = teacher.lm_head.register_forward_hook(lambda module, args, out: widths.append(out.shape[-1]))
+    try:
+        loss = trainer.compute_loss(student, DistillCollator(0)(_examples()))
+    finally:
+        hook.remove()
+    assert torch.isfinite(loss) and widths == [0]

@@ -90,21 +90,8 @@ class DistillationTrainer(Trainer):
             teacher = deepspeed_teacher(teacher, self.accelerator)
         if objective.needs_teacher and teacher is None and teacher_cache is None:
             raise TrainingError("the stage's losses need a teacher, but neither a live teacher nor a cache was given")
-        for who, m in (("student", self.model), ("teacher", teacher)):
-            if fused and m is not None and hasattr(unwrapped(m), "final_logits_bias"):
-                raise TrainingError(f"fused: true cannot apply the {who}'s final_logits_bias (BART-style heads add it "
-                                    "after the lm_head); set fused: false and bound the loss memory with chunk_size")
-        if fused and has_adapter(output_layer(self.model)):
-            raise TrainingError("fused: true applies the student's lm_head weight itself, so a LoRA adapter on "
-                                "lm_head would be left out of the loss: remove lm_head from student.lora."
-                                "target_modules, or set fused: false")
-        if fused and (is_sharded(teacher) or self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
-            raise TrainingError("fused: true reads the teacher's and the student's lm_head weights directly, but FSDP / "
-                                "DeepSpeed ZeRO-3 shard them over the processes: set fused: false (chunk_size bounds "
-                                "the loss memory instead)")
-        if fused and teacher is not None and not same_device(next(teacher.parameters()).device, self.args.device):
-            raise TrainingError("fused: true needs the teacher on the student's device (its lm_head enters the "
-                                "loss); set teacher.device to the student's, or fused: false")
+        if fused:
+            self._check_fused(teacher)
         self.teacher = teacher
         self._teacher_sharded = is_sharded(teacher)
         self.teacher_cache = teacher_cache
@@ -132,6 +119,24 @@ class DistillationTrainer(Trainer):
                                 "DeepSpeed's engine neither syncs nor checkpoints: drop those terms for DeepSpeed runs, "
                                 "or train with DDP / FSDP")
         self.add_callback(_StepEnd(self))
+
+    def _check_fused(self, teacher: nn.Module | None) -> None:
+        """fused: true applies the output layers itself, from their weights: refuse heads it cannot reproduce."""
+        for who, model in (("student", self.model), ("teacher", teacher)):
+            if model is not None and hasattr(unwrapped(model), "final_logits_bias"):
+                raise TrainingError(f"fused: true cannot apply the {who}'s final_logits_bias (BART-style heads add it "
+                                    "after the lm_head); set fused: false and bound the loss memory with chunk_size")
+        if has_adapter(output_layer(self.model)):
+            raise TrainingError("fused: true applies the student's lm_head weight itself, so a LoRA adapter on "
+                                "lm_head would be left out of the loss: remove lm_head from student.lora."
+                                "target_modules, or set fused: false")
+        if is_sharded(teacher) or self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise TrainingError("fused: true reads the teacher's and the student's lm_head weights directly, but FSDP / "
+                                "DeepSpeed ZeRO-3 shard them over the processes: set fused: false (chunk_size bounds "
+                                "the loss memory instead)")
+        if teacher is not None and not same_device(next(teacher.parameters()).device, self.args.device):
+            raise TrainingError("fused: true needs the teacher on the student's device (its lm_head enters the "
+                                "loss); set teacher.device to the student's, or fused: false")
 
     # ------------------------------------------------------------------ optimiser: trainable projections + skip guard
     def create_optimizer(self, model=None):
@@ -216,7 +221,8 @@ class DistillationTrainer(Trainer):
             inputs = {key: inputs[key].to(there) for key in ("input_ids", "attention_mask")}
             labels = labels.to(there)
         with torch.no_grad():
-            out = self._forward(self.teacher, inputs, labels, body_only=self.fused)
+            # Logits only where the logit terms read them (not fused, no cache): hidden-state terms need none.
+            out = self._forward(self.teacher, inputs, labels, body_only=self.fused or not self._teacher_logits_needed)
         if self._teacher_sharded:
             release_gathered(self.teacher)
         if there == here:
@@ -230,11 +236,15 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ the loss
     @property
+    def _teacher_logits_needed(self) -> bool:
+        """The logit terms score the live teacher's distribution (not a cache's)."""
+        return self.teacher is not None and self.objective.needs_teacher and self.teacher_cache is None
+
+    @property
     def _needs_teacher_forward(self) -> bool:
         if self.teacher is None:
             return False
-        logits_from_teacher = self.objective.needs_teacher and self.teacher_cache is None
-        return logits_from_teacher or self.aux.needs_hidden or self.aux.needs_attentions
+        return self._teacher_logits_needed or self.aux.needs_hidden or self.aux.needs_attentions
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -242,15 +252,18 @@ class DistillationTrainer(Trainer):
         student_out = self._forward(model, inputs, labels, body_only=self.fused)
         teacher_out = self._teacher_outputs(inputs, labels) if self._needs_teacher_forward else None
 
-        shift = self.task_type == "causal"
-        target = labels[:, 1:] if shift else labels
+        # Causal LMs: position t predicts label t+1 (one shift, here); seq2seq decoders are aligned already.
+        def aligned(per_position: torch.Tensor) -> torch.Tensor:
+            return per_position[:, :-1] if self.task_type == "causal" else per_position
+
+        target = labels[:, 1:] if self.task_type == "causal" else labels
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(labels.device)
 
         if self.fused:
             # The heads' rows cut to the shared vocabulary: the same cut as the logits' in the branch below.
             s_weight, s_bias = head_rows(output_layer(model), self.shared_vocab)
-            s_hidden = student_out.head_input[:, :-1] if shift else student_out.head_input
+            s_hidden = aligned(student_out.head_input)
             if self.teacher_cache is not None and self.objective.needs_teacher:
                 ids, logprobs, tail = self.teacher_cache.lookup(example_ids, target)
                 out = self.objective.fused_cached(
@@ -259,8 +272,8 @@ class DistillationTrainer(Trainer):
                     teacher_tail=tail, student_softcap=softcap(model), student_logit_scale=logit_scale(model))
             else:
                 t_hidden, t_weight, t_bias = None, None, None
-                if teacher_out is not None and self.objective.needs_teacher:
-                    t_hidden = teacher_out.head_input[:, :-1] if shift else teacher_out.head_input
+                if self._teacher_logits_needed:
+                    t_hidden = aligned(teacher_out.head_input)
                     t_weight, t_bias = head_rows(output_layer(self.teacher), self.shared_vocab)
                 out = self.objective.fused(
                     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, num_items=num_items_in_batch,
@@ -268,20 +281,14 @@ class DistillationTrainer(Trainer):
                     student_logit_scale=logit_scale(model),
                     teacher_logit_scale=logit_scale(self.teacher) if self.teacher else 1.0)
         else:
-            s_logits = student_out.logits[:, :-1] if shift else student_out.logits
-            if self.shared_vocab is not None:
-                s_logits = s_logits[..., : self.shared_vocab]
+            s_logits = aligned(student_out.logits)[..., : self.shared_vocab]
             if self.teacher_cache is not None and self.objective.needs_teacher:
                 ids, logprobs, tail = self.teacher_cache.lookup(example_ids, target)
                 out = self.objective.cached(s_logits, ids, logprobs, target, num_items=num_items_in_batch,
                                             cache_temperature=self.teacher_cache.cache_temperature,
                                             tail=self.teacher_cache.tail, teacher_tail=tail)
             else:
-                t_logits = None
-                if teacher_out is not None and self.objective.needs_teacher:
-                    t_logits = teacher_out.logits[:, :-1] if shift else teacher_out.logits
-                    if self.shared_vocab is not None:
-                        t_logits = t_logits[..., : self.shared_vocab]
+                t_logits = aligned(teacher_out.logits)[..., : self.shared_vocab] if self._teacher_logits_needed else None
                 out = self.objective(s_logits, t_logits, target, num_items=num_items_in_batch)
 
         # The logit terms divide by the tokens of all processes (num_items), so each process holds its share of the
