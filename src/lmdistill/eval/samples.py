@@ -109,8 +109,7 @@ class SamplesCallback(TrainerCallback):
         if self._teacher_outputs is None:
             self._teacher_outputs = generate_continuations(self.teacher, self.tokenizer, self.prompts,
                                                            self.max_new_tokens, self.batch_size)
-            if is_sharded(self.teacher):
-                release_gathered(self.teacher)
+            release_gathered(self.teacher)  # a sharded teacher back to its shards before training goes on
         records = side_by_side(self._teacher_outputs, model, self.tokenizer, self.prompts, self.max_new_tokens,
                                self.batch_size)
         if not state.is_world_process_zero:

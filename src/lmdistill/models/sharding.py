@@ -66,12 +66,15 @@ def local_parameter_count(model: nn.Module) -> tuple[int, int]:
     return local, total
 
 
-def release_gathered(model: nn.Module) -> None:
+def release_gathered(model: nn.Module | None) -> None:
     """Free the whole weights an FSDP2 forward left gathered. FSDP2 keeps the root's group (and modules planned
     `keep_full_weight`, such as the lm_head) whole after a forward, for a backward pass; a frozen teacher never runs
-    one, so without this its root would stay whole on every process. Local: no communication."""
+    one, so without this its root would stay whole on every process. Local: no communication; nothing to do for a
+    model that is not sharded (or None)."""
     from torch.distributed.fsdp import FSDPModule
 
+    if not isinstance(model, nn.Module):
+        return
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from lmdistill.config import EvalDrivenSettings
 from lmdistill.data.mixture import MixtureDataset, reweight_by_gap
 from lmdistill.eval.metrics import agreement_and_kl
-from lmdistill.models.sharding import is_sharded, release_gathered
+from lmdistill.models.sharding import release_gathered
 
 log = logging.getLogger(__name__)
 STATE_FILE = "mixture_feedback.json"
@@ -56,8 +56,7 @@ class EvalDrivenSampling(TrainerCallback):
             return
         gaps = {name: agreement_and_kl(self.teacher, model, examples, self.batch_size)["mean_kl"]
                 for name, examples in self.groups.items()}
-        if is_sharded(self.teacher):
-            release_gathered(self.teacher)  # back to its shards before training goes on
+        release_gathered(self.teacher)  # a sharded teacher back to its shards before training goes on
         current = self.dataset.current_feedback(list(gaps))
         weights = reweight_by_gap(gaps, current, sharpness=self.settings.sharpness,
                                   min_weight=self.settings.min_weight)

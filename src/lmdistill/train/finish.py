@@ -12,7 +12,7 @@ from lmdistill.config import PipelineConfig
 from lmdistill.eval.evaluate import evaluate_models, prompts_and_references, read_metrics, write_metrics
 from lmdistill.eval.report import write_report
 from lmdistill.export import export_student
-from lmdistill.models.sharding import is_sharded, release_gathered
+from lmdistill.models.sharding import release_gathered
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ def evaluate_roles(config: PipelineConfig, run_dir: Path, models: dict[str, torc
                               measure_speed=config.evaluation.measure_speed,
                               batch_size=config.training.eval_batch_size,
                               max_new_tokens=config.generation.max_new_tokens)
-    if is_sharded(teacher):
-        release_gathered(teacher)  # a sharded teacher back to its shards before training goes on
+    release_gathered(teacher)  # a sharded teacher back to its shards before training goes on
     if write:
         write_metrics(run_dir, metrics)
     return metrics
