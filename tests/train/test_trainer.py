@@ -40,6 +40,18 @@ def _train_once(student_dir, teacher, batch, accum, tmp_path, objective=None, st
     return before, student, trainer
 
 
+def _loss_trainer(student, teacher, tmp_path, objective, stage_losses=None, **kw) -> DistillationTrainer:
+    """A trainer to call compute_loss on (no training): `objective`, plus the hidden-state terms of `stage_losses`."""
+    from lmdistill.config import StageSettings
+    from lmdistill.train.stage import build_aux
+
+    aux = build_aux(StageSettings(name="s", losses=stage_losses), student, teacher) if stage_losses else None
+    args = TrainingArguments(output_dir=str(tmp_path / "loss"), report_to="none", use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no")
+    return DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), teacher=teacher,
+                               objective=objective, aux=aux, **kw)
+
+
 @pytest.fixture(scope="module")
 def teacher(teacher_dir):
     model = AutoModelForCausalLM.from_pretrained(teacher_dir)
@@ -203,14 +215,11 @@ def test_fused_path_cuts_padded_head_rows_like_the_logits_path(student_dir, teac
     student.resize_token_embeddings(shared + 8)
     with torch.no_grad():
         student.get_output_embeddings().weight[shared:] = 5.0  # padding rows that would dominate a softmax
-    args = TrainingArguments(output_dir=str(tmp_path / "pad"), report_to="none", use_cpu=True,
-                             remove_unused_columns=False, save_strategy="no")
     batch = DistillCollator(0)(_examples())
     student.eval()
     losses = []
     for fused in (False, True):
-        trainer = DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), objective=objective,
-                                      teacher=teacher, shared_vocab=shared, fused=fused)
+        trainer = _loss_trainer(student, teacher, tmp_path, objective, shared_vocab=shared, fused=fused)
         student.zero_grad()
         loss = trainer.compute_loss(student, dict(batch))
         loss.backward()
@@ -223,16 +232,9 @@ def test_hidden_state_terms_are_not_multiplied_by_the_process_count(student_dir,
     """Under N processes a logit term is this process's share of a global mean (num_items counts every process's
     tokens) and the loss is multiplied by N against DDP's gradient average. The feature term, a per-process mean,
     must come out of that as itself: two simulated processes holding equal batches give the one-process loss."""
-    from lmdistill.config import StageSettings
-    from lmdistill.train.stage import build_aux
-
-    stage = StageSettings(name="f", losses=[{"name": "forward_kl"}, {"name": "feature", "weight": 1.0}])
     student = AutoModelForCausalLM.from_pretrained(student_dir)
-    args = TrainingArguments(output_dir=str(tmp_path / "spread"), report_to="none", use_cpu=True,
-                             remove_unused_columns=False, save_strategy="no")
-    trainer = DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), teacher=teacher,
-                                  objective=DistillObjective([LossTerm("forward_kl", 1.0, {})]),
-                                  aux=build_aux(stage, student, teacher))
+    trainer = _loss_trainer(student, teacher, tmp_path, DistillObjective([LossTerm("forward_kl", 1.0, {})]),
+                            [{"name": "forward_kl"}, {"name": "feature", "weight": 1.0}])
     batch = DistillCollator(0)(_examples())
     counted = (batch["labels"][:, 1:] != -100).sum()
     student.eval()
@@ -247,26 +249,16 @@ def test_fused_refuses_a_lora_adapter_on_the_lm_head(student_dir, teacher, tmp_p
 
     student = get_peft_model(AutoModelForCausalLM.from_pretrained(student_dir),
                              LoraConfig(r=2, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=str(tmp_path / "lora"), report_to="none", use_cpu=True,
-                             remove_unused_columns=False, save_strategy="no")
     with pytest.raises(TrainingError, match="LoRA adapter on lm_head would be left out.*target_modules"):
-        DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), teacher=teacher, fused=True,
-                            objective=DistillObjective([LossTerm("forward_kl", 1.0, {})]))
+        _loss_trainer(student, teacher, tmp_path, DistillObjective([LossTerm("forward_kl", 1.0, {})]), fused=True)
 
 
 def test_teacher_logits_are_not_computed_for_hidden_state_terms_alone(student_dir, teacher, tmp_path):
     """CE on labels plus a feature term: the teacher runs for its hidden states, and its [B, T, V] logits, which no
     term reads, are never formed."""
-    from lmdistill.config import StageSettings
-    from lmdistill.train.stage import build_aux
-
-    stage = StageSettings(name="f", losses=[{"name": "cross_entropy"}, {"name": "feature", "weight": 1.0}])
     student = AutoModelForCausalLM.from_pretrained(student_dir)
-    args = TrainingArguments(output_dir=str(tmp_path / "hidden"), report_to="none", use_cpu=True,
-                             remove_unused_columns=False, save_strategy="no")
-    trainer = DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), teacher=teacher,
-                                  objective=DistillObjective([LossTerm("cross_entropy", 1.0, {})]),
-                                  aux=build_aux(stage, student, teacher))
+    trainer = _loss_trainer(student, teacher, tmp_path, DistillObjective([LossTerm("cross_entropy", 1.0, {})]),
+                            [{"name": "cross_entropy"}, {"name": "feature", "weight": 1.0}])
     widths = []
     hook = teacher.lm_head.register_forward_hook(lambda module, args, out: widths.append(out.shape[-1]))
     try:
