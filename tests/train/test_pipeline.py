@@ -108,6 +108,40 @@ def test_student_from_teacher_layers_reloads(tiny_pipeline):
     assert final.config.num_hidden_layers == 2 and len(final.model.layers) == 2
 
 
+def _base_size(model) -> tuple[int, int]:
+    """(decoder layers, parameters outside the LoRA adapters) of a plain or peft model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return len(base.model.layers), sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_layer_dropped_student_with_lora_stays_at_its_size_in_every_later_stage(tiny_pipeline, teacher_dir,
+                                                                               monkeypatch):
+    """The adapters' base is the layer-dropped student, not the teacher it was cut from: the next stage, best/ and
+    final/ all hold 2 layers of the 4-layer teacher."""
+    import lmdistill.train.pipeline as pipeline
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    dropped = sum(p.numel() for i in (1, 2) for p in teacher.model.layers[i].parameters())  # num_layers 2 keeps 0, 3
+    expected = (2, sum(p.numel() for p in teacher.parameters()) - dropped)
+    loaded = {}
+
+    def spy(settings, task_type, *, checkpoint=None, **kw):
+        model = load_student(settings, task_type, checkpoint=checkpoint, **kw)
+        loaded[checkpoint] = _base_size(model)
+        return model
+
+    load_student = pipeline.load_student
+    monkeypatch.setattr(pipeline, "load_student", spy)
+    stages = [{"name": "a", "max_steps": 2, "losses": KD}, {"name": "b", "max_steps": 2, "losses": KD}]
+    data = tiny_pipeline(stages, evaluation={"enabled": False, "report": False})
+    data["student"] = {"from_teacher": {"num_layers": 2}, "lora": {"r": 2}}
+    run_dir = run_pipeline(config_from_dict(data))
+    assert loaded[str(run_dir / "a" / "best")] == expected  # stage b's start
+    for folder in (run_dir / "a" / "best", run_dir / "b" / "best", run_dir / "final"):
+        assert _base_size(AutoModelForCausalLM.from_pretrained(folder)) == expected, folder
+    assert (run_dir / "final" / "model.safetensors").exists()  # merged, not an adapter folder over the teacher
+
+
 def test_resume_after_sigkill(tiny_pipeline, tmp_path):
     stages = [{"name": "a", "max_steps": 2, "losses": KD},
               {"name": "b", "max_steps": 120, "save_steps": 2, "losses": KD}]

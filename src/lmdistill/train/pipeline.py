@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lmdistill.config import PipelineConfig, StageSettings, save_config
+from lmdistill.config import PipelineConfig, StageSettings, StudentSettings, save_config
 from lmdistill.data.collate import DistillCollator
 from lmdistill.data.formats import load_source
 from lmdistill.data.tokenize import encode_rows
@@ -31,6 +31,7 @@ from lmdistill.errors import ConfigError
 from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_model, load_student, load_tokenizer,
                                    resolve_device)
 from lmdistill.models.sharding import is_sharded, local_parameter_count, teacher_shard_size
+from lmdistill.models.student_init import student_from_teacher
 from lmdistill.models.vocab import check_same_vocab
 from lmdistill.teacher.commands import ensure_generations
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
@@ -47,6 +48,7 @@ from lmdistill.train.trainer import AUX_FILE, DistillationTrainer
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "lmdistill_config.yaml"
+STUDENT_INIT_DIR = "student_init"
 STAGE_KINDS = {"all": None, "non_policy": {"non_policy"}, "policy": {"policy"}}
 
 
@@ -87,6 +89,7 @@ class Prepared:
     shared_vocab: int | None
     device: torch.device
     data_report: dict[str, dict] = field(default_factory=dict)
+    student: StudentSettings | None = None  # how this run loads its student (see saved_student_init)
 
 
 def student_tokenizer_name(config: PipelineConfig) -> str:
@@ -144,7 +147,30 @@ def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bo
     elif config.needs_teacher and load_teacher:
         raise ConfigError("the stages distill from a teacher, but teacher.name is not set (or use --teacher_model)")
     sources, eval_sets, report = load_data(config, tokenizer, task_type)
-    return Prepared(task_type, tokenizer, sources, eval_sets, teacher, shared_vocab, device, report)
+    return Prepared(task_type, tokenizer, sources, eval_sets, teacher, shared_vocab, device, report, config.student)
+
+
+def saved_student_init(config: PipelineConfig, prep: Prepared, run_dir: Path, processes) -> StudentSettings:
+    """A student built from the teacher's layers is saved once to RUN_DIR/student_init and loaded from there: its
+    LoRA adapters then name that folder as their base (not the teacher it was cut from), so later stages, best/,
+    final/ and `lmdistill eval` reload the student at its own size. Other students load as configured."""
+    if config.student.from_teacher is None:
+        return config.student
+    folder = run_dir / STUDENT_INIT_DIR
+
+    def write():
+        if (folder / "config.json").exists():
+            return  # an earlier run of this directory built it: its adapters and checkpoints refer to it
+        if prep.teacher is None:
+            raise ConfigError("student.from_teacher builds the student from the teacher; set teacher.name")
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        student_from_teacher(prep.teacher, config.student.from_teacher).save_pretrained(tmp)
+        prep.tokenizer.save_pretrained(tmp)
+        replace_dir_atomic(tmp, folder)
+
+    _main_writes(processes, write)
+    return config.student.model_copy(update={"name": str(folder.resolve()), "from_teacher": None})
 
 
 def selected_stages(config: PipelineConfig, start_stage: int | None, end_stage: int | None,
@@ -220,7 +246,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     stage_dir = run_dir / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     teacher = prep.teacher if stage.kind != "finetune" else None
-    student = load_student(config.student, prep.task_type, device=prep.device, teacher=prep.teacher,
+    student = load_student(prep.student, prep.task_type, device=prep.device, teacher=prep.teacher,
                            checkpoint=start_from)
     if config.student.lora is not None:
         student = apply_lora(student, config.student.lora, prep.task_type,
@@ -290,6 +316,7 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
     stages = selected_stages(config, start_stage, end_stage, kinds)
     state = PipelineState.load(run_dir)
     prep = prepare(config, load_teacher=needs_live_teacher(config, [s for _, s in stages]), shard_teacher=True)
+    prep.student = saved_student_init(config, prep, run_dir, processes)
     start_from = checkpoint_path
     if start_from is None and stages[0][0] > 1:
         # A slice starting later continues from the previous stage's best, when the run has it.
@@ -320,7 +347,7 @@ def finish_run(config: PipelineConfig, prep: Prepared, run_dir: Path, state: Pip
                student_path: str | None, write: bool = True) -> None:
     """The final student: scored, exported to RUN_DIR/final with its model card, recorded; then the report.
     write=False: score only (a process beside the main one, when the sharded teacher needs every process)."""
-    final_model = load_student(config.student, prep.task_type, device=prep.device, teacher=prep.teacher,
+    final_model = load_student(prep.student, prep.task_type, device=prep.device, teacher=prep.teacher,
                                checkpoint=student_path)
     if config.evaluation.enabled:
         evaluate_roles(config, run_dir, {"student_after": final_model}, prep.tokenizer, prep.eval_sets, prep.teacher,
@@ -343,9 +370,9 @@ def evaluate_start(config: PipelineConfig, prep: Prepared, run_dir: Path, start_
     if prep.teacher is not None and "teacher" not in done:
         models["teacher"] = prep.teacher
     if "student_before" not in done:
-        models["student_before"] = load_student(config.student, prep.task_type, device=prep.device,
+        models["student_before"] = load_student(prep.student, prep.task_type, device=prep.device,
                                                 teacher=prep.teacher, checkpoint=start_from)
     if models:
         evaluate_roles(config, run_dir, models, prep.tokenizer, prep.eval_sets, prep.teacher, prep.task_type,
-                       model_dirs={"teacher": config.teacher.name, "student_before": start_from or config.student.name},
+                       model_dirs={"teacher": config.teacher.name, "student_before": start_from or prep.student.name},
                        write=write)
