@@ -14,6 +14,10 @@ With p = softmax(teacher / T) and q = softmax(student / T):
     skew_reverse_kl  KL(q || alpha q + (1 - alpha) p)          (DistiLLM)
     tvd              0.5 sum_v |p - q|
 Mixtures are formed in log space (logaddexp), never as softmax-then-log.
+
+Logits may hold -inf (masked vocabulary rows, a top-k / top-p filtered teacher): a token one side gives no mass adds
+nothing to a sum weighted by that side (0 log 0 = 0, as torchtune and DistiLLM take it), so every divergence stays
+finite, and so do its gradients; only KL(a || b) with a > 0 = b is +inf (reverse KL where q > 0 = p).
 """
 
 from __future__ import annotations
@@ -39,14 +43,22 @@ def upcast(x: Tensor) -> Tensor:
 
 
 def _kl(lp: Tensor, lq: Tensor) -> Tensor:
-    """KL(p || q) per token from log-probs [n, V] -> [n]."""
-    return (lp.exp() * (lp - lq)).sum(-1)
+    """KL(p || q) per token from log-probs [n, V] -> [n]. Where p = 0 the log ratio is zeroed before the product
+    (0 log 0 = 0, whatever q is), so that no 0 * inf reaches the value or the gradients."""
+    p = lp.exp()
+    return (p * torch.where(p > 0, lp - lq, 0.0)).sum(-1)
+
+
+def _log_mixture(lp: Tensor, lq: Tensor, weight_p: float) -> Tensor:
+    """log(weight_p p + (1 - weight_p) q) [n, V]. -inf inputs are floored at the dtype's lowest value: where both
+    sides are -inf the mixture is then finite (unused: neither side weighs it) and logaddexp's gradient no NaN."""
+    floor = torch.finfo(lp.dtype).min
+    return torch.logaddexp(lp.clamp_min(floor) + math.log(weight_p), lq.clamp_min(floor) + math.log1p(-weight_p))
 
 
 def _kl_to_mixture(lp: Tensor, lq: Tensor, weight_p: float) -> Tensor:
     """KL(p || weight_p p + (1 - weight_p) q) per token, mixture in log space: [n, V] -> [n]."""
-    log_mix = torch.logaddexp(lp + math.log(weight_p), lq + math.log1p(-weight_p))
-    return _kl(lp, log_mix)
+    return _kl(lp, _log_mixture(lp, lq, weight_p))
 
 
 def forward_kl_kernel(lp: Tensor, lq: Tensor) -> Tensor:
@@ -62,7 +74,7 @@ def jsd_kernel(lp: Tensor, lq: Tensor, beta: float) -> Tensor:
         return _kl(lp, lq)
     if beta == 1.0:
         return _kl(lq, lp)
-    log_mix = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    log_mix = _log_mixture(lp, lq, beta)
     return beta * _kl(lp, log_mix) + (1.0 - beta) * _kl(lq, log_mix)
 
 
@@ -170,7 +182,7 @@ def topk_rows(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, te
     if tail == "drop":
         lp = F.log_softmax(tempered, dim=-1)
         lq_norm = lq_kept - torch.logsumexp(lq_kept, dim=-1, keepdim=True)
-        return (torch.special.xlogy(lp.exp(), lp.exp()) - lp.exp() * lq_norm).sum(-1)
+        return _kl(lp, lq_norm)
     if teacher_ids.shape[-1] == student.shape[-1]:
         tail_mass = tempered.new_zeros(tempered.shape[:-1])  # k = V: no tail; 1 - sum would be rounding noise
     elif teacher_tail is not None:
@@ -184,8 +196,7 @@ def topk_rows(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, te
     # Student tail = log of the mass outside the kept ids; a finite fill keeps gradients finite when k = V.
     outside = lq.scatter(-1, teacher_ids, torch.finfo(lq.dtype).min)  # [n, V]
     lq_buckets = torch.cat([lq_kept, torch.logsumexp(outside, dim=-1, keepdim=True)], -1)  # [n, k + 1]
-    p = lp.exp()
-    return (torch.special.xlogy(p, p) - p * lq_buckets).sum(-1)
+    return _kl(lp, lq_buckets)
 
 
 def score_rows(specs: Sequence[TermSpec], student: Tensor, teacher: Tensor | None, labels: Tensor | None,
