@@ -22,6 +22,10 @@ Logit terms (one `DistillObjective`; every entry also takes `weight` [1.0]; the 
   `DistillObjective.fused` take hidden states + lm_head weight so full logits never exist;
   `DistillObjective.fused_cached` does the same against a top-k teacher cache.
 
+Across vocabularies (teacher and student tokenizers differ; rows paired by lmdistill.data.align), in cross_vocab.py:
+    uld              sum |sort(p_s) - sort(p_t)|, zero-padded to the longer vocabulary        (ULD)
+    cross_vocab_kl   forward KL over the ids both vocabularies share (renormalised), ULD on the rest  (GOLD)
+
 Auxiliary terms (`build_losses` -> `AuxLoss` modules; each also takes `weight` [1.0]):
     feature      kind ["mse" | "cosine"], layers ["uniform" | [[student, teacher], ...]]   hidden states
     attention    layers ["uniform" | pairs], heads ["auto" | "average" | "group"]          attentions
@@ -34,6 +38,7 @@ Balancing across terms: `LossBalancer(mode="none" | "loss_scale" | "gradnorm", e
 from lmdistill.losses.attention import AttentionDistiller, attention_loss
 from lmdistill.losses.balance import BALANCE_MODES, LossBalancer
 from lmdistill.losses.contrastive import ContrastiveDistiller, masked_mean_pool
+from lmdistill.losses.cross_vocab import cross_vocab_kl, shared_vocabulary, uld
 from lmdistill.losses.errors import LossConfigError, LossInputError
 from lmdistill.losses.features import FeatureDistiller
 from lmdistill.losses.functional import (LOGIT_LOSSES, cross_entropy, forward_kl, jsd, reverse_kl, skew_kl,
@@ -47,6 +52,6 @@ __all__ = [
     "AUX_LOSSES", "AttentionDistiller", "AuxLoss", "BALANCE_MODES", "BuiltLosses", "ContrastiveDistiller",
     "DistillObjective", "FeatureDistiller", "LMHead", "LOGIT_LOSSES", "LOSS_NAMES", "LossBalancer",
     "LossConfigError", "LossInputError", "LossTerm", "ModelDims", "ObjectiveOutput", "attention_loss",
-    "build_losses", "cross_entropy", "forward_kl", "fused_distill_loss", "jsd", "masked_mean_pool",
-    "resolve_layer_map", "reverse_kl", "skew_kl", "skew_reverse_kl", "topk_kl", "tvd",
+    "build_losses", "cross_entropy", "cross_vocab_kl", "forward_kl", "fused_distill_loss", "jsd", "masked_mean_pool",
+    "resolve_layer_map", "reverse_kl", "shared_vocabulary", "skew_kl", "skew_reverse_kl", "topk_kl", "tvd", "uld",
 ]

@@ -1,7 +1,9 @@
 """Small models and tokenizers built locally, with no hub: used by the demo and the tests.
 
-The tokenizer is a byte-level BPE trained on the given texts with a ChatML-style chat template, so it
-exercises the same code paths (chat templates, special tokens, padding) as a hub tokenizer.
+`train_tokenizer` is a byte-level BPE (GPT-2 / Qwen style: no BOS) with a ChatML-style chat template;
+`train_metaspace_tokenizer` is a SentencePiece-style BPE (Llama / Mistral style: metaspace pre-tokenisation, byte
+fallback, a BOS in front) with a Zephyr-style template. Both exercise the same code paths (chat templates, special
+tokens, padding) as hub tokenizers, and together they differ the way real model families differ.
 """
 
 from __future__ import annotations
@@ -42,6 +44,44 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template:
     )
     if chat_template:
         wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+METASPACE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def train_metaspace_tokenizer(texts: Iterable[str], vocab_size: int = 768,
+                              chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """Train a SentencePiece-style BPE on `texts`: "▁" marks spaces, unknown characters fall back to their UTF-8
+    bytes (<0xE4> ...), and every encoding starts with <s>, as Llama's tokenizer does."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Byte fallback needs the 256 byte tokens in the model's vocabulary (ordinary tokens, so decoding keeps them).
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                      pad_token="<pad>")
+    if chat_template:
+        wrapped.chat_template = METASPACE_CHAT_TEMPLATE
     return wrapped
 
 

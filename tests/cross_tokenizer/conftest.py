@@ -1,0 +1,40 @@
+"""Two structurally different tokenizers over the same corpus, as real families differ: the shared byte-level BPE
+(no BOS, ChatML template, 1024 ids asked) and a SentencePiece-style one (metaspace, byte fallback, BOS, a
+Zephyr-style template, 768 ids asked); tiny models over each."""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer_dir(tmp_path_factory, corpus, qa_jsonl) -> Path:
+    import json
+
+    from lmdistill.models.tiny import train_metaspace_tokenizer
+
+    rows = [json.loads(line) for line in qa_jsonl.read_text().splitlines()]
+    texts = corpus + [f"{row['prompt']} {row['completion']}" for row in rows]
+    path = tmp_path_factory.mktemp("metaspace_tokenizer")
+    train_metaspace_tokenizer(texts, vocab_size=768).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer(metaspace_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(metaspace_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def metaspace_teacher_dir(tmp_path_factory, metaspace_tokenizer_dir, metaspace_tokenizer) -> Path:
+    """A teacher (4 layers x 128) that speaks the metaspace tokenizer."""
+    from transformers import AutoTokenizer
+
+    from lmdistill.models.tiny import tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("metaspace_teacher")
+    tiny_causal_lm(len(metaspace_tokenizer), num_layers=4, hidden_size=128, seed=5).save_pretrained(path)
+    AutoTokenizer.from_pretrained(metaspace_tokenizer_dir).save_pretrained(path)
+    return path
