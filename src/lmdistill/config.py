@@ -134,11 +134,13 @@ class StageSettings(Strict):
     gradient_accumulation_steps: int | None = Field(None, gt=0)
     temperature: float = Field(1.0, gt=0, description="KD temperature inside the loss (T^2 scaling applied).")
     alpha: float | None = Field(
-        None, ge=0, le=1, description="Seed-002 sugar: alpha*CE + (1-alpha)*KD, KD = the stage's first KD term. In a "
-                                      "non_policy/policy stage that also sets beta, seed 003's meaning: the KD weight.")
+        None, ge=0, le=1, description="The hard-label CE weight of alpha*CE + (1-alpha)*KD, as in classic KD "
+        "scripts. CE = cross_entropy at its own weight (added at weight 1 when not listed); KD = every listed KD term "
+        "at its own weight (default 1): no term is dropped and written weights stay factors. In a non_policy/policy "
+        "stage that also sets beta (as the strong-to-weak Qwen3 scripts do): alpha*KD + beta*CE.")
     beta: float | None = Field(
-        None, ge=0, le=1, description="Seed-003 sugar (non_policy/policy stages, with alpha): the CE weight; then "
-                                      "alpha is the KD weight.")
+        None, ge=0, le=1, description="non_policy/policy stages, with alpha (as the strong-to-weak Qwen3 scripts): "
+        "the CE weight, and alpha the KD weight: alpha*KD + beta*CE, each side read as for alpha alone.")
     losses: list[LossTermSettings] = Field(default_factory=lambda: [LogitTerm(name="forward_kl")])
     balance: Literal["none", "loss_scale", "gradnorm"] = "none"
     mixture: MixtureSettings = Field(default_factory=MixtureSettings)

@@ -36,20 +36,22 @@ class ListDataset(Dataset):
 
 
 def logit_terms(stage: StageSettings) -> list[LossTerm]:
-    """The stage's logit terms; `alpha` (seed 002) rewrites them as alpha*CE + (1-alpha)*KD, and `alpha` with `beta`
-    (seed 003, non_policy/policy stages) as alpha*KD + beta*CE."""
+    """The stage's logit terms and their weights. `alpha` (with `beta`) weighs the two sides of the objective and
+    never drops a listed term nor replaces a written weight: the CE side is cross_entropy at its own weight (added at
+    weight 1 when not listed), the KD side every listed KD term at its own weight (default 1). `alpha` alone (as in
+    the distillation scripts users come from): alpha * CE side + (1 - alpha) * KD side; `alpha` with `beta`
+    (seed 003's non_policy/policy stages): alpha * KD side + beta * CE side."""
     terms = [t for t in stage.losses if isinstance(t, LogitTerm)]
-    if stage.beta is not None:
-        kd = next(t for t in terms if t.name != "cross_entropy")
-        log.info("stage %s: alpha %s / beta %s read as in seed 003: %s weight alpha, cross_entropy weight beta",
-                 stage.name, stage.alpha, stage.beta, kd.name)
-        return [LossTerm(name=kd.name, weight=stage.alpha, params=kd.params()),
-                LossTerm(name="cross_entropy", weight=stage.beta, params={})]
-    if stage.alpha is not None:
-        kd = next(t for t in terms if t.name != "cross_entropy")
-        return [LossTerm(name="cross_entropy", weight=stage.alpha, params={}),
-                LossTerm(name=kd.name, weight=1.0 - stage.alpha, params=kd.params())]
-    return [LossTerm(name=t.name, weight=t.weight, params=t.params()) for t in terms]
+    if stage.alpha is None:
+        return [LossTerm(name=t.name, weight=t.weight, params=t.params()) for t in terms]
+    ce_factor, kd_factor = (stage.beta, stage.alpha) if stage.beta is not None else (stage.alpha, 1.0 - stage.alpha)
+    if not any(t.name == "cross_entropy" for t in terms):
+        terms = [*terms, LogitTerm(name="cross_entropy")]
+    weighted = [LossTerm(name=t.name, weight=t.weight * (ce_factor if t.name == "cross_entropy" else kd_factor),
+                         params=t.params()) for t in terms]
+    form = "seed 003's alpha (KD) / beta (CE)" if stage.beta is not None else "alpha (CE) / 1 - alpha (KD)"
+    log.info("stage %s: %s gives the weights %s", stage.name, form, ", ".join(f"{t.name} {t.weight:g}" for t in weighted))
+    return weighted
 
 
 def build_objective(stage: StageSettings) -> DistillObjective:
