@@ -142,7 +142,10 @@ class StageSettings(Strict):
         None, ge=0, le=1, description="non_policy/policy stages, with alpha (as the strong-to-weak Qwen3 scripts): "
         "the CE weight, and alpha the KD weight: alpha*KD + beta*CE, each side read as for alpha alone.")
     losses: list[LossTermSettings] = Field(default_factory=lambda: [LogitTerm(name="forward_kl")])
-    balance: Literal["none", "loss_scale", "gradnorm"] = "none"
+    balance: Literal["none", "loss_scale", "gradnorm"] = Field(
+        "none", description="Reweighs the loss terms on training steps: loss_scale by each term's running magnitude, "
+        "gradnorm by GradNorm on the student's last layer. Evaluation (eval_loss, best/) uses the plain weighted sum; "
+        "the balancer's state is saved with each checkpoint.")
     mixture: MixtureSettings = Field(default_factory=MixtureSettings)
     eval_driven_sampling: EvalDrivenSettings | None = None
     teacher_source: Literal["live", "cache", "generations"] = "live"

@@ -37,6 +37,7 @@ from lmdistill.teacher.commands import ensure_generations
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback
 from lmdistill.train.args import check_precision, check_reporting, stage_training_arguments
+from lmdistill.train.balancing import BALANCER_FILE
 from lmdistill.train.feedback import EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
 from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
@@ -209,8 +210,8 @@ def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # Training state, not the model: Trainer's, ours, and DeepSpeed's (global_stepN/ shards, `latest`, its script).
-    skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", AUX_FILE, "latest",
-            "zero_to_fp32.py"}
+    skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", AUX_FILE, BALANCER_FILE,
+            "latest", "zero_to_fp32.py"}
     skip_prefixes = ("rng_state", "replay_buffer_", "global_step")
     shutil.copytree(checkpoint, tmp,
                     ignore=lambda d, names: [n for n in names if n in skip or n.startswith(skip_prefixes)])

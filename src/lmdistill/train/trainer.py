@@ -3,8 +3,9 @@
 Only `compute_loss` and `log` are overridden, and `create_optimizer` is extended: the projections of hidden-state
 terms join the optimiser, and since they live outside the model, their gradients are averaged over the processes,
 clipped and cleared here as Trainer does for the model's; a step whose loss was non-finite is skipped. The projections
-are saved beside each checkpoint (`_save` / `_load_from_checkpoint`). Accumulation, precision, optimizers, schedules,
-clipping of the model, checkpoints, resume and logging are Trainer's own.
+are saved beside each checkpoint (`_save` / `_load_from_checkpoint`). A loss balancer acts on training steps only
+(`balancing.py`). An out-of-memory error names the settings that lower the memory (`memory.py`). Accumulation,
+precision, optimizers, schedules, clipping of the model, checkpoints, resume and logging are Trainer's own.
 
 Normalisation: every logit term is a sum over counted tokens divided by `num_items_in_batch`, which Trainer counts over
 the whole accumulated batch (after the causal shift), so N micro-batches give the same update as one batch N times
@@ -28,9 +29,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from lmdistill.errors import TrainingError
 from lmdistill.losses import DistillObjective
 from lmdistill.models.sharding import is_sharded, release_gathered
+from lmdistill.train.balancing import BalancedTraining
 from lmdistill.train.deepspeed_teacher import deepspeed_teacher
 from lmdistill.train.heads import (has_adapter, head_inputs, head_rows, logit_scale, output_layer, same_device, softcap,
                                    unwrapped)
+from lmdistill.train.memory import out_of_memory_hint
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class _StepEnd(TrainerCallback):
         self.trainer._end_step()
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(BalancedTraining, Trainer):
     def __init__(self, *args, objective: DistillObjective, teacher: nn.Module | None = None,
                  aux: AuxTerms | None = None, balancer=None, task_type: str = "causal",
                  shared_vocab: int | None = None, fused: bool = False, teacher_cache: TeacherCacheLookup | None = None,
@@ -150,6 +153,7 @@ class DistillationTrainer(Trainer):
         def guarded_step(*a, **kw):
             if self._step_is_skipped():
                 optimizer.zero_grad(set_to_none=True)
+                self._end_balancer_step(skipped=True)
                 return None
             if projections and self.args.max_grad_norm > 0:
                 # Trainer clips the model's gradients only; the projections get the same limit on their own norm.
@@ -165,9 +169,11 @@ class DistillationTrainer(Trainer):
             p.grad = None
         self._skip_optimizer_step = False
         self._nonfinite_terms.clear()
+        self._end_balancer_step(skipped=False)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with out_of_memory_hint("the training step (student forward, loss, backward)"):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if self._projections and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
             # DDP averaged the student's gradients in this backward; the projections are averaged here alike, on the
             # micro-batch every process syncs on, so that the fp16 scaler's inf check agrees on every process.
@@ -250,7 +256,8 @@ class DistillationTrainer(Trainer):
         labels = inputs["labels"]
         example_ids = inputs.get("example_id")
         student_out = self._forward(model, inputs, labels, body_only=self.fused)
-        teacher_out = self._teacher_outputs(inputs, labels) if self._needs_teacher_forward else None
+        with out_of_memory_hint("the teacher's forward pass"):
+            teacher_out = self._teacher_outputs(inputs, labels) if self._needs_teacher_forward else None
 
         # Causal LMs: position t predicts label t+1 (one shift, here); seq2seq decoders are aligned already.
         def aligned(per_position: torch.Tensor) -> torch.Tensor:
@@ -307,11 +314,9 @@ class DistillationTrainer(Trainer):
             self._record({name: value * spread for name, value in terms.items()}, weights)
         return (total * spread, student_out) if return_outputs else total * spread
 
-    def _combine(self, model, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-        if self.balancer is None:
-            return sum(weights[name] * value for name, value in terms.items())
-        shared = [p for p in model.parameters() if p.requires_grad][-1:]
-        return self.balancer.combine(terms, weights, shared_params=shared)
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with out_of_memory_hint("evaluation (student forward, loss)"):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def _aux_terms(self, student_out, teacher_out, inputs, weights) -> dict[str, torch.Tensor]:
         if teacher_out is None or not (self.aux.needs_hidden or self.aux.needs_attentions):
