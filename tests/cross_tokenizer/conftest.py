@@ -38,3 +38,27 @@ def metaspace_teacher_dir(tmp_path_factory, metaspace_tokenizer_dir, metaspace_t
     tiny_causal_lm(len(metaspace_tokenizer), num_layers=4, hidden_size=128, seed=5).save_pretrained(path)
     AutoTokenizer.from_pretrained(metaspace_tokenizer_dir).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def cross_config(tmp_path, metaspace_teacher_dir, student_dir, qa_jsonl):
+    """A config dict: the metaspace teacher, the byte-level student, 8 question/answer rows, fast stages."""
+
+    def make(stages, **top):
+        data = {
+            "teacher": {"name": str(metaspace_teacher_dir)},
+            "student": {"name": str(student_dir)},
+            "data": {"max_length": 48, "sources": {"domain": {"path": str(qa_jsonl), "max_rows": 8}},
+                     "eval": {"domain": {"path": str(qa_jsonl), "max_rows": 2}}},
+            "training": {"batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1, "report_to": [],
+                         "lr_scheduler_type": "constant", "eval_batch_size": 4},
+            "generation": {"max_new_tokens": 8, "batch_size": 8, "path": str(tmp_path / "generations.jsonl")},
+            "evaluation": {"enabled": False, "num_samples": 0},
+            "output_dir": str(tmp_path / "run"),
+            "stages": stages,
+        }
+        for key, value in top.items():
+            data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+        return data
+
+    return make

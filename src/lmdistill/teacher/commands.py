@@ -11,6 +11,7 @@ from lmdistill.teacher.fingerprint import model_config_hash, tokenizer_hash
 from lmdistill.teacher.generate import generate_responses, missing_generations
 from lmdistill.teacher.manifest import Manifest
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes
+from lmdistill.teacher.retokenize import teacher_sources
 from lmdistill.teacher.stage import cache_dir, generations_path
 from lmdistill.teacher.thinking import thinking_modes
 
@@ -23,7 +24,8 @@ def _prepare_with_teacher(config: PipelineConfig, command: str):
     if not config.teacher.name:
         raise ConfigError(f"`lmdistill {command}` runs the teacher, but teacher.name is not set in the config")
     processes = launched_processes(config)
-    prep = prepare(config, load_teacher=True)
+    # Generations are text: a teacher with another tokenizer is prompted in its own (see write_generations).
+    prep = prepare(config, load_teacher=True, vocab_check=command != "generate")
     if prep.teacher is None:
         raise ConfigError(f"`lmdistill {command}`: every stage is a finetune stage, so the config loads no "
                           "teacher; add a distill stage or use a config that distills")
@@ -80,11 +82,14 @@ def write_generations(config: PipelineConfig, prep, settings: GenerationSettings
     settings = settings or config.generation
     names = _generation_sources(config, settings)
     path = generations_path(config, out)
-    modes = thinking_modes(prep.tokenizer, settings, config.training.seed) if prep.task_type == "causal" else None
-    written = generate_responses(prep.teacher, prep.tokenizer, {name: prep.sources[name] for name in names}, path,
-                                 task_type=prep.task_type, settings=settings, seed=config.training.seed,
-                                 teacher_name=config.teacher.name, tokenizer_id=tokenizer_hash(prep.tokenizer),
-                                 modes=modes, processes=processes)
+    # Across tokenizers the teacher is prompted in its own tokens and chat template, rendered from the same messages.
+    tokenizer = prep.teacher_tokenizer or prep.tokenizer
+    sources = teacher_sources(config, tokenizer, prep.task_type, names) if prep.teacher_tokenizer is not None \
+        else {name: prep.sources[name] for name in names}
+    modes = thinking_modes(tokenizer, settings, config.training.seed) if prep.task_type == "causal" else None
+    written = generate_responses(prep.teacher, tokenizer, sources, path, task_type=prep.task_type, settings=settings,
+                                 seed=config.training.seed, teacher_name=config.teacher.name,
+                                 tokenizer_id=tokenizer_hash(tokenizer), modes=modes, processes=processes)
     return path, written
 
 

@@ -9,6 +9,10 @@ One line per (source, row, sample):
 batch; a rerun keeps the rows whose samples are all present (dropping a half-written last line or a row cut in the
 middle of its samples) and generates only the rest.
 
+A teacher whose tokenizer differs from the student's reads prompts rendered with its own tokenizer and chat template;
+its lines also hold "messages" (the conversation without the answer), from which the student's examples are rendered
+again with the student's template (see retokenize.py).
+
 Several processes (torchrun) split the batches: batch i of the to-do list goes to process i mod W, so every batch,
 and its sampling seed, is the one a single process would generate. The main process appends to the file itself,
 process r > 0 to `.NAME.rank-R` beside it; after a barrier the main process appends the parts' complete rows and
@@ -31,6 +35,7 @@ from lmdistill.data.collate import DistillCollator
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes, my_share
+from lmdistill.teacher.retokenize import student_examples
 from lmdistill.teacher.thinking import ThinkingModes
 
 log = logging.getLogger(__name__)
@@ -160,6 +165,8 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
                     "row_id": ex["row_id"], "sample": j % settings.num_samples, "teacher": teacher_name,
                     "tokenizer": tokenizer_id, "seed": batch_seed, "settings": sampling,
                     "thinking": thinking[j // settings.num_samples]}
+                if "messages" in ex:  # the conversation, so another tokenizer's student can render it again
+                    line["messages"] = ex["messages"]
                 f.write(json.dumps(line) + "\n")
                 written += 1
             f.flush()
@@ -177,16 +184,22 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
     return written
 
 
-def load_generations(path: str | Path, tokenizer_id: str, max_length: int, task_type: str) -> list[dict]:
+def load_generations(path: str | Path, tokenizer_id: str, max_length: int, task_type: str,
+                     tokenizer=None) -> list[dict]:
     """Training examples from a generations file: the teacher's completion is the target (labels), the prompt is
-    masked. Uses the stored token ids, so nothing is re-tokenised. Rows longer than max_length are skipped."""
+    masked. Lines written with this run's tokenizer (`tokenizer_id`) are used by their stored token ids; lines
+    written by a teacher with another tokenizer, which keep their conversation, are rendered again from it and the
+    completion text with `tokenizer`'s chat template. Rows longer than max_length are skipped."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"no teacher generations at {path}; create them with `lmdistill generate CONFIG` or set "
                         "generation.path")
-    examples, too_long = [], 0
+    examples, too_long, as_text = [], 0, []
     for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = json.loads(text)
+        if line.get("tokenizer") != tokenizer_id and "messages" in line and tokenizer is not None:
+            as_text.append((number, line))
+            continue
         if line.get("tokenizer") != tokenizer_id:
             raise DataError(f"{path}: line {number} was generated with another tokenizer than this run's; its token "
                             "ids would not match: run `lmdistill generate CONFIG --out NEW_FILE` again")
@@ -201,6 +214,9 @@ def load_generations(path: str | Path, tokenizer_id: str, max_length: int, task_
             too_long += 1
             continue
         examples.append({**example, "source": "generations", "row_id": number - 1, "bucket": line["source"]})
+    if as_text:
+        examples = sorted(examples + student_examples(as_text, tokenizer, max_length, task_type),
+                          key=lambda ex: ex["row_id"])
     if too_long:
         log.warning("generations %s: skipped %d rows longer than max_length %d or empty", path, too_long, max_length)
     if not examples:

@@ -51,7 +51,7 @@ def stage_training_sources(config: PipelineConfig, prep, stage: StageSettings) -
         raise CacheError(f"stage {stage.name!r} trains on teacher generations only; remove its mixture (the "
                          "generations file is its single source)")
     return {GENERATIONS_SOURCE: load_generations(generations_path(config), tokenizer_hash(prep.tokenizer),
-                                                 config.data.max_length, prep.task_type)}
+                                                 config.data.max_length, prep.task_type, tokenizer=prep.tokenizer)}
 
 
 def open_stage_cache(config: PipelineConfig, prep, stage: StageSettings, train_names: list[str],

@@ -32,8 +32,9 @@ from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_mo
                                    resolve_device)
 from lmdistill.models.sharding import is_sharded, local_parameter_count, teacher_shard_size
 from lmdistill.models.student_init import student_from_teacher
-from lmdistill.models.vocab import check_same_vocab
+from lmdistill.models.vocab import check_same_vocab, same_vocab
 from lmdistill.teacher.commands import ensure_generations
+from lmdistill.teacher.retokenize import needs_shared_vocab
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback
 from lmdistill.train.args import check_precision, check_reporting, stage_training_arguments
@@ -91,6 +92,13 @@ class Prepared:
     device: torch.device
     data_report: dict[str, dict] = field(default_factory=dict)
     student: StudentSettings | None = None  # how this run loads its student (see saved_student_init)
+    # The teacher's own tokenizer when its vocabulary differs from the student's (None: they share one).
+    teacher_tokenizer: object | None = None
+
+    @property
+    def scoring_teacher(self) -> torch.nn.Module | None:
+        """The teacher where it reads the student's token ids (evaluation, samples); None across tokenizers."""
+        return self.teacher if self.teacher_tokenizer is None else None
 
 
 def student_tokenizer_name(config: PipelineConfig) -> str:
@@ -118,16 +126,18 @@ def load_data(config: PipelineConfig, tokenizer, task_type: str) -> tuple[dict, 
     return sources, eval_sets, report
 
 
-def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bool = False) -> Prepared:
+def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bool = False,
+            vocab_check: bool = True) -> Prepared:
     """shard_teacher: split the teacher over the launched processes when `teacher.shard` says so (training runs;
-    the one-process commands keep it whole)."""
+    the one-process commands keep it whole). vocab_check=False: a teacher with another vocabulary is accepted
+    whatever the stages' losses (`generate` only needs its text)."""
     check_precision(config)
     check_reporting(config)
     device = resolve_device("auto", no_cuda=config.training.no_cuda)
     student_name = student_tokenizer_name(config)
     task_type = config.task_type if config.task_type != "auto" else detect_task_type(student_name)
     tokenizer = load_tokenizer(student_name)
-    teacher, shared_vocab = None, None
+    teacher, shared_vocab, other_tokenizer = None, None, None
     if config.needs_teacher and load_teacher and config.teacher.name:
         teacher_tokenizer = load_tokenizer(config.teacher.name)
         teacher_device = resolve_device(config.teacher.device, no_cuda=config.training.no_cuda)
@@ -138,17 +148,25 @@ def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bo
             held, total = local_parameter_count(teacher)
             log.info("teacher sharded over %d processes: this one holds %d of its %d parameters", shard_over, held,
                      total)
-        student_rows = teacher.get_output_embeddings().weight.shape[0]
-        if config.student.name:
-            from transformers import AutoConfig
+        needed_by = needs_shared_vocab(config) if vocab_check else None
+        if same_vocab(teacher_tokenizer, tokenizer) or needed_by:
+            student_rows = teacher.get_output_embeddings().weight.shape[0]
+            if config.student.name:
+                from transformers import AutoConfig
 
-            student_rows = AutoConfig.from_pretrained(config.student.name).vocab_size
-        shared_vocab = check_same_vocab(teacher_tokenizer, tokenizer, teacher.get_output_embeddings().weight.shape[0],
-                                        student_rows)
+                student_rows = AutoConfig.from_pretrained(config.student.name).vocab_size
+            shared_vocab = check_same_vocab(teacher_tokenizer, tokenizer,
+                                            teacher.get_output_embeddings().weight.shape[0], student_rows,
+                                            needed_by=needed_by or "logit distillation")
+        else:
+            # Across tokenizers the teacher reads its own rendering of the data (generations, cross-vocab losses).
+            other_tokenizer = teacher_tokenizer
+            log.info("teacher and student tokenizers differ: the teacher reads the data in its own tokens")
     elif config.needs_teacher and load_teacher:
         raise ConfigError("the stages distill from a teacher, but teacher.name is not set (or use --teacher_model)")
     sources, eval_sets, report = load_data(config, tokenizer, task_type)
-    return Prepared(task_type, tokenizer, sources, eval_sets, teacher, shared_vocab, device, report, config.student)
+    return Prepared(task_type, tokenizer, sources, eval_sets, teacher, shared_vocab, device, report, config.student,
+                    other_tokenizer)
 
 
 def saved_student_init(config: PipelineConfig, prep: Prepared, run_dir: Path, processes) -> StudentSettings:
@@ -280,7 +298,8 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         task_type=prep.task_type, shared_vocab=shared_vocab, fused=stage.fused, teacher_cache=teacher_cache,
         teacher_shard=config.teacher.shard, **policy,
     )
-    for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset, teacher):
+    for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset,
+                                    teacher if prep.scoring_teacher is not None else None):
         trainer.add_callback(callback)
     resume = _last_checkpoint(stage_dir)
     if resume:
@@ -351,8 +370,8 @@ def finish_run(config: PipelineConfig, prep: Prepared, run_dir: Path, state: Pip
     final_model = load_student(prep.student, prep.task_type, device=prep.device, teacher=prep.teacher,
                                checkpoint=student_path)
     if config.evaluation.enabled:
-        evaluate_roles(config, run_dir, {"student_after": final_model}, prep.tokenizer, prep.eval_sets, prep.teacher,
-                       prep.task_type, model_dirs={"student_after": student_path}, write=write)
+        evaluate_roles(config, run_dir, {"student_after": final_model}, prep.tokenizer, prep.eval_sets,
+                       prep.scoring_teacher, prep.task_type, model_dirs={"student_after": student_path}, write=write)
     if not write:
         return
     state.final_path = str(export_final(config, run_dir, final_model, prep.tokenizer))
@@ -368,12 +387,12 @@ def evaluate_start(config: PipelineConfig, prep: Prepared, run_dir: Path, start_
 
     done = read_metrics(run_dir)
     models = {}
-    if prep.teacher is not None and "teacher" not in done:
-        models["teacher"] = prep.teacher
+    if prep.scoring_teacher is not None and "teacher" not in done:
+        models["teacher"] = prep.scoring_teacher
     if "student_before" not in done:
         models["student_before"] = load_student(prep.student, prep.task_type, device=prep.device,
                                                 teacher=prep.teacher, checkpoint=start_from)
     if models:
-        evaluate_roles(config, run_dir, models, prep.tokenizer, prep.eval_sets, prep.teacher, prep.task_type,
+        evaluate_roles(config, run_dir, models, prep.tokenizer, prep.eval_sets, prep.scoring_teacher, prep.task_type,
                        model_dirs={"teacher": config.teacher.name, "student_before": start_from or prep.student.name},
                        write=write)

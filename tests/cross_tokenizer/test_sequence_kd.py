@@ -1,0 +1,66 @@
+"""Sequence-level KD across tokenizers: the teacher answers prompts rendered with its own tokenizer and chat
+template, and the student trains on the answer text rendered with its template."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lmdistill.cli import app
+from lmdistill.config import config_from_dict
+from lmdistill.errors import ModelError
+from lmdistill.teacher.commands import generate
+from lmdistill.teacher.fingerprint import tokenizer_hash
+from lmdistill.teacher.generate import load_generations
+from lmdistill.train.pipeline import prepare
+
+CE_ONLY = [{"name": "non_policy", "kind": "non_policy", "max_steps": 2, "losses": [{"name": "cross_entropy"}]}]
+
+
+def test_teacher_is_prompted_with_its_own_template_and_the_student_trains_on_its_own(
+        cross_config, metaspace_tokenizer, tokenizer):
+    # generate writes text, so it runs whatever the stages' losses (this one would need a shared vocabulary)
+    config = config_from_dict(cross_config([{"name": "kd", "max_steps": 1, "losses": [{"name": "forward_kl"}]}]))
+    path, written = generate(config)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert written == len(lines) == 8
+    for line in lines:
+        assert line["tokenizer"] == tokenizer_hash(metaspace_tokenizer)
+        question = line["messages"][0]["content"]
+        # the teacher's template (BOS, Zephyr-style markers), rendered from the row's messages
+        assert line["prompt"] == f"<s><|user|>\n{question}</s>\n<|assistant|>\n"
+        assert metaspace_tokenizer.decode(line["prompt_ids"]) == line["prompt"]
+        assert line["completion"] == metaspace_tokenizer.decode(line["completion_ids"], skip_special_tokens=True)
+    examples = load_generations(path, tokenizer_hash(tokenizer), 48, "causal", tokenizer=tokenizer)
+    assert len(examples) == 8
+    first, line = examples[0], lines[0]
+    prompt = tokenizer.decode(first["input_ids"][: first["prompt_length"]])
+    assert prompt == f"<|im_start|>user\n{line['messages'][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+    answer = [t for t in first["labels"] if t != -100]
+    assert tokenizer.decode(answer) == f"{line['completion']}<|im_end|>{tokenizer.eos_token}"
+
+
+def test_lmdistill_run_distils_across_tokenizers_on_the_teachers_text(cross_config, tmp_path):
+    config = cross_config(CE_ONLY, evaluation={"enabled": True, "num_samples": 1, "max_prompts": 2,
+                                               "measure_speed": False, "report": False})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "config.yaml")])
+    assert result.exit_code == 0, result.output[-3000:]
+    run = Path(config["output_dir"])
+    assert (run / "final" / "config.json").exists()
+    assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == 8
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "student_after" in metrics and "teacher" not in metrics  # the teacher cannot read the student's ids
+
+
+def test_logit_loss_across_tokenizers_names_the_paths_that_work(cross_config):
+    config = config_from_dict(cross_config([{"name": "kd", "max_steps": 1, "losses": [{"name": "forward_kl"}]}]))
+    with pytest.raises(ModelError) as err:
+        prepare(config)
+    message = str(err.value)
+    assert "tokenizers differ" in message and "stage 'kd''s loss forward_kl compares token ids" in message
+    assert "kind: non_policy" in message and "losses: [{name: cross_entropy}]" in message
+    assert "[{name: uld}]" in message and "[{name: cross_vocab_kl}]" in message
+    assert "\n" not in message
