@@ -1,7 +1,8 @@
 """The typed config for a whole pipeline: loaded from YAML or JSON, validated at load, saved as run.
 
 Layering: class defaults, then the file, then CLI overrides (`apply_overrides`). Unknown keys and wrong types fail
-at load with the key path, e.g. `stages[1].temperature: Input should be a valid number`.
+at load with the key path, e.g. `stages[1].temperature: Input should be a valid number, got 'hot' (...)`. Types
+are strict: `batch_size: "8"`, `fp16: "yes"` and `temperature: true` are errors, not silently converted.
 """
 
 from __future__ import annotations
@@ -294,6 +295,9 @@ class PipelineConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------------- load / save
+_TYPE_ERRORS = {"int_type", "float_type", "bool_type"}
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     path, previous = "", None
@@ -306,6 +310,9 @@ def _format_error(err: ValidationError, source: str) -> str:
             path += f".{part}" if path else str(part)
         previous = part
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] in _TYPE_ERRORS and isinstance(first.get("input"), (str, bool)):
+        # Strict types: YAML's "8" and true stay text and a boolean (no silent coercion); say how to write the value.
+        msg += f", got {json.dumps(first['input'])} (write numbers unquoted, and true/false for yes/no switches)"
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; `lmdistill init` writes every key with comments)"
     more = len(err.errors()) - 1

@@ -5,14 +5,20 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Strict as StrictTypes
 
 LOGIT_LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "cross_entropy")
 
 
 class Strict(BaseModel):
-    """Base of every config class: unknown keys are errors, and assignments (CLI overrides) are validated too."""
+    """Base of every config class: unknown keys are errors, values of the wrong type too (`batch_size: "8"`,
+    `fp16: "yes"`, `temperature: true`; an integer is still a valid float), and assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+# A layer pair as YAML and JSON write it (a list of two ints); strict mode alone would accept only a Python tuple.
+LayerPair = Annotated[tuple[int, int], StrictTypes(False)]
 
 
 class LogitTerm(Strict):
@@ -41,7 +47,7 @@ class FeatureTerm(Strict):
     name: Literal["feature"]
     weight: float = Field(0.1, ge=0)
     kind: Literal["mse", "cosine"] = "mse"
-    layers: Literal["uniform"] | list[tuple[int, int]] = Field(
+    layers: Literal["uniform"] | list[LayerPair] = Field(
         "uniform", description="'uniform' or explicit [[student_layer, teacher_layer], ...] (0-based, embeddings excluded).")
 
 
@@ -54,7 +60,7 @@ def _distinct_sides(sides: list[str] | None) -> list[str] | None:
 class AttentionTerm(Strict):
     name: Literal["attention"]
     weight: float = Field(0.05, ge=0)
-    layers: Literal["uniform"] | list[tuple[int, int]] = "uniform"
+    layers: Literal["uniform"] | list[LayerPair] = "uniform"
     heads: Literal["auto", "average", "group"] = Field(
         "auto", description="Differing head counts: 'group' when one divides the other, else 'average' (auto).")
     sides: list[Literal["encoder", "decoder", "cross"]] | None = Field(

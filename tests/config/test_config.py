@@ -73,6 +73,31 @@ def test_bad_config_names_the_key(data, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("data, message", [
+    ({**minimal(), "training": {"batch_size": "8"}},
+     'training.batch_size: Input should be a valid integer, got "8" (write numbers unquoted'),
+    (minimal(temperature=True), "stages[0].temperature: Input should be a valid number, got true"),
+    ({**minimal(), "training": {"fp16": "yes"}}, 'training.fp16: Input should be a valid boolean, got "yes"'),
+    (minimal(max_steps=10.0), "stages[0].max_steps: Input should be a valid integer"),
+    (minimal(losses=[{"name": "feature", "layers": [["0", 1]]}]), "stages[0].losses[0].layers"),
+])
+def test_wrong_types_are_errors_not_conversions(data, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data, source="c.yaml")
+    assert str(err.value).startswith(f"c.yaml: {message}")
+    assert "\n" not in str(err.value)
+
+
+def test_strict_types_keep_what_yaml_writes(tmp_path):
+    """An integer is a valid float, and a layer pair is the list YAML writes."""
+    path = tmp_path / "c.yaml"
+    path.write_text("stages:\n  - name: a\n    temperature: 2\n    epochs: 3\n"
+                    "    losses: [{name: feature, layers: [[0, 1], [1, 3]]}]\n")
+    stage = load_config(path).stages[0]
+    assert stage.temperature == 2.0 and isinstance(stage.temperature, float) and stage.epochs == 3.0
+    assert stage.losses[0].layers == [(0, 1), (1, 3)]
+
+
 def test_fused_stage_may_read_a_teacher_cache():
     """The fused loss scores the cache's top-k rows chunk by chunk (tests/teacher/test_cache_fused.py)."""
     stage = config_from_dict(minimal(fused=True, teacher_source="cache")).stages[0]
