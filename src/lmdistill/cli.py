@@ -157,19 +157,28 @@ def data(path: str = typer.Argument(..., help="File, folder, datasets folder or 
          tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder or hub name."),
          max_length: int = typer.Option(512, "--max-length", "--max_length", help="Max tokens per example."),
          strict: bool = typer.Option(False, "--strict", help="Fail on the first bad row."),
+         columns: Optional[str] = typer.Option(None, "--columns", help="Map roles to your column names, e.g. "
+                                               "prompt=context,response=target (as data.sources.NAME.columns)."),
+         train_on: str = typer.Option("all_assistant", "--train-on", help="all_assistant (every assistant turn of "
+                                      "a chat) or last_assistant (the last only), as data.train_on."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")):
     """Detect a dataset's format, load and tokenize it, and summarise what training would see."""
+    from lmdistill.data.columns import parse_mapping
     from lmdistill.data.summary import summarize_data
     from lmdistill.models.load import load_tokenizer
 
     if tokenizer is None:
         raise ConfigError("--tokenizer is required (a tokenizer folder or hub name) to count and mask tokens")
-    summary = summarize_data(path, load_tokenizer(tokenizer), max_length=max_length, strict=strict)
+    summary = summarize_data(path, load_tokenizer(tokenizer), max_length=max_length, strict=strict,
+                             columns=parse_mapping(columns or ""), train_on=train_on)
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
         return
     console.print(f"[bold]{path}[/]: format {summary['format']}, rows {summary['rows']}, kept {summary['kept']}, "
-                  f"skipped {summary['skipped'] or 0}")
+                  f"skipped {summary['skipped'] or 0}; layouts {summary['layouts']}")
+    if summary["ignored_columns"]:
+        console.print(f"ignored columns: {', '.join(summary['ignored_columns'])} (map them with --columns "
+                      f"ROLE=COLUMN to use them)", markup=False)
     console.print("example (trained-on tokens in [[ ]]):")
     console.print(summary["example"], markup=False, highlight=False)
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from lmdistill.data.columns import ROLES as COLUMN_ROLES
 from lmdistill.errors import ConfigError
 from lmdistill.loss_config import (_LOSS_TAGS, LOGIT_LOSS_NAMES, AttentionTerm, ContrastiveTerm, FeatureTerm,  # noqa: F401
                                    LogitTerm, LossTermSettings, Strict)
@@ -84,6 +85,9 @@ class SourceSettings(Strict):
     format: Literal["auto", "text", "alpaca", "pair", "dolly", "chat", "sharegpt", "seq2seq"] = "auto"
     split: str = "train"
     max_rows: int | None = Field(None, gt=0)
+    columns: dict[Literal[COLUMN_ROLES], str] = Field(
+        default_factory=dict, description="Role -> your column name, e.g. {prompt: context, response: target}: "
+                                          "the columns are renamed before the format is detected.")
 
 
 class DataSettings(Strict):
@@ -92,6 +96,11 @@ class DataSettings(Strict):
     max_length: int = Field(512, gt=8)
     strict: bool = Field(False, description="Fail on the first bad row instead of skipping and counting it.")
     eval_max_rows: int | None = Field(256, gt=0, description="Cap on rows per eval set (None: all).")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="Assistant turns of a chat that are trained on: every one, or the last only "
+                                     "(earlier turns are then context).")
+    text_overlap: int = Field(0, ge=0, description="Tokens shared by consecutive windows of a plain text longer "
+                                                   "than max_length (the repeats are context, not trained twice).")
 
 
 # --------------------------------------------------------------------------------------------------- stages

@@ -54,19 +54,19 @@ def test_bos_is_prepended_and_masked_on_plain_rows(plain_tokenizer):
     assert text["labels"] == [IGNORE_INDEX] + text["input_ids"][1:] and text["prompt_length"] == 1
 
 
-def test_multi_turn_chat_trains_on_the_last_assistant_turn_only(tokenizer):
+def test_last_assistant_trains_on_the_last_turn_only(tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": QUESTION},
                 {"role": "assistant", "content": ANSWER}]
-    (ex,) = one([{"messages": messages}], tokenizer)
+    (ex,) = one([{"messages": messages}], tokenizer, train_on="last_assistant")
     history = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages[:-1])
     prompt = ids(tokenizer, history + "<|im_start|>assistant\n")
     assert ex["labels"] == [IGNORE_INDEX] * len(prompt) + ids(tokenizer, ANSWER + "<|im_end|>") + [1]
 
 
-def test_text_rows_train_on_every_token_and_are_cut_without_eos(tokenizer):
+def test_text_rows_train_on_every_token_and_long_ones_start_with_a_window_without_eos(tokenizer):
     text = " ".join(["The market expects strong growth."] * 10)
-    full, cut = one([{"text": ANSWER}, {"text": text}], tokenizer, max_length=16)
+    full, cut, *_ = one([{"text": ANSWER}, {"text": text}], tokenizer, max_length=16)
     assert full["input_ids"] == ids(tokenizer, ANSWER) + [tokenizer.eos_token_id]
     assert full["labels"] == full["input_ids"] and full["prompt_length"] == 0
     assert cut["input_ids"] == ids(tokenizer, text)[:16] and cut["labels"] == cut["input_ids"]

@@ -5,7 +5,9 @@ Reasons used across `data/`:
   empty        a required field is missing, blank, or the record has no usable content
   wrong_type   a field is not a string (or a record is not an object / chat is not a list of turns)
   undecodable  bytes that are not UTF-8, or a JSONL line that does not parse
-  bad_chat     a chat whose roles are unknown or whose last turn is not the assistant's
+  bad_chat     a chat whose roles are unknown, whose last turn is not the assistant's, or whose tool results
+               answer no tool call
+  non_text     a content part that is not text (an image, audio, ...): this toolkit trains on text only
   too_long     still longer than max_length after the truncation policy (see tokenize.py)
 """
 
@@ -17,6 +19,30 @@ from collections import Counter
 from lmdistill.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+
+class BadRow(Exception):
+    """Raised while normalising a record: the record is unusable for `reason` (see above)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def string_field(record: dict, column: str, required: bool = True) -> str:
+    """record[column] as a string; BadRow when it is missing or blank (if required), not a string, or not UTF-8."""
+    value = record.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise BadRow("empty", f"'{column}' is empty or missing")
+        return ""
+    if not isinstance(value, str):
+        raise BadRow("wrong_type", f"'{column}' is a {type(value).__name__}, not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow("undecodable", f"'{column}' holds bytes that are not valid UTF-8") from None
+    return value
 
 FIRST_KEPT = 5  # how many bad rows are described in the log and in `first_skipped`
 

@@ -1,11 +1,13 @@
 """Formats: detect what a source's columns mean and normalise every record to one of four row kinds.
 
-Normalised rows (plus "row_id": position in the original source, and "bucket" when the source has a
-`bucket` or `category` column):
+Normalised rows (plus "row_id": position in the original source, "bucket" when the source has a `bucket`
+or `category` column, and "system" when it has a `system` column and the row is not plain text):
   {"text": str}                                  plain text, trained on every token
   {"prompt": str, "response": str}               instruction data; only the response is trained on
-  {"messages": [{"role", "content"}, ...]}       chat; the last turn must be the assistant's
+  {"messages": [...], "tools"?: [...]}           chat (see chat.py); the assistant turns are trained on
   {"source": str, "target": str}                 seq2seq pairs
+
+A column mapping (see columns.py) renames the source's columns before detection.
 
 Detection picks the format whose columns match most (ties go to the earlier entry of FORMATS), so an
 alpaca file that also carries a `text` column is read as alpaca. A caller may force one format, or the
@@ -14,72 +16,27 @@ family `pair` (any of the prompt/response-pair layouts).
 
 from __future__ import annotations
 
-import json
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmdistill.data.badrows import BadRows
+from lmdistill.data.badrows import BadRow, BadRows, string_field
+from lmdistill.data.chat import CHAT_ROLES, SHAREGPT_ROLES, chat_row
+from lmdistill.data.columns import apply_mapping, check_mapping, unused_text_columns
 from lmdistill.data.readers import RawTable, Unreadable, read_tables
 from lmdistill.errors import DataError
 
-CHAT_ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+logger = logging.getLogger(__name__)
+
 BUCKET_COLUMNS = ("bucket", "category")
-
-
-class BadRow(Exception):
-    """Raised inside a normaliser: the record is unusable for `reason` (see badrows.py)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
-def _string(record: dict, column: str, required: bool = True) -> str:
-    value = record.get(column)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        if required:
-            raise BadRow("empty", f"'{column}' is empty or missing")
-        return ""
-    if not isinstance(value, str):
-        raise BadRow("wrong_type", f"'{column}' is a {type(value).__name__}, not a string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRow("undecodable", f"'{column}' holds bytes that are not valid UTF-8") from None
-    return value
 
 
 def _joined(record: dict, main: str, extra: str) -> str:
     """Instruction plus an optional second field (alpaca input, Dolly context) separated by a blank line."""
-    head, tail = _string(record, main), _string(record, extra, required=False)
+    head, tail = string_field(record, main), string_field(record, extra, required=False)
     return f"{head}\n\n{tail}" if tail else head
-
-
-def _turns(record: dict, column: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
-    turns = record.get(column)
-    if isinstance(turns, str):  # chat stored as a JSON string, e.g. in a CSV cell
-        try:
-            turns = json.loads(turns)
-        except json.JSONDecodeError:
-            raise BadRow("wrong_type", f"'{column}' is a string that is not a JSON list of turns") from None
-    if not turns:
-        raise BadRow("empty", f"'{column}' is empty or missing")
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise BadRow("wrong_type", f"'{column}' must be a list of {{'{role_key}', '{text_key}'}} objects")
-    messages = []
-    for i, turn in enumerate(turns):
-        role = roles.get(str(turn.get(role_key)))
-        if role is None:
-            raise BadRow("bad_chat", f"turn {i} has {role_key} '{turn.get(role_key)}'; use one of {', '.join(roles)}")
-        messages.append({"role": role, "content": _string(turn, text_key)})
-    if messages[-1]["role"] != "assistant":
-        raise BadRow("bad_chat", f"the last turn is the {messages[-1]['role']}'s, not the assistant's: there is "
-                                 f"no response to train on (end each conversation with an assistant turn)")
-    return messages
 
 
 @dataclass(frozen=True)
@@ -97,24 +54,22 @@ class Format:
 
 
 def _pair(prompt: str, response: str, kind: tuple[str, str] = ("prompt", "response")) -> Callable[[dict], dict]:
-    return lambda r: {kind[0]: _string(r, prompt), kind[1]: _string(r, response)}
+    return lambda r: {kind[0]: string_field(r, prompt), kind[1]: string_field(r, response)}
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in [
-    Format("chat", ("messages",), (),
-           lambda r: {"messages": _turns(r, "messages", "role", "content", {k: k for k in CHAT_ROLES})}),
-    Format("sharegpt", ("conversations",), (),
-           lambda r: {"messages": _turns(r, "conversations", "from", "value", SHAREGPT_ROLES)}),
+    Format("chat", ("messages",), (), lambda r: chat_row(r, "messages", "role", "content", CHAT_ROLES)),
+    Format("sharegpt", ("conversations",), (), lambda r: chat_row(r, "conversations", "from", "value", SHAREGPT_ROLES)),
     Format("alpaca", ("instruction", "output"), ("input",),
-           lambda r: {"prompt": _joined(r, "instruction", "input"), "response": _string(r, "output")}),
+           lambda r: {"prompt": _joined(r, "instruction", "input"), "response": string_field(r, "output")}),
     Format("dolly", ("instruction", "response"), ("context",),
-           lambda r: {"prompt": _joined(r, "instruction", "context"), "response": _string(r, "response")}),
+           lambda r: {"prompt": _joined(r, "instruction", "context"), "response": string_field(r, "response")}),
     Format("prompt_completion", ("prompt", "completion"), (), _pair("prompt", "completion")),
     Format("prompt_response", ("prompt", "response"), (), _pair("prompt", "response")),
     Format("question_answer", ("question", "answer"), (), _pair("question", "answer")),
     Format("ask_answer", ("ask", "answer"), (), _pair("ask", "answer")),
     Format("seq2seq", ("source", "target"), (), _pair("source", "target", ("source", "target"))),
-    Format("text", ("text",), (), lambda r: {"text": _string(r, "text")}),
+    Format("text", ("text",), (), lambda r: {"text": string_field(r, "text")}),
 ]}
 
 
@@ -133,6 +88,7 @@ class LoadedSource:
     origin: str
     skipped: Counter = field(default_factory=Counter)
     first_skipped: list[str] = field(default_factory=list)
+    ignored_columns: list[str] = field(default_factory=list)
 
     @property
     def num_read(self) -> int:
@@ -181,18 +137,41 @@ def _bucket(record: dict) -> str | None:
     return None
 
 
+def _with_system(row: dict, record: dict) -> dict:
+    """A `system` column becomes the row's system prompt (a chat gets it as its first turn unless it has one)."""
+    system = string_field(record, "system", required=False)
+    if not system or "text" in row:
+        return row
+    if "messages" not in row:
+        return row | {"system": system}
+    if row["messages"][0]["role"] != "system":
+        row["messages"].insert(0, {"role": "system", "content": system})
+    return row
+
+
+def _ignored_hint(ignored: list[str], fmt: Format, origin: str) -> str:
+    reads = ", ".join(fmt.required + fmt.optional)
+    return (f"{origin}: column(s) {', '.join(ignored)} are not used (format {fmt.name} reads {reads}); to train on "
+            f"them, map them to roles with data.sources.NAME.columns or --columns, e.g. "
+            f"--columns prompt={ignored[0]},response=...")
+
+
 def load_source(path_or_name: str | Path, format: str = "auto", split: str = "train",
-                max_rows: int | None = None, strict: bool = False) -> LoadedSource:
+                max_rows: int | None = None, strict: bool = False,
+                columns: dict[str, str] | None = None) -> LoadedSource:
     """Load a file, folder or hub dataset and normalise its records (see the module docstring).
 
-    Bad records are counted per reason and skipped (the first few logged), or raise a DataError naming the
-    row when `strict`. Raises DataError when nothing usable is left.
+    `columns` maps roles to the source's column names (see columns.py). Bad records are counted per reason
+    and skipped (the first few logged), or raise a DataError naming the row when `strict`. Raises DataError
+    when nothing usable is left.
     """
-    tables = read_tables(path_or_name, split=split, max_rows=max_rows)
+    mapping = check_mapping(dict(columns or {}))
+    tables = [apply_mapping(t, mapping) for t in read_tables(path_or_name, split=split, max_rows=max_rows)]
     origin = str(path_or_name)
     bad = BadRows(origin, strict)
     chosen: Format | None = None
     rows: list[dict] = []
+    ignored: dict[str, None] = {}
     row_id = 0
     for table in tables:
         if not table.records:
@@ -202,6 +181,7 @@ def load_source(path_or_name: str | Path, format: str = "auto", split: str = "tr
             raise DataError(f"{table.origin} is in format '{fmt.name}' but {tables[0].origin} is in "
                             f"'{chosen.name}': keep one format per folder, or load them as separate sources.")
         chosen = fmt
+        ignored.update(dict.fromkeys(unused_text_columns(table, fmt.required + fmt.optional)))
         where_prefix = f"{Path(table.origin).name} " if len(tables) > 1 else ""
         for where, record in table.records:
             try:
@@ -209,7 +189,7 @@ def load_source(path_or_name: str | Path, format: str = "auto", split: str = "tr
                     raise BadRow("undecodable", record.detail)
                 if not isinstance(record, dict):
                     raise BadRow("wrong_type", f"the record is a {type(record).__name__}, not an object")
-                row = fmt.normalise(record)
+                row = _with_system(fmt.normalise(record), record)
                 row["row_id"] = row_id
                 bucket = _bucket(record)
                 if bucket is not None:
@@ -221,5 +201,7 @@ def load_source(path_or_name: str | Path, format: str = "auto", split: str = "tr
     bad.log_summary(len(rows))
     bad.fail_if_nothing_kept(len(rows))
     assert chosen is not None  # read_tables never returns an empty list
-    columns = list(dict.fromkeys(c for t in tables for c in t.columns))
-    return LoadedSource(chosen.name, rows, columns, origin, bad.skipped, bad.first)
+    if ignored:
+        logger.warning("%s", _ignored_hint(list(ignored), chosen, origin))
+    columns_seen = list(dict.fromkeys(c for t in tables for c in t.columns))
+    return LoadedSource(chosen.name, rows, columns_seen, origin, bad.skipped, bad.first, list(ignored))

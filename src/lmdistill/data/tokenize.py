@@ -1,16 +1,25 @@
 """Tokenise normalised rows into training examples with label masks.
 
-Causal examples: input_ids = prompt + response (+ eos); labels = input_ids with -100 on every prompt and
-template token (labels are not shifted: the trainer shifts once). Text rows train on every token. A bos
+Causal examples: input_ids = the rendered training text (see render.py) + eos; labels = input_ids with -100
+on every token that is not trained on: prompts, template tokens, tool results, and assistant turns that
+`train_on` leaves out (labels are not shifted: the trainer shifts once). Text rows train on every token. A bos
 token is put in front of plain-template and text rows when the tokenizer has one distinct from eos (chat
-templates write their own). eos is appended after the response, after the end-of-turn token when a chat
-template has one, so a model stops under default generation settings.
+templates write their own). eos is appended after the last trained turn, after the end-of-turn token when a
+chat template has one, so a model stops under default generation settings. prompt_length counts the tokens
+before the last trained turn (what generation continues from).
+
+One row may give several examples ("part" 0, 1, ...): the windows of a long text, or one per assistant turn
+when a chat template rewrites history. Part 0 keeps the row's row_id; later parts get ids counting up from
+past the source's last row, so every example of a source has its own row_id.
 
 Truncation policy (max_length L), which keeps the response where possible:
-  * text: cut to the first L tokens (no eos then, since the text did not end);
-  * prompt/response and chat: when prompt + response > L, the prompt is cut from the left (its end, with the
-    question and the assistant header, is kept) but never below min(prompt, L // 4) tokens; a response that
-    still does not fit makes the row `too_long` (skipped and counted, or fatal with strict);
+  * text: a text longer than L is split into consecutive windows of L tokens, each starting `overlap` tokens
+    before the previous one ended; those repeated tokens are context (-100), so every token is trained on
+    once, and nothing after the first window is lost. The last window ends with eos;
+  * prompt/response and chat: when prompt + response > L, the prompt (everything before the last trained turn)
+    is cut from the left (its end, with the question and the assistant header, is kept) but never below
+    min(prompt, L // 4) tokens; a response that still does not fit makes the row `too_long` (skipped and
+    counted, or fatal with strict);
   * seq2seq: the source is cut to L tokens (eos kept last); a target longer than L is `too_long`.
 """
 
@@ -24,7 +33,7 @@ from typing import Any
 from rich.progress import track
 
 from lmdistill.data.badrows import BadRows
-from lmdistill.data.render import plain_history, render_causal, to_messages
+from lmdistill.data.render import TRAIN_ON, Segments, plain_body, plain_history, render_segments, to_messages
 from lmdistill.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +42,28 @@ IGNORE_INDEX = -100
 TASK_TYPES = ("causal", "seq2seq")
 _CHUNK = 512  # rows per batched tokenizer call
 _PROGRESS_FROM = 2000  # show a progress bar from this many rows on
+Outcome = list[dict] | tuple[str, str]  # a row's examples, or (bad-row reason, detail)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The options that decide what a row becomes (part of the tokenisation cache key)."""
+
+    max_length: int = 512
+    task_type: str = "causal"
+    train_on: str = "all_assistant"
+    overlap: int = 0
+
+    def check(self) -> None:
+        if self.task_type not in TASK_TYPES:
+            raise DataError(f"unknown task_type '{self.task_type}': use one of {', '.join(TASK_TYPES)}.")
+        if self.max_length < 2:
+            raise DataError(f"max_length must be at least 2 tokens, got {self.max_length}.")
+        if self.train_on not in TRAIN_ON:
+            raise DataError(f"data.train_on '{self.train_on}' is unknown: use one of {', '.join(TRAIN_ON)}.")
+        if not 0 <= self.overlap <= self.max_length // 2:
+            raise DataError(f"data.text_overlap {self.overlap} must be between 0 and max_length / 2 "
+                            f"({self.max_length // 2}) so that each window moves forward.")
 
 
 @dataclass
@@ -42,6 +73,8 @@ class EncodedSource:
     examples: list[dict]
     skipped: Counter = field(default_factory=Counter)
     first_skipped: list[str] = field(default_factory=list)
+    windows: int = 0  # examples that are windows of split long texts
+    split_rows: int = 0  # rows that gave more than one example
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
@@ -81,77 +114,130 @@ def _causal_pair(prompt: list[int], response: list[int], max_length: int) -> tup
     return prompt[len(prompt) + len(response) - max_length:], response
 
 
-def _encode_causal(rows: list[dict], tokenizer: Any, max_length: int, bad: BadRows, name: str) -> list[dict]:
-    eos, prefix = tokenizer.eos_token_id, _prefix(tokenizer)
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    pairs: list[tuple[dict, str, str]] = []
-    for row in track(rows, description=f"rendering {name}", disable=len(rows) < _PROGRESS_FROM, transient=True):
-        if "text" in row:  # a text row is all "response": every token is trained on
-            pairs.append((row, "", row["text"]))
-            continue
-        try:
-            prompt, response = render_causal(to_messages(row), tokenizer)
-        except ValueError as e:
-            bad.add("bad_chat", f"row {row['row_id']}", str(e))
-            continue
-        pairs.append((row, prompt, response))
-    prompts = _ids(tokenizer, [p for _, p, _ in pairs], f"tokenising {name} prompts")
-    responses = _ids(tokenizer, [r for _, _, r in pairs], f"tokenising {name}")
+def _windows(row: dict, ids: list[int], prefix: list[int], eos: int, layout: Layout) -> list[dict]:
+    """A text row as one example, or consecutive windows when it is longer than max_length."""
+    stream, size = prefix + ids + [eos], layout.max_length
+    starts = [0]
+    while starts[-1] + size < len(stream):
+        starts.append(starts[-1] + size - layout.overlap)
     examples = []
-    for (row, _, _), prompt_ids, response_ids in zip(pairs, prompts, responses):
-        if "text" in row:
-            ids = (prefix + response_ids + [eos])[:max_length]
-            head = len(prefix)
-        else:
-            lead = [] if templated else prefix  # kept in front even when the prompt is cut
-            tail_ids = response_ids if response_ids[-1:] == [eos] else response_ids + [eos]
-            fitted = _causal_pair(prompt_ids, tail_ids, max_length - len(lead))
-            if isinstance(fitted, str):
-                bad.add("too_long", f"row {row['row_id']}", fitted)
-                continue
-            ids, head = lead + fitted[0] + fitted[1], len(lead) + len(fitted[0])
-        labels = [IGNORE_INDEX] * head + ids[head:]
-        examples.append({"input_ids": ids, "labels": labels, "prompt_length": head, "source": name,
-                         "row_id": row["row_id"], "bucket": row.get("bucket")})
+    for part, start in enumerate(starts):
+        window = stream[start:start + size]
+        head = len(prefix) if part == 0 else layout.overlap
+        examples.append({"input_ids": window, "labels": [IGNORE_INDEX] * head + window[head:], "prompt_length": head,
+                         "row_id": row["row_id"], "part": part})
     return examples
 
 
-def _encode_seq2seq(rows: list[dict], tokenizer: Any, max_length: int, bad: BadRows, name: str) -> list[dict]:
+def _assemble(row: dict, pieces: list[tuple[list[int], bool]], lead: list[int], eos: int, layout: Layout,
+              part: int) -> dict | str:
+    """One causal example from tokenised segments (the last one is the last trained turn), or why it does not fit."""
+    prompt = [t for ids, _ in pieces[:-1] for t in ids]
+    prompt_labels = [t if trained else IGNORE_INDEX for ids, trained in pieces[:-1] for t in ids]
+    response = pieces[-1][0] if pieces[-1][0][-1:] == [eos] else pieces[-1][0] + [eos]
+    fitted = _causal_pair(prompt, response, layout.max_length - len(lead))
+    if isinstance(fitted, str):
+        return fitted
+    cut = len(prompt) - len(fitted[0])
+    labels = [IGNORE_INDEX] * len(lead) + prompt_labels[cut:] + response
+    return {"input_ids": lead + fitted[0] + response, "labels": labels, "prompt_length": len(lead) + len(fitted[0]),
+            "row_id": row["row_id"], "part": part}
+
+
+def encode_causal_rows(rows: list[dict], tokenizer: Any, layout: Layout, name: str) -> list[Outcome]:
+    """Per row: its examples, or (reason, detail) when it is bad. Rendering and tokenising are batched."""
+    eos, prefix = tokenizer.eos_token_id, _prefix(tokenizer)
+    lead = [] if getattr(tokenizer, "chat_template", None) else prefix  # kept in front even when the prompt is cut
+    renders: list[list[Segments] | tuple[str, str]] = []
+    for row in track(rows, description=f"rendering {name}", disable=len(rows) < _PROGRESS_FROM, transient=True):
+        if "text" in row:  # a text row is all "response": every token is trained on
+            renders.append([[(row["text"], True)]])
+            continue
+        try:
+            renders.append(render_segments(row, tokenizer, layout.train_on))
+        except ValueError as e:
+            renders.append(("bad_chat", str(e)))
+    texts = [text for r in renders if isinstance(r, list) for segments in r for text, _ in segments]
+    flat = iter(_ids(tokenizer, texts, f"tokenising {name}"))
+    out: list[Outcome] = []
+    for row, render in zip(rows, renders):
+        if isinstance(render, tuple):
+            out.append(render)
+            continue
+        pieces = [[(next(flat), trained) for _, trained in segments] for segments in render]
+        if "text" in row:
+            out.append(_windows(row, pieces[0][0][0], prefix, eos, layout))
+            continue
+        examples = [_assemble(row, p, lead, eos, layout, part) for part, p in enumerate(pieces)]
+        too_long = next((e for e in examples if isinstance(e, str)), None)
+        out.append(("too_long", too_long) if too_long else examples)
+    return out
+
+
+def encode_seq2seq_rows(rows: list[dict], tokenizer: Any, layout: Layout, name: str) -> list[Outcome]:
+    """Per row: its example (in a list), or (reason, detail) when it is bad."""
     if any("text" in row for row in rows):
         raise DataError(f"source '{name}' holds plain text rows, which have no target: seq2seq training needs "
                         f"source/target, prompt/response or chat rows. Use task_type 'causal' for plain text.")
-    eos = tokenizer.eos_token_id
+    eos, max_length = tokenizer.eos_token_id, layout.max_length
     messages = [to_messages(row) for row in rows]
-    sources = [m[0]["content"] if len(m) == 2 and m[0]["role"] == "user" else plain_history(m[:-1]).rstrip()
-               for m in messages]
+    sources = [m[0]["content"] if len(m) == 2 and m[0]["role"] == "user"
+               else plain_history(m[:-1], row.get("tools")).rstrip() for row, m in zip(rows, messages)]
     source_ids = _ids(tokenizer, sources, f"tokenising {name} sources")
-    target_ids = _ids(tokenizer, [m[-1]["content"] for m in messages], f"tokenising {name} targets")
-    examples = []
+    target_ids = _ids(tokenizer, [plain_body(m[-1]) for m in messages], f"tokenising {name} targets")
+    out: list[Outcome] = []
     for row, src, tgt in zip(rows, source_ids, target_ids):
         if len(tgt) + 1 > max_length:
-            bad.add("too_long", f"row {row['row_id']}", f"target of {len(tgt) + 1} tokens exceeds max_length "
-                                                        f"{max_length}; raise max_length or shorten the target")
+            out.append(("too_long", f"target of {len(tgt) + 1} tokens exceeds max_length {max_length}; raise "
+                                    f"max_length or shorten the target"))
             continue
-        examples.append({"input_ids": src[:max_length - 1] + [eos], "labels": tgt + [eos], "source": name,
-                         "row_id": row["row_id"], "bucket": row.get("bucket")})
-    return examples
+        out.append([{"input_ids": src[:max_length - 1] + [eos], "labels": tgt + [eos], "row_id": row["row_id"],
+                     "part": 0}])
+    return out
+
+
+def encode_batch(rows: list[dict], tokenizer: Any, layout: Layout, name: str) -> list[Outcome]:
+    """Per row: its examples (without source and bucket), or (reason, detail) when it is bad."""
+    encode = encode_causal_rows if layout.task_type == "causal" else encode_seq2seq_rows
+    return encode(rows, tokenizer, layout, name)
+
+
+def number_parts(examples: list[dict], first_free: int) -> int:
+    """Give parts after the first their own row_id, counting up from `first_free`; returns the next free id."""
+    for example in examples:
+        if example["part"]:
+            example["row_id"] = first_free
+            first_free += 1
+    return first_free
+
+
+def collect(rows: list[dict], outcomes: list[Outcome], bad: BadRows, name: str) -> EncodedSource:
+    """Examples with source, bucket and unique row_ids, and the bad rows counted (or raised in strict mode)."""
+    examples, windows, split = [], 0, 0
+    for row, outcome in zip(rows, outcomes):
+        if isinstance(outcome, tuple):
+            bad.add(outcome[0], f"row {row['row_id']}", outcome[1])
+            continue
+        split += len(outcome) > 1
+        windows += len(outcome) if len(outcome) > 1 and "text" in row else 0
+        bucket = row.get("bucket")
+        examples.extend(e | {"source": name, "bucket": bucket} for e in outcome)
+    number_parts(examples, max((r["row_id"] for r in rows), default=-1) + 1)
+    bad.log_summary(len(examples))
+    bad.fail_if_nothing_kept(len(examples), "examples")
+    return EncodedSource(examples, bad.skipped, bad.first, windows, split)
 
 
 def encode_rows(rows: list[dict], tokenizer: Any, max_length: int = 512, task_type: str = "causal",
-                strict: bool = False, source_name: str = "general") -> EncodedSource:
+                strict: bool = False, source_name: str = "general", train_on: str = "all_assistant",
+                overlap: int = 0) -> EncodedSource:
     """Tokenise normalised rows (see formats.py) into examples; see the module docstring for the layout.
 
     Rows that cannot be used (chat the template rejects, too long after truncation) are counted and skipped,
     or raise a DataError naming the row when `strict`. Raises DataError when no example is left.
     """
-    if task_type not in TASK_TYPES:
-        raise DataError(f"unknown task_type '{task_type}': use one of {', '.join(TASK_TYPES)}.")
-    if max_length < 2:
-        raise DataError(f"max_length must be at least 2 tokens, got {max_length}.")
+    layout = Layout(max_length, task_type, train_on, overlap)
+    layout.check()
     prepare_tokenizer(tokenizer)
     bad = BadRows(f"source '{source_name}'", strict)
-    encode = _encode_causal if task_type == "causal" else _encode_seq2seq
-    examples = encode(rows, tokenizer, max_length, bad, source_name)
-    bad.log_summary(len(examples))
-    bad.fail_if_nothing_kept(len(examples), "examples")
-    return EncodedSource(examples, bad.skipped, bad.first)
+    return collect(rows, encode_batch(rows, tokenizer, layout, source_name), bad, source_name)

@@ -113,13 +113,16 @@ def load_data(config: PipelineConfig, tokenizer, task_type: str) -> tuple[dict, 
     for group, target, max_rows_default in (("sources", sources, None), ("eval", eval_sets, config.data.eval_max_rows)):
         for name, settings in getattr(config.data, group).items():
             loaded = load_source(settings.path, format=settings.format, split=settings.split,
-                                 max_rows=settings.max_rows or max_rows_default, strict=config.data.strict)
+                                 max_rows=settings.max_rows or max_rows_default, strict=config.data.strict,
+                                 columns=settings.columns)
             encoded = encode_rows(loaded.rows, tokenizer, max_length=config.data.max_length, task_type=task_type,
-                                  strict=config.data.strict, source_name=name)
+                                  strict=config.data.strict, source_name=name, train_on=config.data.train_on,
+                                  overlap=config.data.text_overlap)
             target[name] = encoded.examples
             skipped = dict(loaded.skipped) | {k: v + loaded.skipped.get(k, 0) for k, v in encoded.skipped.items()}
             report[name] = {"format": loaded.format, "rows": len(loaded.rows) + sum(loaded.skipped.values()),
-                            "kept": len(encoded.examples), "skipped": skipped}
+                            "kept": len(encoded.examples), "skipped": skipped,
+                            "ignored_columns": loaded.ignored_columns, "windows": encoded.windows}
             if skipped:
                 firsts = (loaded.first_skipped + encoded.first_skipped)[:3]
                 log.warning("source %s: skipped %s; first: %s", name, skipped, firsts)
