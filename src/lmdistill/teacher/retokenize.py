@@ -38,16 +38,16 @@ def needs_shared_vocab(config: PipelineConfig) -> str | None:
 
 def teacher_sources(config: PipelineConfig, tokenizer, task_type: str, names: list[str]) -> dict[str, list[dict]]:
     """The sources `names` as the teacher reads them (see the module docstring); plain text rows have no
-    conversation and are left out."""
+    conversation and are left out. One example per row: the teacher writes the last answer."""
     sources = {}
     for name in names:
         settings = config.data.sources[name]
         rows = load_source(settings.path, format=settings.format, split=settings.split, max_rows=settings.max_rows,
-                           strict=config.data.strict).rows
+                           strict=config.data.strict, columns=settings.columns).rows
         history = {row["row_id"]: to_messages(row)[:-1] for row in rows if "text" not in row}
         encoded = encode_rows([row for row in rows if "text" not in row], tokenizer,
                               max_length=config.data.max_length, task_type=task_type, strict=config.data.strict,
-                              source_name=name).examples if history else []
+                              source_name=name, train_on="last_assistant").examples if history else []
         sources[name] = [{**ex, "messages": history[ex["row_id"]]} for ex in encoded]
     return sources
 
