@@ -212,12 +212,39 @@ class TrainingSettings(Strict):
     save_every: int | None = Field(None, gt=0, description="Save a checkpoint every N steps (per stage).")
     save_total_limit: int | None = Field(2, gt=0)
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, "
+                                                            "about a third more compute.")
+    torch_compile: bool = Field(False, description="Compile the student with torch.compile (Trainer's torch_compile).")
+    dataloader_num_workers: int = Field(0, ge=0, description="Processes preparing batches (0: the training process).")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config file, as Trainer's --deepspeed takes it "
+                                                    "(or launch with an accelerate DeepSpeed config instead).")
+    patience: int | None = Field(None, gt=0, description="Early stopping: end a stage after this many evaluations "
+                                                         "without improving its metric_for_best (None: never).")
+    extra_args: dict[str, Any] = Field(default_factory=dict, description="Any other transformers.TrainingArguments "
+                                       "field, passed as given, e.g. {dataloader_pin_memory: false}.")
 
     @model_validator(mode="after")
     def _precision(self):
         if self.fp16 and self.bf16:
             raise ValueError("fp16 and bf16 are exclusive; choose one")
         return self
+
+    @field_validator("extra_args")
+    @classmethod
+    def _known_training_arguments(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        if extra:
+            import dataclasses
+            import difflib
+
+            from transformers import TrainingArguments
+
+            known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+            for key in extra:
+                if key not in known:
+                    close = difflib.get_close_matches(key, known, n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else "see transformers.TrainingArguments"
+                    raise ValueError(f"{key!r} is not a TrainingArguments field; {hint}")
+        return extra
 
 
 class GenerationSettings(Strict):

@@ -3,6 +3,7 @@ Trainer's (accumulation, precision, optimizers, schedules, clipping, checkpoints
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -58,10 +59,19 @@ def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage
         train_sampling_strategy="sequential",
         remove_unused_columns=False,
         prediction_loss_only=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=t.dataloader_num_workers,
         # Every student parameter takes part in every step; DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
+        gradient_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing also works when the inputs need no gradient (frozen embeddings under LoRA).
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        torch_compile=t.torch_compile,
     )
+    if t.dataloader_num_workers and stage.eval_driven_sampling is not None and stage.eval_driven_sampling.enabled:
+        raise ConfigError(f"stages[{stage.name}]: evaluation-driven sampling reweighs the sources in the training "
+                          "process, which loader workers never see; set training.dataloader_num_workers: 0")
+    if t.deepspeed:
+        kwargs["deepspeed"] = _deepspeed_file(t.deepspeed)
     if stage.max_steps:
         kwargs["max_steps"] = stage.max_steps
     else:
@@ -84,4 +94,32 @@ def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage
             if kwargs["save_steps"] % eval_steps:
                 raise ConfigError(f"stages[{stage.name}]: save_steps ({kwargs['save_steps']}) must be a multiple of "
                                   f"eval_steps ({eval_steps}) so the best checkpoint can be kept")
-    return TrainingArguments(**kwargs)
+    if t.patience:
+        if kwargs.get("eval_strategy") != "steps":
+            raise ConfigError(f"stages[{stage.name}]: training.patience stops a stage on its evaluations, but it is "
+                              f"evaluated {'only once, at its end' if has_eval else 'never (no data.eval)'}; set "
+                              "eval_steps on the stage" + ("" if has_eval else " and give data.eval"))
+        # The early-stopping counter travels with the checkpoints, so a resumed stage stops where it would have.
+        kwargs["restore_callback_states_from_checkpoint"] = True
+    clash = sorted(set(t.extra_args) & set(kwargs))
+    if clash:
+        raise ConfigError(f"training.extra_args.{clash[0]}: lmdistill sets this TrainingArguments field from its own "
+                          "keys (training.*, the stage's settings); set it there")
+    return TrainingArguments(**kwargs, **t.extra_args)
+
+
+def early_stopping(config: PipelineConfig) -> list:
+    """transformers' EarlyStoppingCallback on the stage's metric_for_best, when training.patience asks for it."""
+    if not config.training.patience:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=config.training.patience)]
+
+
+def _deepspeed_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise ConfigError(f"training.deepspeed: no file at {path}; give the path of a DeepSpeed JSON config")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("training.deepspeed needs the deepspeed package: pip install deepspeed")
+    return path

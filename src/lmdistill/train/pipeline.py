@@ -37,7 +37,7 @@ from lmdistill.teacher.commands import ensure_generations
 from lmdistill.teacher.retokenize import needs_shared_vocab
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback
-from lmdistill.train.args import check_precision, check_reporting, stage_training_arguments
+from lmdistill.train.args import check_precision, check_reporting, early_stopping, stage_training_arguments
 from lmdistill.train.balancing import BALANCER_FILE
 from lmdistill.train.feedback import EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
@@ -302,7 +302,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         teacher_shard=config.teacher.shard, **policy,
     )
     for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset,
-                                    teacher if prep.scoring_teacher is not None else None):
+                                    teacher if prep.scoring_teacher is not None else None) + early_stopping(config):
         trainer.add_callback(callback)
     resume = _last_checkpoint(stage_dir)
     if resume:
