@@ -6,6 +6,12 @@ bias) are used whole by every chunk. With `chunk_size=None` it is a plain autogr
 a custom autograd function computes each chunk's gradient right away, so only one chunk's [chunk, V]
 temporaries ever exist, and keeps just the input gradients (the size of the inputs themselves).
 
+`heads` name linear maps (a row input times a shared weight, plus a shared bias) that the engine applies
+itself, so that fn receives their products (the logits) in place of the rows. Per chunk the product goes into
+one buffer reused by every chunk, and the weight's gradient is added into a single float32 accumulator
+(addmm_): autograd would allocate a fresh [V, H] gradient per chunk, and at V = 151,936 that allocation, not
+the matmuls, dominated the time.
+
 Gradients are formed in the forward pass for the linear combination `coeffs . terms` the caller expects
 to backpropagate (the objective's weights). If backward later arrives with any other combination (a
 balancer rescaling terms, one term's gradient alone), the chunks are recomputed for that combination:
@@ -23,24 +29,42 @@ from torch import Tensor
 RowFn = Callable[[Sequence[Tensor | None], Sequence[Tensor | None]], Tensor]  # (row chunks, shared) -> [terms]
 
 
+@dataclass(frozen=True)
+class Head:
+    """rows[row] [n, H] @ shared[weight].T (+ shared[bias]) -> [n, V], formed by the engine: fn gets the product
+    in place of rows[row]."""
+
+    row: int
+    weight: int
+    bias: int | None = None
+
+    def apply(self, rows: Sequence[Tensor | None], shared: Sequence[Tensor | None]) -> Tensor | None:
+        hidden = rows[self.row]
+        if hidden is None:
+            return None
+        return torch.nn.functional.linear(hidden, shared[self.weight],
+                                          shared[self.bias] if self.bias is not None else None)
+
+
 def reduce_rows(fn: RowFn, rows: Sequence[Tensor | None], shared: Sequence[Tensor | None], counted: Tensor | None,
-                chunk_size: int | None, coeffs: Tensor | None = None) -> Tensor:
+                chunk_size: int | None, coeffs: Tensor | None = None, heads: Sequence[Head] = ()) -> Tensor:
     """Sum fn over the counted rows.
 
     rows: tensors [N, ...] (or None); shared: tensors used whole (or None); counted: int64 [n] indices of the
-    rows to score (None = all N); coeffs: [terms] expected backward weights (default all ones).
+    rows to score (None = all N); coeffs: [terms] expected backward weights (default all ones); heads: linear
+    maps applied to rows before fn sees them.
     Returns [terms] float32 sums, differentiable w.r.t. every tensor input.
     """
     if chunk_size is None:
         if counted is not None:
             rows = [r.index_select(0, counted) if r is not None else None for r in rows]
-        return fn(rows, shared)
+        return fn(_with_heads(rows, shared, heads), shared)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     n_rows = next(r for r in rows if r is not None).shape[0]
     if counted is None:
         counted = torch.arange(n_rows, device=next(r for r in rows if r is not None).device)
-    plan = _Plan(fn, len(rows), counted, chunk_size, coeffs)
+    plan = _Plan(fn, len(rows), counted, chunk_size, coeffs, tuple(heads))
     tensors = [*rows, *shared]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ChunkedRows.apply(plan, *tensors)
@@ -55,6 +79,15 @@ class _Plan:
     counted: Tensor
     chunk_size: int
     coeffs: Tensor | None
+    heads: tuple[Head, ...] = ()
+
+
+def _with_heads(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None],
+                heads: Sequence[Head]) -> list[Tensor | None]:
+    out = list(rows)
+    for head in heads:
+        out[head.row] = head.apply(rows, shared)
+    return out
 
 
 def _run(plan: _Plan, tensors: Sequence[Tensor | None], needs: Sequence[bool],
@@ -68,30 +101,84 @@ def _run(plan: _Plan, tensors: Sequence[Tensor | None], needs: Sequence[bool],
               for s, need in zip(shared, shared_needs)]
     shared_leaves = [s.detach().requires_grad_(need) if s is not None else None
                      for s, need in zip(shared, shared_needs)]
+    heads = [h for h in plan.heads if rows[h.row] is not None]
+    by_row = {h.row: _HeadState(h, rows[h.row], shared, plan.chunk_size) for h in heads}
+    head_params = {i for h in heads for i in (h.weight, h.bias) if i is not None}
     total: Tensor | None = None
     for idx in torch.split(plan.counted, plan.chunk_size):
-        chunk = [r.index_select(0, idx).requires_grad_(need) if r is not None else None
-                 for r, need in zip(rows, row_needs)]
-        wanted = [(i, t) for i, t in enumerate([*chunk, *shared_leaves]) if needs[i]]
+        raw = [r.index_select(0, idx) if r is not None else None for r in rows]
+        chunk = [r.requires_grad_(need) if r is not None and i not in by_row else r
+                 for i, (r, need) in enumerate(zip(raw, row_needs))]
+        with torch.no_grad():
+            for row, state in by_row.items():
+                chunk[row] = state.product(raw[row]).requires_grad_(_head_needs(state.head, needs, plan.n_rows))
+        # Autograd stops at the heads' products; their rows and parameters get their gradients by hand below.
+        targets = [(i, t) for i, t in enumerate([*chunk, *shared_leaves])
+                   if t is not None and (t.requires_grad if i in by_row else needs[i] and i - plan.n_rows not in head_params)]
         with torch.enable_grad():
             sums = plan.fn(chunk, shared_leaves)  # [terms]
-            objective = (sums * weights).sum() if wanted and weights is not None else None
+            objective = (sums * weights).sum() if targets and weights is not None else None
         if objective is not None and objective.requires_grad:
-            parts = torch.autograd.grad(objective, [t for _, t in wanted], allow_unused=True)
-            for (i, _), g in zip(wanted, parts):
+            parts = torch.autograd.grad(objective, [t for _, t in targets], allow_unused=True)
+            for (i, _), g in zip(targets, parts):
                 if g is None:
                     continue
-                if i < plan.n_rows:
+                if i in by_row:
+                    with torch.no_grad():
+                        by_row[i].backward(g, raw[i], idx, needs, plan.n_rows, grads)
+                elif i < plan.n_rows:
                     grads[i].index_copy_(0, idx, g.to(grads[i].dtype))
                 else:
                     grads[i] += g
         total = sums.detach() if total is None else total + sums.detach()
     if total is None:  # no counted rows: every term is an empty sum
         with torch.no_grad():
-            total = plan.fn([r[:0] if r is not None else None for r in rows], shared)
+            total = plan.fn(_with_heads([r[:0] if r is not None else None for r in rows], shared, heads), shared)
     grads = [g.to(t.dtype) if g is not None and i >= plan.n_rows else g
              for i, (g, t) in enumerate(zip(grads, tensors))]
     return total, grads
+
+
+def _head_needs(head: Head, needs: Sequence[bool], n_rows: int) -> bool:
+    return needs[head.row] or needs[n_rows + head.weight] or head.bias is not None and needs[n_rows + head.bias]
+
+
+class _HeadState:
+    """One head during a pass: its weight in the rows' dtype (cast once, as autocast would per chunk), the reused
+    product buffer, and the low-precision weight-gradient buffer."""
+
+    def __init__(self, head: Head, hidden: Tensor, shared: Sequence[Tensor | None], chunk_size: int) -> None:
+        self.head = head
+        self.weight = shared[head.weight].detach().to(hidden.dtype)
+        bias = shared[head.bias] if head.bias is not None else None
+        self.bias = bias.detach().to(hidden.dtype) if bias is not None else None
+        self.out = hidden.new_empty((min(chunk_size, hidden.shape[0]), self.weight.shape[0]))
+        self.scratch: Tensor | None = None
+
+    def product(self, hidden: Tensor) -> Tensor:
+        """hidden [n, H] @ weight.T (+ bias) -> [n, V], a view of the reused buffer."""
+        out = self.out[: hidden.shape[0]]
+        torch.mm(hidden, self.weight.t(), out=out)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def backward(self, grad: Tensor, hidden: Tensor, idx: Tensor, needs: Sequence[bool], n_rows: int,
+                 grads: list[Tensor | None]) -> None:
+        """Add one chunk's gradients through the head, given the product's gradient grad [n, V]."""
+        head = self.head
+        if needs[head.row]:
+            grads[head.row].index_copy_(0, idx, grad @ self.weight)
+        w_grad = grads[n_rows + head.weight]
+        if w_grad is not None:
+            if w_grad.dtype == grad.dtype:
+                w_grad.addmm_(grad.t(), hidden)
+            else:  # a low-precision matmul into a reused buffer, added in float32
+                if self.scratch is None:
+                    self.scratch = torch.empty_like(self.weight)
+                w_grad += torch.mm(grad.t(), hidden, out=self.scratch)
+        if head.bias is not None and (b_grad := grads[n_rows + head.bias]) is not None:
+            b_grad += grad.sum(0)
 
 
 class _ChunkedRows(torch.autograd.Function):

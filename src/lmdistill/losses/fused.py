@@ -16,11 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature, score_rows, upcast
-from lmdistill.losses.engine import reduce_rows
+from lmdistill.losses.engine import Head, reduce_rows
 from lmdistill.losses.errors import LossInputError
 from lmdistill.losses.functional import backward_coeffs, cache_rows, counted_rows, finish
 
@@ -42,9 +41,9 @@ class LMHead:
     softcap: float | None = None
     logit_scale: float = 1.0
 
-    def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """hidden [n, H] -> float32 logits [n, V]. weight/bias are this head's (possibly detached) tensors."""
-        logits = upcast(F.linear(hidden, weight, bias))
+    def logits(self, product: Tensor) -> Tensor:
+        """hidden @ weight.T + bias [n, V] (formed by the engine) -> float32 logits with scale and soft-cap."""
+        logits = upcast(product)
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if self.softcap:
@@ -83,15 +82,16 @@ def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head:
     t_head = teacher_head if t_rows is not None else None
 
     def fn(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None]) -> Tensor:
-        s_hidden, t_hidden, *rest = rows  # rest: labels [n], cached ids / log-probs [n, k], tails [n]
-        s_logits = student_head.logits(s_hidden, shared[0], shared[1])  # [n, Vs]
-        t_logits = t_head.logits(t_hidden, shared[2], shared[3]) if t_head is not None else None  # [n, Vt]
-        return score_rows(specs, s_logits, t_logits, *rest)
+        s_product, t_product, *rest = rows  # the heads' products [n, V]; labels [n], cache rows [n, k], tails [n]
+        t_logits = t_head.logits(t_product) if t_head is not None else None
+        return score_rows(specs, student_head.logits(s_product), t_logits, *rest)
 
     shared = [student_head.weight, student_head.bias,
               t_head.weight if t_head else None, t_head.bias if t_head else None]
+    heads = [Head(0, 0, 1 if student_head.bias is not None else None),
+             Head(1, 2, 3 if t_head is not None and t_head.bias is not None else None)]
     return reduce_rows(fn, [s_rows, t_rows, flat_labels, ids, lps, tails], shared, counted, chunk_size,
-                       coeffs), count
+                       coeffs, heads), count
 
 
 def fused_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
