@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core box extra threads made steps ~50x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tokenised sources are cached per test session, not in the user's ~/.cache.
+os.environ.setdefault("LMDISTILL_CACHE_DIR", tempfile.mkdtemp(prefix="lmdistill-tokenized-"))
 
 VOCAB_SIZE = 1024
 

@@ -101,6 +101,12 @@ class DataSettings(Strict):
                                      "(earlier turns are then context).")
     text_overlap: int = Field(0, ge=0, description="Tokens shared by consecutive windows of a plain text longer "
                                                    "than max_length (the repeats are context, not trained twice).")
+    tokenized_cache: bool = Field(True, description="Keep tokenised sources on disk, keyed by data, tokenizer, "
+                                                    "template and layout options, so re-runs do not tokenise again.")
+    cache_dir: str | None = Field(None, description="Folder of the tokenised-source cache (default: "
+                                                    "$LMDISTILL_CACHE_DIR or ~/.cache/lmdistill/tokenized).")
+    num_proc: int = Field(1, ge=1, description="Processes that tokenise a source (datasets.map num_proc); the "
+                                               "tokenizer already batches over threads, so 1 is often enough.")
 
 
 # --------------------------------------------------------------------------------------------------- stages

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from lmdistill.config import config_from_dict
+from lmdistill.data.cache import tokenizer_hash
 from lmdistill.errors import DataError
 from lmdistill.teacher.commands import generate
-from lmdistill.teacher.fingerprint import tokenizer_hash
 from lmdistill.teacher.generate import load_generations
 from lmdistill.train import pipeline
 from lmdistill.train.pipeline import run_pipeline

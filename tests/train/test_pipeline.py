@@ -179,3 +179,22 @@ def test_epochs_are_counted_once(tiny_pipeline):
     run_dir = run_pipeline(config_from_dict(data))
     steps = [h["step"] for h in json.loads((run_dir / "a" / "log_history.json").read_text()) if "loss" in h]
     assert steps[-1] == 20
+
+
+def test_load_data_maps_columns_and_reads_the_tokenised_cache_on_a_rerun(tiny_pipeline, tokenizer, tmp_path, caplog):
+    import logging
+
+    from lmdistill.train.pipeline import load_data
+
+    data = tiny_pipeline([{"name": "kd", "losses": KD}])["data"]
+    fixture = Path(__file__).parents[1] / "data" / "fixtures" / "context_target.jsonl"
+    data["sources"] = {"fin": {"path": str(fixture),
+                               "columns": {"prompt": "context", "response": "target"}}}
+    data.update({"eval": {}, "cache_dir": str(tmp_path / "cache"), "train_on": "last_assistant"})
+    config = config_from_dict(tiny_pipeline([{"name": "kd", "losses": KD}], data=data))
+    with caplog.at_level(logging.INFO, logger="lmdistill.data.cache"):
+        first, _, report = load_data(config, tokenizer, "causal")
+        again, _, _ = load_data(config, tokenizer, "causal")
+    assert report["fin"]["format"] == "prompt_response" and report["fin"]["kept"] == 2
+    assert again == first and len(first["fin"]) == 2
+    assert "source fin: tokenisation cache miss" in caplog.text and "source fin: tokenisation cache hit" in caplog.text

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmdistill.config import GenerationSettings, PipelineConfig
+from lmdistill.data.cache import tokenizer_hash
 from lmdistill.errors import ConfigError
 from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
-from lmdistill.teacher.fingerprint import model_config_hash, tokenizer_hash
+from lmdistill.teacher.fingerprint import model_config_hash
 from lmdistill.teacher.generate import generate_responses, missing_generations
 from lmdistill.teacher.manifest import Manifest
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
                          "_attn_implementation_autoset", "architectures", "use_cache"}
 
@@ -21,19 +22,6 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """The token <-> id mapping, normalisation and chat template; padding/truncation state is left out."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("padding", None)
-        spec.pop("truncation", None)
-    else:
-        spec = sorted(tokenizer.get_vocab().items())
-    return _digest({"backend": spec, "chat_template": getattr(tokenizer, "chat_template", None),
-                    "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}})
 
 
 def model_config_hash(config: Any) -> str:

@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, PipelineConfig, StageSettings
+from lmdistill.data.cache import tokenizer_hash
 from lmdistill.data.mixture import ID_STRIDE
 from lmdistill.errors import CacheError
 from lmdistill.teacher.cache import eval_key
-from lmdistill.teacher.fingerprint import tokenizer_hash
 from lmdistill.teacher.generate import load_generations
 from lmdistill.teacher.reader import CacheLookup, TeacherCache
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from lmdistill.config import PipelineConfig, StageSettings, StudentSettings, save_config
+from lmdistill.data.cache import encode_source
 from lmdistill.data.collate import DistillCollator
 from lmdistill.data.formats import load_source
-from lmdistill.data.tokenize import encode_rows
+from lmdistill.data.tokenize import Layout
 from lmdistill.errors import ConfigError
 from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_model, load_student, load_tokenizer,
                                    resolve_device)
@@ -115,9 +116,10 @@ def load_data(config: PipelineConfig, tokenizer, task_type: str) -> tuple[dict, 
             loaded = load_source(settings.path, format=settings.format, split=settings.split,
                                  max_rows=settings.max_rows or max_rows_default, strict=config.data.strict,
                                  columns=settings.columns)
-            encoded = encode_rows(loaded.rows, tokenizer, max_length=config.data.max_length, task_type=task_type,
-                                  strict=config.data.strict, source_name=name, train_on=config.data.train_on,
-                                  overlap=config.data.text_overlap)
+            layout = Layout(config.data.max_length, task_type, config.data.train_on, config.data.text_overlap)
+            encoded = encode_source(loaded.rows, tokenizer, layout, name, strict=config.data.strict,
+                                    cache_dir=config.data.cache_dir, num_proc=config.data.num_proc,
+                                    use_cache=config.data.tokenized_cache)
             target[name] = encoded.examples
             skipped = dict(loaded.skipped) | {k: v + loaded.skipped.get(k, 0) for k, v in encoded.skipped.items()}
             report[name] = {"format": loaded.format, "rows": len(loaded.rows) + sum(loaded.skipped.values()),
