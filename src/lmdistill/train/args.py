@@ -4,6 +4,7 @@ Trainer's (accumulation, precision, optimizers, schedules, clipping, checkpoints
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from transformers import TrainingArguments
 
 from lmdistill.config import PipelineConfig, StageSettings
 from lmdistill.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
 
@@ -28,6 +31,10 @@ def check_precision(config: PipelineConfig) -> None:
     if config.training.fp16 and (config.training.no_cuda or not torch.cuda.is_available()):
         raise ConfigError("--fp16 needs a CUDA GPU, and none is available here; drop --fp16 or use --bf16 "
                           "(bf16 runs on CPU)")
+    if config.student.dtype in ("bfloat16", "float16") and config.student.lora is None:
+        log.warning("student.dtype %s: the optimizer updates the weights in %s, which rounds away steps smaller than "
+                    "their resolution (at lr 1e-5 most of them); for float32 master weights set student.dtype: "
+                    "float32 and training.bf16: true (mixed precision)", config.student.dtype, config.student.dtype)
 
 
 def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage_dir: Path,
