@@ -62,8 +62,9 @@ def _aux_term(student, teacher, tmp_path, aux, batch) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- float64 references
-def _info_nce(student, teacher, mask, side) -> torch.Tensor:
-    """Symmetric InfoNCE of masked-mean-pooled last states through `side`'s projections. States [B, T, d]."""
+def _info_nce(student, teacher, mask, side, weights) -> torch.Tensor:
+    """Symmetric InfoNCE of masked-mean-pooled last states through `side`'s projections, each example's loss weighted
+    by weights [B] (its counted labels). States [B, T, d]."""
     m = mask.double()[..., None]  # [B, T, 1]
 
     def embed(states, proj):
@@ -72,8 +73,9 @@ def _info_nce(student, teacher, mask, side) -> torch.Tensor:
         return z / z.norm(dim=-1, keepdim=True)
 
     logits = embed(student, side.student_proj) @ embed(teacher, side.teacher_proj).T / TEMPERATURE  # [B, B]
-    rows = (logits.logsumexp(1) - logits.diag()).mean()
-    cols = (logits.logsumexp(0) - logits.diag()).mean()
+    w = weights.double() / weights.sum()
+    rows = ((logits.logsumexp(1) - logits.diag()) * w).sum()
+    cols = ((logits.logsumexp(0) - logits.diag()) * w).sum()
     return 0.5 * (rows + cols)
 
 
@@ -121,8 +123,11 @@ def test_contrastive_term_is_the_mean_of_one_infonce_per_side(t5_pair, tmp_path,
     with torch.no_grad():
         s_out, t_out = _outputs(student, batch), _outputs(teacher, batch)
     enc_mask, dec_mask = _masks(batch)
-    encoder = _info_nce(s_out.encoder_last_hidden_state, t_out.encoder_last_hidden_state, enc_mask, sides["encoder"])
-    decoder = _info_nce(s_out.decoder_hidden_states[-1], t_out.decoder_hidden_states[-1], dec_mask, sides["decoder"])
+    labels = dec_mask.sum(1)
+    encoder = _info_nce(s_out.encoder_last_hidden_state, t_out.encoder_last_hidden_state, enc_mask, sides["encoder"],
+                        labels)
+    decoder = _info_nce(s_out.decoder_hidden_states[-1], t_out.decoder_hidden_states[-1], dec_mask, sides["decoder"],
+                        labels)
     assert encoder > 0 and decoder > 0 and abs(encoder - decoder) > 1e-3
     torch.testing.assert_close(got, WEIGHT * 0.5 * (encoder + decoder), rtol=1e-5, atol=1e-6)
 
@@ -203,8 +208,9 @@ def test_each_side_contributes_on_its_own(t5_pair, contrastive, attention):
         shuffled = t_enc[torch.tensor([1, 2, 3, 0])]
         before = contrastive.contrastive(s_enc, t_enc, enc_mask, s_dec, t_dec, dec_mask)
         after = contrastive.contrastive(s_enc, shuffled, enc_mask, s_dec, t_dec, dec_mask)
-        change = _info_nce(s_enc, shuffled, enc_mask, sides["encoder"]) - _info_nce(s_enc, t_enc, enc_mask,
-                                                                                   sides["encoder"])
+        labels = dec_mask.sum(1)
+        change = (_info_nce(s_enc, shuffled, enc_mask, sides["encoder"], labels)
+                  - _info_nce(s_enc, t_enc, enc_mask, sides["encoder"], labels))
         assert abs(change) > 1e-2
         torch.testing.assert_close((after - before).double(), 0.5 * change, rtol=1e-4, atol=1e-6)
 

@@ -28,7 +28,8 @@ class FeatureDistiller(nn.Module):
     A trainable Linear(d_s, d_t) per layer pair maps student width to teacher width when they differ (identity
     otherwise); these projections are this module's parameters, so the trainer optimises and saves them with
     the student. `kind="mse"`: mean squared error per token, averaged over features; `"cosine"`: 1 - cosine
-    similarity per token. Averaged over attended tokens, then over layer pairs.
+    similarity per token. Averaged over layer pairs, then over the tokens of the mask (the trainer passes the
+    response tokens, those the logit terms count).
     """
 
     requires = "hidden_states"

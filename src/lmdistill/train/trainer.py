@@ -9,7 +9,8 @@ precision, optimizers, schedules, clipping of the model, checkpoints, resume and
 
 Normalisation: every logit term is a sum over counted tokens divided by `num_items_in_batch`, which Trainer counts over
 the whole accumulated batch (after the causal shift), so N micro-batches give the same update as one batch N times
-larger. We therefore tell Trainer the loss is already scaled for accumulation.
+larger. We therefore tell Trainer the loss is already scaled for accumulation. The hidden-state terms count the same
+tokens and are normalised alike (`hidden_terms.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -33,6 +33,7 @@ from lmdistill.train.balancing import BalancedTraining
 from lmdistill.train.deepspeed_teacher import deepspeed_teacher
 from lmdistill.train.heads import (has_adapter, head_inputs, head_rows, logit_scale, output_layer, same_device, softcap,
                                    unwrapped)
+from lmdistill.train.hidden_terms import AuxTerms, hidden_terms
 from lmdistill.train.memory import out_of_memory_hint
 
 log = logging.getLogger(__name__)
@@ -40,24 +41,6 @@ log = logging.getLogger(__name__)
 MAX_NONFINITE_IN_A_ROW = 3
 # Learned projections of the hidden-state terms, beside the student's weights in each checkpoint.
 AUX_FILE = "aux_terms.safetensors"
-
-
-@dataclass
-class AuxTerms:
-    """Hidden-state terms beside the logit objective: name -> (module or function, weight)."""
-
-    feature: nn.Module | None = None
-    attention: object | None = None  # callable(student_attentions, teacher_attentions, attention_mask) -> loss
-    contrastive: nn.Module | None = None
-    weights: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def needs_hidden(self) -> bool:
-        return self.feature is not None or self.contrastive is not None
-
-    @property
-    def needs_attentions(self) -> bool:
-        return self.attention is not None
 
 
 class TeacherCacheLookup(Protocol):
@@ -298,15 +281,15 @@ class DistillationTrainer(BalancedTraining, Trainer):
                 t_logits = aligned(teacher_out.logits)[..., : self.shared_vocab] if self._teacher_logits_needed else None
                 out = self.objective(s_logits, t_logits, target, num_items=num_items_in_batch)
 
-        # The logit terms divide by the tokens of all processes (num_items), so each process holds its share of the
-        # global mean; DDP then averages gradients over the processes, which `spread` undoes. The hidden-state terms
-        # are this process's means: divided by `spread` they become shares of the global mean too.
+        # Every term divides by the tokens of all processes (num_items), so each process holds its share of the
+        # global mean; DDP then averages gradients over the processes, which `spread` undoes.
         spread = self.accelerator.num_processes if (
             self.args.average_tokens_across_devices and num_items_in_batch is not None) else 1
         terms = dict(out.terms)
         weights = {term.name: term.weight for term in self.objective.terms}
-        terms.update({name: value / spread
-                      for name, value in self._aux_terms(student_out, teacher_out, inputs, weights).items()})
+        terms.update(hidden_terms(self.aux, self.task_type, student_out, teacher_out, inputs, target,
+                                  num_items_in_batch, spread, self.accelerator.num_processes))
+        weights.update(self.aux.weights)
         total = self._combine(model, terms, weights)
 
         if model.training:
@@ -317,32 +300,6 @@ class DistillationTrainer(BalancedTraining, Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with out_of_memory_hint("evaluation (student forward, loss)"):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
-    def _aux_terms(self, student_out, teacher_out, inputs, weights) -> dict[str, torch.Tensor]:
-        if teacher_out is None or not (self.aux.needs_hidden or self.aux.needs_attentions):
-            return {}
-        # Hidden-state terms are means over this micro-batch; divide by the accumulation steps so their sum over an
-        # accumulated batch is a mean, as for the logit terms.
-        scale = 1.0 / max(1, self.current_gradient_accumulation_steps) if self.model.training else 1.0
-        s, t = student_out, teacher_out
-        if self.task_type == "seq2seq":
-            # Every term covers both stacks (the EncoderDecoder* modules): encoder outputs over source tokens, decoder
-            # outputs over counted labels (the decoder mask, not the encoder's); attention adds cross-attention.
-            enc_mask, dec_mask = inputs["attention_mask"], (inputs["labels"] != -100).long()
-            hidden = (s.encoder_hidden_states, t.encoder_hidden_states, enc_mask,
-                      s.decoder_hidden_states, t.decoder_hidden_states, dec_mask)
-            attentions = (s.encoder_attentions, t.encoder_attentions, enc_mask, s.decoder_attentions,
-                          t.decoder_attentions, dec_mask, s.cross_attentions, t.cross_attentions)
-        else:
-            mask = inputs["attention_mask"]
-            hidden = (s.hidden_states, t.hidden_states, mask)
-            attentions = (s.attentions, t.attentions, mask)
-        terms = {}
-        for name, args in (("feature", hidden), ("contrastive", hidden), ("attention", attentions)):
-            if (module := getattr(self.aux, name)) is not None:
-                terms[name] = module(*args) * scale
-        weights.update(self.aux.weights)
-        return terms
 
     # ------------------------------------------------------------------ non-finite guard and per-term logging
     def _guard_nonfinite(self, model: nn.Module, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
