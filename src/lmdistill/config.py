@@ -17,8 +17,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lmdistill.data.columns import ROLES as COLUMN_ROLES
 from lmdistill.errors import ConfigError
-from lmdistill.loss_config import (_LOSS_TAGS, LOGIT_LOSS_NAMES, AttentionTerm, ContrastiveTerm, FeatureTerm,  # noqa: F401
-                                   LogitTerm, LossTermSettings, Strict)
+from lmdistill.loss_config import (_LOSS_TAGS, LOGIT_LOSS_NAMES, AttentionTerm, ContrastiveTerm, CrossVocabTerm,  # noqa: F401
+                                   FeatureTerm, LogitTerm, LossTermSettings, Strict)
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -191,6 +191,13 @@ class StageSettings(Strict):
         if self.kind == "non_policy" and self.teacher_source == "cache":
             raise ValueError("a non_policy stage trains on teacher generations, which the top-k cache does not cover; "
                              "use teacher_source: live (the teacher scores the generations as it trains)")
+        cross = [t.name for t in self.losses if isinstance(t, CrossVocabTerm)]
+        if cross and (self.kind != "distill" or self.teacher_source != "live" or self.fused):
+            raise ValueError(f"{cross[0]} runs the teacher on its own tokens beside the student: it needs kind: "
+                             "distill, teacher_source: live and fused: false")
+        if cross and any(not isinstance(t, (LogitTerm, CrossVocabTerm)) for t in self.losses):
+            raise ValueError(f"{cross[0]} goes with logit losses only: hidden-state terms compare positions one by "
+                             "one, which two tokenizers do not share")
         if self.alpha is not None:
             if not any(t.name not in ("cross_entropy",) and isinstance(t, LogitTerm) for t in self.losses):
                 raise ValueError("alpha weighs CE against a KD term, but the stage lists no logit KD term")

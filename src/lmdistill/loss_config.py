@@ -81,5 +81,17 @@ class ContrastiveTerm(Strict):
     _sides = field_validator("sides")(_distinct_sides)
 
 
-_LOSS_TAGS = set(LOGIT_LOSS_NAMES) | {"feature", "attention", "contrastive"}
-LossTermSettings = Annotated[Union[LogitTerm, FeatureTerm, AttentionTerm, ContrastiveTerm], Field(discriminator="name")]
+class CrossVocabTerm(Strict):
+    """Logit KD between a teacher and a student with different tokenizers (teacher.tokenizer differs): the teacher
+    reads its own tokenisation of each conversation and the two meet at byte-aligned positions
+    (docs/cross_tokenizer.md)."""
+
+    name: Literal["uld", "cross_vocab_kl"] = Field(
+        description="uld: L1 between the sorted probability vectors (Universal Logit Distillation); cross_vocab_kl: "
+        "forward KL over the tokens both vocabularies share, ULD on the rest (GOLD's hybrid).")
+    weight: float = Field(1.0, ge=0)
+
+
+_LOSS_TAGS = set(LOGIT_LOSS_NAMES) | {"feature", "attention", "contrastive", "uld", "cross_vocab_kl"}
+LossTermSettings = Annotated[Union[LogitTerm, FeatureTerm, AttentionTerm, ContrastiveTerm, CrossVocabTerm],
+                             Field(discriminator="name")]

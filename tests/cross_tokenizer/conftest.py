@@ -29,13 +29,18 @@ def metaspace_tokenizer(metaspace_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def metaspace_teacher_dir(tmp_path_factory, metaspace_tokenizer_dir, metaspace_tokenizer) -> Path:
-    """A teacher (4 layers x 128) that speaks the metaspace tokenizer."""
+    """A teacher (4 layers x 128) that speaks the metaspace tokenizer; its output layer scaled up so that its
+    distributions are peaked, far from a fresh student's near-uniform ones (a distillation signal to follow)."""
+    import torch
     from transformers import AutoTokenizer
 
     from lmdistill.models.tiny import tiny_causal_lm
 
     path = tmp_path_factory.mktemp("metaspace_teacher")
-    tiny_causal_lm(len(metaspace_tokenizer), num_layers=4, hidden_size=128, seed=5).save_pretrained(path)
+    model = tiny_causal_lm(len(metaspace_tokenizer), num_layers=4, hidden_size=128, seed=5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(path)
     AutoTokenizer.from_pretrained(metaspace_tokenizer_dir).save_pretrained(path)
     return path
 

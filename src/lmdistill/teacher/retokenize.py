@@ -36,19 +36,23 @@ def needs_shared_vocab(config: PipelineConfig) -> str | None:
     return None
 
 
-def teacher_sources(config: PipelineConfig, tokenizer, task_type: str, names: list[str]) -> dict[str, list[dict]]:
-    """The sources `names` as the teacher reads them (see the module docstring); plain text rows have no
-    conversation and are left out. One example per row: the teacher writes the last answer."""
+def teacher_sources(config: PipelineConfig, tokenizer, task_type: str, names: list[str],
+                    group: str = "sources") -> dict[str, list[dict]]:
+    """The sources `names` of data.sources (group="eval": of data.eval) as the teacher reads them (see the module
+    docstring), each example also keeping its `answer` text; plain text rows have no conversation and are left
+    out. One example per row: the teacher writes (and is scored on) the last answer."""
     sources = {}
     for name in names:
-        settings = config.data.sources[name]
-        rows = load_source(settings.path, format=settings.format, split=settings.split, max_rows=settings.max_rows,
+        settings = getattr(config.data, group)[name]
+        max_rows = settings.max_rows or (config.data.eval_max_rows if group == "eval" else None)
+        rows = load_source(settings.path, format=settings.format, split=settings.split, max_rows=max_rows,
                            strict=config.data.strict, columns=settings.columns).rows
-        history = {row["row_id"]: to_messages(row)[:-1] for row in rows if "text" not in row}
+        chats = {row["row_id"]: to_messages(row) for row in rows if "text" not in row}
         encoded = encode_rows([row for row in rows if "text" not in row], tokenizer,
                               max_length=config.data.max_length, task_type=task_type, strict=config.data.strict,
-                              source_name=name, train_on="last_assistant").examples if history else []
-        sources[name] = [{**ex, "messages": history[ex["row_id"]]} for ex in encoded]
+                              source_name=name, train_on="last_assistant").examples if chats else []
+        sources[name] = [{**ex, "messages": chats[ex["row_id"]][:-1], "answer": chats[ex["row_id"]][-1]["content"]}
+                         for ex in encoded]
     return sources
 
 

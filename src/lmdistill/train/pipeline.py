@@ -39,6 +39,7 @@ from lmdistill.teacher.retokenize import needs_shared_vocab
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback
 from lmdistill.train.args import check_precision, check_reporting, early_stopping, stage_training_arguments
+from lmdistill.train.cross_tokenizer import cross_vocab_stage
 from lmdistill.train.balancing import BALANCER_FILE
 from lmdistill.train.feedback import EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
@@ -283,10 +284,14 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         # `lmdistill generate` has not, each process taking its share; a complete file is left as it is.
         ensure_generations(config, prep, processes)
         processes.wait_for_everyone()
-    # Trainer splits each global batch over the processes: draw enough examples for all of them.
-    train_dataset = build_train_dataset(config, stage, stage_training_sources(config, prep, stage),
-                                        world_size=processes.num_processes)
+    sources = stage_training_sources(config, prep, stage)
     eval_examples = [ex for rows in prep.eval_sets.values() for ex in rows]
+    collator, cross_vocab = DistillCollator(prep.tokenizer.pad_token_id, task_type=prep.task_type), None
+    if (cross := cross_vocab_stage(config, prep, stage, sources, eval_examples)) is not None:
+        # uld / cross_vocab_kl: every example also carries the teacher's tokens and the aligned positions.
+        sources, eval_examples, collator, cross_vocab = cross
+    # Trainer splits each global batch over the processes: draw enough examples for all of them.
+    train_dataset = build_train_dataset(config, stage, sources, world_size=processes.num_processes)
     teacher_cache, shared_vocab = None, prep.shared_vocab
     if stage.teacher_source == "cache" and objective.needs_teacher:
         # Offline teacher: logits come from the cache by example id; eval examples get ids in the same space.
@@ -298,10 +303,10 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     trainer = trainer_cls(
         model=student, args=args, train_dataset=train_dataset,
         eval_dataset=ListDataset(eval_examples) if eval_examples else None,
-        data_collator=DistillCollator(prep.tokenizer.pad_token_id, task_type=prep.task_type),
+        data_collator=collator,
         processing_class=prep.tokenizer, objective=objective, teacher=teacher, aux=aux, balancer=build_balancer(stage),
         task_type=prep.task_type, shared_vocab=shared_vocab, fused=stage.fused, teacher_cache=teacher_cache,
-        teacher_shard=config.teacher.shard, **policy,
+        cross_vocab=cross_vocab, teacher_shard=config.teacher.shard, **policy,
     )
     for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset,
                                     teacher if prep.scoring_teacher is not None else None) + early_stopping(config):

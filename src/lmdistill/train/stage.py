@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, LogitTerm, PipelineConfig, StageSettings
+from lmdistill.config import (AttentionTerm, ContrastiveTerm, CrossVocabTerm, FeatureTerm, LogitTerm, PipelineConfig,
+                              StageSettings)
 from lmdistill.data.mixture import MixtureDataset, RatioSchedule
 from lmdistill.errors import ConfigError
 from lmdistill.losses import DistillObjective, LossTerm
@@ -56,7 +57,12 @@ def logit_terms(stage: StageSettings) -> list[LossTerm]:
 
 
 def build_objective(stage: StageSettings) -> DistillObjective:
-    return DistillObjective(terms=logit_terms(stage), temperature=stage.temperature, chunk_size=stage.chunk_size)
+    """The stage's logit objective. A stage whose only logit losses are cross-vocabulary ones (uld, cross_vocab_kl,
+    computed beside it) gets the student's CE at weight 0: logged, not trained on."""
+    terms = logit_terms(stage)
+    if not terms and any(isinstance(t, CrossVocabTerm) for t in stage.losses):
+        terms = [LossTerm(name="cross_entropy", weight=0.0)]
+    return DistillObjective(terms=terms, temperature=stage.temperature, chunk_size=stage.chunk_size)
 
 
 def _use_eager_attention(model) -> None:

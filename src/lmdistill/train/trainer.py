@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from lmdistill.train.heads import (has_adapter, head_inputs, head_rows, logit_sc
                                    unwrapped)
 from lmdistill.train.hidden_terms import AuxTerms, hidden_terms
 from lmdistill.train.memory import out_of_memory_hint
+
+if TYPE_CHECKING:
+    from lmdistill.train.cross_tokenizer import CrossVocabTeacher  # a teacher with another vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class DistillationTrainer(BalancedTraining, Trainer):
     def __init__(self, *args, objective: DistillObjective, teacher: nn.Module | None = None,
                  aux: AuxTerms | None = None, balancer=None, task_type: str = "causal",
                  shared_vocab: int | None = None, fused: bool = False, teacher_cache: TeacherCacheLookup | None = None,
+                 cross_vocab: CrossVocabTeacher | None = None,
                  teacher_shard: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if teacher is not None and self.is_deepspeed_enabled and teacher_shard != "never" and not is_sharded(teacher):
@@ -81,6 +85,7 @@ class DistillationTrainer(BalancedTraining, Trainer):
         self.teacher = teacher
         self._teacher_sharded = is_sharded(teacher)
         self.teacher_cache = teacher_cache
+        self.cross_vocab = cross_vocab
         self.objective = objective
         self.aux = aux or AuxTerms()
         self.balancer = balancer  # None: the plain weighted sum
@@ -287,6 +292,10 @@ class DistillationTrainer(BalancedTraining, Trainer):
             self.args.average_tokens_across_devices and num_items_in_batch is not None) else 1
         terms = dict(out.terms)
         weights = {term.name: term.weight for term in self.objective.terms}
+        if self.cross_vocab is not None:
+            # The teacher on its own tokens, met at aligned positions; a sum over num_items like the terms above.
+            terms.update(self.cross_vocab.terms(student_out.logits, inputs, num_items_in_batch))
+            weights.update(self.cross_vocab.weights)
         terms.update(hidden_terms(self.aux, self.task_type, student_out, teacher_out, inputs, target,
                                   num_items_in_batch, spread, self.accelerator.num_processes))
         weights.update(self.aux.weights)

@@ -1,0 +1,52 @@
+"""Logit KD across tokenizers: the teacher runs on its own tokens, the losses meet at aligned positions."""
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from lmdistill.cli import app
+from lmdistill.config import config_from_dict
+from lmdistill.train.cross_tokenizer import example_pairs
+from lmdistill.teacher.retokenize import teacher_sources
+from lmdistill.train.pipeline import prepare
+
+
+def test_pairs_follow_the_students_label_mask(cross_config, tokenizer, metaspace_tokenizer):
+    config = config_from_dict(cross_config([{"name": "x", "max_steps": 1, "losses": [{"name": "uld"}]}]))
+    prep = prepare(config)
+    assert prep.teacher_tokenizer is not None and prep.shared_vocab is None
+    student = prep.sources["domain"][0]
+    teacher = teacher_sources(config, metaspace_tokenizer, "causal", ["domain"])["domain"][0]
+    messages = teacher["messages"] + [{"role": "assistant", "content": teacher["answer"]}]
+    pairs = example_pairs(student, teacher, messages, tokenizer, metaspace_tokenizer)
+    s_text = [tokenizer.decode(student["input_ids"][: s + 1]) for s, _ in pairs]
+    t_text = [metaspace_tokenizer.decode(teacher["input_ids"][: t + 1]) for _, t in pairs]
+    answer = teacher["answer"]
+    # the first pair: both prompts end with their assistant header and predict the answer's first token
+    assert s_text[0].endswith("<|im_start|>assistant\n") and t_text[0].endswith("<|assistant|>\n")
+    # then both sides have read the same prefix of the answer at every pair (the metaspace side decodes the
+    # answer's first word with the space its "▁" marks, as the response is tokenised on its own)
+    for s, t in zip(s_text[1:], t_text[1:]):
+        s_answer, t_answer = s.split("assistant\n")[-1], t.split("<|assistant|>\n")[-1].lstrip(" ")
+        assert s_answer == t_answer and answer.startswith(s_answer)
+    # every pair's next student token is trained on; the last one predicts the end of the turn
+    assert all(student["labels"][s + 1] != -100 for s, _ in pairs)
+    assert s_text[-1].endswith(answer)
+
+
+def test_uld_and_cross_vocab_kl_train_through_lmdistill_run_and_fall(cross_config, tmp_path):
+    stages = [{"name": name, "max_steps": 8, "learning_rate": 2e-2, "losses": losses} for name, losses in
+              (("uld", [{"name": "uld"}]),
+               ("hybrid", [{"name": "cross_vocab_kl"}, {"name": "cross_entropy", "weight": 0.5}]))]
+    config = cross_config(stages, training={"batch_size": 8, "logging_steps": 1, "report_to": [],
+                                            "lr_scheduler_type": "constant"})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "config.yaml")])
+    assert result.exit_code == 0, result.output[-3000:]
+    run = Path(config["output_dir"])
+    for stage, term in (("uld", "uld"), ("hybrid", "cross_vocab_kl")):
+        history = json.loads((run / stage / "log_history.json").read_text())
+        values = [h[f"loss/{term}"] for h in history if f"loss/{term}" in h]
+        assert len(values) == 8 and values[-1] < 0.8 * values[0], values
