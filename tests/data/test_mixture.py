@@ -157,3 +157,64 @@ def test_planted_weak_bucket_gets_sampled_more():
     assert tax_share[0] == pytest.approx(1 / 3, abs=0.05)
     assert max(tax_share[1:]) > 0.5 and tax_share[1] > tax_share[0]
     assert min(weights.values()) >= 0.1 - 1e-12
+
+
+def _rows_by_source(ds, indices):
+    """Per source name, its row ids in the order the items `indices` drew them."""
+    drawn = {name: [] for name in ds.names}
+    for i in indices:
+        source_index, row_id = split_example_id(ds[i]["example_id"])
+        drawn[ds.names[source_index]].append(row_id)
+    return drawn
+
+
+def test_single_source_epochs_yield_each_row_exactly_that_many_times():
+    from lmdistill.config import config_from_dict
+    from lmdistill.train.stage import build_train_dataset
+
+    config = config_from_dict({"data": {"sources": {"domain": {"path": "domain.jsonl"}}},
+                               "training": {"batch_size": 4}, "stages": [{"name": "a", "epochs": 3}]})
+    rows = [{"input_ids": [i], "row_id": i} for i in range(37)]
+    ds = build_train_dataset(config, config.stages[0], {"domain": rows})
+    assert len(ds) == 3 * 37
+    ids = _rows_by_source(ds, range(len(ds)))["domain"]
+    passes = [ids[k * 37:(k + 1) * 37] for k in range(3)]
+    for drawn in passes:  # each pass is every row once: rows repeat only after all were drawn
+        assert sorted(drawn) == list(range(37))
+    assert passes[0] != passes[1] != passes[2] and passes[0] != list(range(37))  # reshuffled every pass
+
+
+def test_mixed_sources_are_each_walked_without_replacement():
+    sources = make_sources()
+    ds = MixtureDataset(sources, {"general": 1, "domain": 1}, RatioSchedule("linear", "domain", 0.3, 0.7),
+                        num_draws=1000, seed=5)
+    for name, drawn in _rows_by_source(ds, range(1000)).items():
+        size = len(sources[name])
+        ids = sorted(row["row_id"] for row in sources[name])
+        full = len(drawn) // size
+        assert full >= 7
+        for k in range(full):
+            assert sorted(drawn[k * size:(k + 1) * size]) == ids, (name, k)
+        assert len(set(drawn[full * size:])) == len(drawn) - full * size  # the last, partial pass repeats nothing
+
+
+def test_feedback_applies_from_the_next_unread_round_and_resume_replays_it():
+    def fresh():
+        return MixtureDataset(make_sources(), {"general": 1, "domain": 1}, None, num_draws=3000, seed=4, round_size=8)
+
+    run = fresh()
+    first = [run[i] for i in range(1003)]
+    run.set_feedback({"general": 9.0})
+    run.set_feedback({"tax": 5.0})
+    rest = [run[i] for i in range(1003, 3000)]
+    assert run.state_dict()["feedback"] == [[1008, {"general": 9.0, "tax": 5.0}]]
+    assert [run[i] for i in range(1003)] == first  # what was read keeps its weights
+    general = [split_example_id(item["example_id"])[0] == 0 for item in rest[5:]]
+    assert sum(general) / len(general) == pytest.approx(0.9, abs=0.01)
+    tax = [item.get("bucket") == "tax" for item in rest[5:] if "bucket" in item]
+    assert sum(tax) / len(tax) == pytest.approx(5 / 7, abs=0.05)
+    resumed = fresh()
+    resumed.load_state_dict(run.state_dict())
+    assert [resumed[i] for i in range(2000, 3000)] == rest[997:]
+    again = fresh()
+    assert [again[i] for i in range(1003)] == first  # same seed, same items

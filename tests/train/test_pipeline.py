@@ -29,9 +29,8 @@ def test_multistage_preset_runs_end_to_end(tiny_pipeline):
     for stage in preset["stages"]:
         stage.update(max_steps=8, learning_rate=3e-3, eval_steps=4, save_steps=4)
         stage.pop("epochs")
-    preset["stages"][2]["mixture"]["weights"]["general"] = 0.3  # two sources for evaluation-driven sampling
     data = tiny_pipeline(preset["stages"])
-    data["data"]["eval"]["general"] = {"path": data["data"]["sources"]["general"]["path"], "max_rows": 8}
+    data["data"]["eval"]["general"] = {"path": data["data"]["sources"]["general"]["path"], "max_rows": 8}  # both stage 3 sources
     run_dir = run_pipeline(config_from_dict(data))
     state = json.loads((run_dir / "pipeline_state.json").read_text())
     assert [s["status"] for s in state["stages"]] == ["done"] * 3
@@ -49,7 +48,7 @@ def test_multistage_preset_runs_end_to_end(tiny_pipeline):
     assert {"teacher", "student_before", "student_after"} <= set(metrics)
     assert (run_dir / "report.html").exists() and (run_dir / "samples.jsonl").exists()
     assert (run_dir / "final" / "README.md").exists() and (run_dir / "final" / "lmdistill_config.yaml").exists()
-    assert (run_dir / "stage3" / "mixture_feedback.json").exists()  # evaluation-driven sampling ran
+    assert list((run_dir / "stage3").glob("checkpoint-*/mixture_feedback.json"))  # evaluation-driven sampling ran
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     tok = AutoTokenizer.from_pretrained(run_dir / "final")
     out = final.generate(**tok("The bank", return_tensors="pt"), max_new_tokens=5, do_sample=False)
@@ -171,14 +170,20 @@ def test_resume_after_sigkill(tiny_pipeline, tmp_path):
     assert "resuming from" in done.stderr
 
 
-def test_epochs_are_counted_once(tiny_pipeline):
-    """2 epochs over 40 rows at batch 4 is 20 optimizer steps, not 2 x 2 epochs."""
+def test_epochs_are_counted_once_logged_as_epochs_and_evaluated_each(tiny_pipeline):
+    """2 epochs over 40 rows at batch 4 is 20 optimizer steps, not 2 x 2 epochs; the log counts epochs over the rows,
+    and with no eval_steps the stage is evaluated (and saved) at the end of each epoch."""
     data = tiny_pipeline([{"name": "a", "epochs": 2, "losses": KD, "mixture": {"weights": {"domain": 1.0}}}])
     data["data"]["sources"]["domain"]["max_rows"] = 40
-    data["data"]["eval"] = {}
+    data["evaluation"] = {"enabled": False, "num_samples": 0}
     run_dir = run_pipeline(config_from_dict(data))
-    steps = [h["step"] for h in json.loads((run_dir / "a" / "log_history.json").read_text()) if "loss" in h]
+    history = json.loads((run_dir / "a" / "log_history.json").read_text())
+    steps = [h["step"] for h in history if "loss" in h]
     assert steps[-1] == 20
+    epochs = {h["step"]: h["epoch"] for h in history if "loss" in h}
+    assert epochs[5] == 0.5 and epochs[10] == 1.0 and epochs[20] == 2.0
+    assert [h["step"] for h in history if "eval_loss" in h] == [10, 20]
+    assert sorted(p.name for p in (run_dir / "a").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
 
 
 def test_load_data_maps_columns_and_reads_the_tokenised_cache_on_a_rerun(tiny_pipeline, tokenizer, tmp_path, caplog):

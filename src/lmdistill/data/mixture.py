@@ -1,14 +1,18 @@
 """Mixing named sources over training: ratio schedules, a reproducible mixture dataset, and
 evaluation-driven reweighting.
 
-The trainer reads MixtureDataset sequentially (item i at step i // batch), so item i must not depend on
-what was read before: it is a pure function of (seed, i, current weights). Sources are picked with a
-golden-ratio (Weyl) sequence rather than independent coin flips, so the share of each source in any window
-of draws follows the schedule to within a few draws instead of sqrt(n) noise.
+The trainer reads MixtureDataset in order (item i at step i // batch). Sources are picked with a golden-ratio
+(Weyl) sequence rather than independent coin flips, so the share of each source in any window of draws follows
+the schedule to within a few draws instead of sqrt(n) noise. Within a source, rows are walked without
+replacement: a seeded permutation per pass, reshuffled every pass, so an epoch is every row once. Which row comes
+next therefore depends on how often its source was picked before: items are planned in order, a pure function of
+the seed and the feedback history (what multipliers applied from which draw on), which state_dict carries so that
+a resumed run plans the same items.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Mapping
@@ -61,14 +65,20 @@ def split_example_id(example_id: int) -> tuple[int, int]:
 class MixtureDataset(Dataset):
     """A map-style dataset of `num_draws` items drawn from named sources of examples.
 
-    Item i: the source is drawn with the probabilities at progress i / num_draws (the scheduled source gets
+    Item i: the source is picked with the probabilities at progress i / num_draws (the scheduled source gets
     schedule.share(p), the others split the rest in proportion to `weights`; evaluation feedback then scales
-    each source and renormalises), then a bucket of that source in proportion to size x bucket feedback, then
-    an example of it uniformly. Items are copies of the examples with "example_id" added.
+    each source and renormalises), then the source's next row in its current pass. When feedback weighs the
+    buckets of a source, a bucket is drawn first (in proportion to size x multiplier) and walked alike. Items
+    are copies of the examples with "example_id" added.
+
+    round_size: draws read together by all processes (batch size x processes). Feedback applies from the first
+    round not yet read, so every process, each having read its own part of the same round, starts it at the
+    same draw.
     """
 
     def __init__(self, sources: Mapping[str, list[dict]], weights: Mapping[str, float],
-                 schedule: RatioSchedule | None = None, num_draws: int = 10_000, seed: int = 0) -> None:
+                 schedule: RatioSchedule | None = None, num_draws: int = 10_000, seed: int = 0,
+                 round_size: int = 1) -> None:
         self.names = list(sources)
         _check_sources(sources, weights, schedule, num_draws)
         self.sources = {name: list(examples) for name, examples in sources.items()}
@@ -76,6 +86,8 @@ class MixtureDataset(Dataset):
         self.schedule = schedule
         self.num_draws = num_draws
         self.seed = seed
+        self.round_size = round_size
+        self.epoch_size = sum(len(examples) for examples in self.sources.values())
         self._offset = random.Random(seed).random()
         # per source: bucket -> positions of its examples (None is the bucket of rows without one)
         self._buckets: dict[str, dict[str | None, list[int]]] = {}
@@ -84,45 +96,86 @@ class MixtureDataset(Dataset):
             for pos, example in enumerate(examples):
                 groups.setdefault(example.get("bucket"), []).append(pos)
             self._buckets[name] = groups
-        self.multipliers: dict[str, float] = {}
+        # Feedback history: multipliers in force from each start draw on (starts increasing).
+        self._feedback_starts: list[int] = []
+        self._feedback: list[dict[str, float]] = []
+        self._read_to = 0  # one past the furthest item read
+        self._reset_plan()
 
     def __len__(self) -> int:
         return self.num_draws
 
+    @property
+    def multipliers(self) -> dict[str, float]:
+        """The latest feedback multipliers (empty before any feedback)."""
+        return dict(self._feedback[-1]) if self._feedback else {}
+
     def groups(self) -> list[str]:
         """Names that feedback may address: the sources, then the buckets found in them."""
+        return self.names + self._bucket_names()
+
+    def _bucket_names(self) -> list[str]:
         buckets = {b for groups in self._buckets.values() for b in groups if b is not None}
-        return self.names + sorted(buckets - set(self.names))
+        return sorted(buckets - set(self.names))
 
     def probabilities(self, progress: float) -> dict[str, float]:
-        """Source probabilities at `progress` in [0, 1], after feedback."""
+        """Source probabilities at `progress` in [0, 1], after the latest feedback."""
+        return self._probabilities(progress, self.multipliers)
+
+    def _probabilities(self, progress: float, multipliers: Mapping[str, float]) -> dict[str, float]:
         base = {n: self.weights[n] for n in self.names}
         if self.schedule is not None:
             share, rest = self.schedule.share(progress), [n for n in self.names if n != self.schedule.source]
             rest_total = sum(base[n] for n in rest)
             base = {n: share if n == self.schedule.source else (1 - share) * base[n] / rest_total for n in self.names}
-        scaled = {n: base[n] * self.multipliers.get(n, 1.0) for n in self.names}
+        scaled = {n: base[n] * multipliers.get(n, 1.0) for n in self.names}
         total = sum(scaled.values())
         return {n: v / total for n, v in scaled.items()}
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_draws:
             raise IndexError(f"index {index} out of range for a mixture of {self.num_draws} draws")
-        probs = self.probabilities(index / self.num_draws)
-        u = (self._offset + index * _GOLDEN) % 1.0
-        source_index = _pick(list(probs.values()), u)
-        name = self.names[source_index]
-        rng = random.Random(f"{self.seed}:{index}")
-        groups = self._buckets[name]
-        keys = list(groups)
-        bucket_weights = [len(groups[k]) * self.multipliers.get(k, 1.0) for k in keys]
-        members = groups[keys[_pick(bucket_weights, rng.random() * sum(bucket_weights))]]
-        position = members[rng.randrange(len(members))]
-        example = self.sources[name][position]
+        self._read_to = max(self._read_to, index + 1)
+        while len(self._plan) <= index:
+            self._plan.append(self._draw(len(self._plan)))
+        source_index, position = self._plan[index]
+        example = self.sources[self.names[source_index]][position]
         return {**example, "example_id": source_index * ID_STRIDE + example.get("row_id", position)}
 
+    def _reset_plan(self) -> None:
+        self._plan: list[tuple[int, int]] = []  # item -> (source index, position in the source)
+        self._drawn: dict[tuple, int] = {}  # stream (source, or source and bucket) -> rows taken from it so far
+        self._orders: dict[tuple, tuple[int, list[int]]] = {}  # stream -> (pass, its permutation)
+
+    def _draw(self, index: int) -> tuple[int, int]:
+        """(source index, position) of item `index`; items before it are planned already."""
+        at = bisect.bisect_right(self._feedback_starts, index) - 1
+        multipliers = self._feedback[at] if at >= 0 else {}
+        probs = self._probabilities(index / self.num_draws, multipliers)
+        source_index = _pick(list(probs.values()), (self._offset + index * _GOLDEN) % 1.0)
+        name = self.names[source_index]
+        groups = self._buckets[name]
+        if any(b in multipliers for b in groups if b is not None and b not in self.names):
+            keys = list(groups)
+            weights = [len(groups[k]) * (1.0 if k in self.names else multipliers.get(k, 1.0)) for k in keys]
+            bucket = keys[_pick(weights, random.Random(f"{self.seed}:{index}").random() * sum(weights))]
+            stream, members = (name, bucket), groups[bucket]
+        else:
+            stream, members = (name,), None
+        size = len(members) if members is not None else len(self.sources[name])
+        taken = self._drawn.get(stream, 0)
+        self._drawn[stream] = taken + 1
+        pass_, order = self._orders.get(stream, (-1, []))
+        if pass_ != taken // size:
+            pass_, order = taken // size, list(range(size))
+            random.Random(f"{self.seed}:{stream}:{pass_}").shuffle(order)
+            self._orders[stream] = (pass_, order)
+        position = order[taken % size]
+        return source_index, members[position] if members is not None else position
+
     def set_feedback(self, multipliers: Mapping[str, float]) -> None:
-        """Evaluation-driven multipliers per source or per bucket (a name that is both counts as a source).
+        """Evaluation-driven multipliers per source or per bucket (a name that is both counts as a source),
+        in force from the first round of draws not yet read.
 
         Only ratios matter within sources and within buckets, so reweight_by_gap's output can be passed as is.
         Replaces earlier feedback for the names given.
@@ -134,26 +187,38 @@ class MixtureDataset(Dataset):
                                 f"(known: {', '.join(known)}).")
             if not (value > 0 and math.isfinite(value)):
                 raise DataError(f"feedback multiplier for '{name}' is {value}; it must be a positive number.")
-        self.multipliers.update({name: float(v) for name, v in multipliers.items()})
+        start = -(-self._read_to // self.round_size) * self.round_size
+        merged = self.multipliers | {name: float(v) for name, v in multipliers.items()}
+        if self._feedback_starts and self._feedback_starts[-1] == start:
+            self._feedback[-1] = merged
+        else:
+            self._feedback_starts.append(start)
+            self._feedback.append(merged)
+        if start < len(self._plan):  # items planned ahead of reading (random access): plan them again
+            self._reset_plan()
 
     def current_feedback(self, names: list[str]) -> dict[str, float]:
         """The feedback multipliers of `names` normalised to sum to 1 (uniform before any feedback)."""
-        values = {n: self.multipliers.get(n, 1.0) for n in names}
+        latest = self.multipliers
+        values = {n: latest.get(n, 1.0) for n in names}
         total = sum(values.values())
         return {n: v / total for n, v in values.items()}
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "num_draws": self.num_draws, "multipliers": dict(self.multipliers),
-                "sources": {n: len(e) for n, e in self.sources.items()}}
+        return {"seed": self.seed, "num_draws": self.num_draws, "sources": {n: len(e) for n, e in self.sources.items()},
+                "feedback": [[start, dict(m)] for start, m in zip(self._feedback_starts, self._feedback)]}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore feedback for a resumed run; the sources, seed and length must be those it was saved with."""
+        """Restore the feedback history of a resumed run; the sources, seed and length must be those it was saved
+        with."""
         mine = self.state_dict()
         for key in ("seed", "num_draws", "sources"):
             if state[key] != mine[key]:
                 raise DataError(f"cannot resume the data mixture: saved {key} {state[key]} differs from the current "
                                 f"{mine[key]}. Resume with the same data and seed, or start the stage afresh.")
-        self.multipliers = dict(state["multipliers"])
+        self._feedback_starts = [int(start) for start, _ in state["feedback"]]
+        self._feedback = [dict(m) for _, m in state["feedback"]]
+        self._reset_plan()
 
 
 def _pick(weights: list[float], u: float) -> int:

@@ -41,7 +41,8 @@ from lmdistill.eval.samples import SamplesCallback
 from lmdistill.train.args import check_precision, check_reporting, early_stopping, stage_training_arguments
 from lmdistill.train.cross_tokenizer import cross_vocab_stage
 from lmdistill.train.balancing import BALANCER_FILE
-from lmdistill.train.feedback import EvalDrivenSampling
+from lmdistill.train.epochs import SourceEpochs
+from lmdistill.train.feedback import STATE_FILE as FEEDBACK_FILE, EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
 from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
@@ -235,7 +236,7 @@ def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     # Training state, not the model: Trainer's, ours, and DeepSpeed's (global_stepN/ shards, `latest`, its script).
     skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", AUX_FILE, BALANCER_FILE,
-            "latest", "zero_to_fp32.py"}
+            FEEDBACK_FILE, "latest", "zero_to_fp32.py"}
     skip_prefixes = ("rng_state", "replay_buffer_", "global_step")
     shutil.copytree(checkpoint, tmp,
                     ignore=lambda d, names: [n for n in names if n in skip or n.startswith(skip_prefixes)])
@@ -250,8 +251,9 @@ def _last_checkpoint(stage_dir: Path) -> Path | None:
 
 def stage_callbacks(config: PipelineConfig, prep: Prepared, stage: StageSettings, stage_dir: Path, train_dataset,
                     teacher) -> list:
-    """Quality samples at every evaluation, and evaluation-driven sampling when the stage asks for it."""
-    callbacks = []
+    """Epochs counted over the sources; quality samples at every evaluation, and evaluation-driven sampling when the
+    stage asks for it."""
+    callbacks = [SourceEpochs(passes=len(train_dataset) / train_dataset.epoch_size)]
     if teacher is None or not prep.eval_sets:
         return callbacks
     prompts, _ = generation_prompts(config, prep.eval_sets, prep.tokenizer, prep.task_type)
@@ -261,7 +263,7 @@ def stage_callbacks(config: PipelineConfig, prep: Prepared, stage: StageSettings
                                          tensorboard_dir=stage_dir / "runs"))
     if stage.eval_driven_sampling is not None and stage.eval_driven_sampling.enabled:
         callbacks.append(EvalDrivenSampling(train_dataset, teacher, prep.eval_sets, stage.eval_driven_sampling,
-                                            stage_dir, batch_size=config.training.eval_batch_size))
+                                            batch_size=config.training.eval_batch_size))
     return callbacks
 
 

@@ -146,7 +146,8 @@ def build_train_dataset(config: PipelineConfig, stage: StageSettings, sources: d
     sched = stage.mixture.schedule
     schedule = RatioSchedule(kind=sched.kind, source=sched.source, start=sched.start, end=sched.end) if sched else None
     return MixtureDataset(sources=used, weights=weights, schedule=schedule,
-                          num_draws=stage_draws(config, stage, used, world_size), seed=config.training.seed)
+                          num_draws=stage_draws(config, stage, used, world_size), seed=config.training.seed,
+                          round_size=config.stage_value(stage, "batch_size") * world_size)
 
 
 def build_balancer(stage: StageSettings):
