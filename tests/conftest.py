@@ -133,3 +133,16 @@ def qa_jsonl(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "domain.jsonl"
     path.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in make_qa_pairs(200)))
     return path
+
+
+@pytest.fixture(scope="session")
+def base_tokenizer_dir(tmp_path_factory, corpus) -> Path:
+    """A GPT-2-style tokenizer for base models: byte-level BPE, <|endoftext|> as both bos and eos, no pad token, no
+    chat template."""
+    from lmdistill.models.tiny import train_tokenizer
+
+    tok = train_tokenizer(corpus, vocab_size=VOCAB_SIZE, chat_template=False)
+    tok.bos_token, tok.pad_token = "<|endoftext|>", None
+    path = tmp_path_factory.mktemp("base_tokenizer")
+    tok.save_pretrained(path)
+    return path

@@ -211,7 +211,9 @@ def generate(config: Path = typer.Argument(..., help="Pipeline config (YAML or J
                                                           help="(default: generation.max_new_tokens)."),
              out: Optional[Path] = typer.Option(None, "--out", help="JSONL file (default: generation.path or "
                                                                     "OUTPUT_DIR/generations.jsonl).")):
-    """Teacher generations for every prompt of the training sources (teacher_source: generations).
+    """Teacher generations for every prompt of the training sources (teacher_source: generations). Plain-text
+    sources are continued from the first part of each text (generation.text_prompt_fraction); a file of prompts
+    alone works too. Each line holds the full text, split at the exact boundary, and whether the teacher stopped.
     Re-running skips rows already written."""
     from lmdistill.config import load_config
     from lmdistill.teacher.commands import generate as run_generate

@@ -82,7 +82,13 @@ class StudentSettings(ModelSettings):
 # --------------------------------------------------------------------------------------------------- data
 class SourceSettings(Strict):
     path: str = Field(description="File, folder, datasets save_to_disk folder, or hub dataset name.")
-    format: Literal["auto", "text", "alpaca", "pair", "dolly", "chat", "sharegpt", "seq2seq"] = "auto"
+    format: Literal["auto", "text", "alpaca", "pair", "prompt", "dolly", "chat", "sharegpt", "seq2seq"] = "auto"
+    layout: Literal["auto", "chat", "completion"] = Field(
+        "auto", description="How a causal model sees the rows. chat: the tokenizer's chat template (or the plain "
+        "'### User:' template when it has none). completion: a base model continuing the text verbatim, the prompt "
+        "and its completion joined as written, BOS as the tokenizer adds it, no template. auto: completion for plain "
+        "text and prompt-only rows when the tokenizer has no chat template, and for files written by `lmdistill "
+        "generate`; chat otherwise.")
     split: str = "train"
     max_rows: int | None = Field(None, gt=0)
     columns: dict[Literal[COLUMN_ROLES], str] = Field(
@@ -275,6 +281,13 @@ class GenerationSettings(Strict):
     path: str | None = Field(None, description="JSONL of teacher generations (`lmdistill generate` writes it, "
                                                "teacher_source: generations trains on it); None: OUTPUT_DIR/generations.jsonl.")
     sources: list[str] | None = Field(None, description="Training sources whose prompts are answered (None: all).")
+    text_prompt_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Plain-text rows have no prompt: this share of each text's tokens is the prompt "
+        "the teacher continues (`generate`), and the held-out prefix the models continue in evaluation (samples, "
+        "ROUGE-L against the rest of the text).")
+    text_prompt_tokens: int | None = Field(
+        None, gt=0, description="Instead of a share, the first N tokens of each text as its prompt (at most all "
+                                "but its last token).")
     num_samples: int = Field(1, gt=0, description="Generations per prompt.")
     batch_size: int = Field(8, gt=0, description="Prompts per teacher generate() call.")
 

@@ -17,7 +17,7 @@ def test_bad_rows_are_counted_and_first_ones_logged(fixtures, caplog):
     assert [r["row_id"] for r in src.rows] == [0, 5]
     assert src.skipped == {"empty": 2, "wrong_type": 1, "undecodable": 2}
     assert src.num_read == 7
-    assert src.first_skipped[0].endswith("line 2: 'completion' is empty or missing [empty]")
+    assert src.first_skipped[0].endswith("line 2: 'prompt' is empty or missing [empty]")
     assert "line 3: 'completion' is a int, not a string [wrong_type]" in src.first_skipped[1]
     assert "line 4: 'prompt' holds bytes that are not valid UTF-8 [undecodable]" in src.first_skipped[2]
     assert "line 5: not valid JSON at char 36" in src.first_skipped[3]
@@ -25,7 +25,7 @@ def test_bad_rows_are_counted_and_first_ones_logged(fixtures, caplog):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("bad_rows.jsonl", r"bad_rows\.jsonl, line 2: 'completion' is empty or missing \[empty\]\. Fix or remove"),
+    ("bad_rows.jsonl", r"bad_rows\.jsonl, line 2: 'prompt' is empty or missing \[empty\]\. Fix or remove"),
     ("chat_last_user.jsonl", r"line 2: the last turn is the user's, not the assistant's"),
 ])
 def test_strict_fails_on_the_first_bad_row(fixtures, name, message):
@@ -43,7 +43,8 @@ def test_csv_non_utf8_and_short_rows(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_bytes(b"prompt,completion\nGood?,Yes.\nBad \xff byte,No.\nshort row only\n")
     src = load_source(path)
-    assert len(src.rows) == 1 and src.skipped == {"undecodable": 1, "empty": 1}
+    assert src.skipped == {"undecodable": 1}
+    assert src.rows[1] == {"prompt": "short row only", "row_id": 2}  # no completion: a prompt for `generate`
     assert "line 3: 'prompt' holds bytes that are not valid UTF-8" in src.first_skipped[0]
 
 

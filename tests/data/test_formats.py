@@ -30,6 +30,7 @@ from lmdistill.errors import DataError
     ("seq2seq.csv", "seq2seq", {"source": "The bank reports higher yields today after the meeting.",
                                 "target": "Higher yields."}),
     ("columns.json", "text", {"text": "Cash flow is strong.", "bucket": "a"}),
+    ("prompt.jsonl", "prompt", {"prompt": "The bank reports"}),
 ])
 def test_each_format_is_detected_and_normalised(fixtures, name, fmt, first):
     src = load_source(fixtures / name)
@@ -41,6 +42,17 @@ def test_each_format_is_detected_and_normalised(fixtures, name, fmt, first):
 def test_alpaca_without_input_and_second_row_ids(fixtures):
     rows = load_source(fixtures / "alpaca.json").rows
     assert rows[1] == {"prompt": "Name a bond type.", "response": "Government bonds.", "row_id": 1}
+
+
+def test_prompts_alone_and_generations_files(tmp_path):
+    # prompts for `generate`: an empty completion is a prompt alone, not a bad row
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "Q", "completion": " A"}\n{"prompt": "Q2", "completion": ""}\n')
+    assert [r.get("response") for r in load_source(mixed).rows] == [" A", None]
+    # a file `lmdistill generate` wrote says whether each generation finished
+    generated = tmp_path / "gen.jsonl"
+    generated.write_text('{"prompt": "Q", "completion": " A", "text": "Q A", "finished": false}\n')
+    assert load_source(generated).rows == [{"prompt": "Q", "response": " A", "finished": False, "row_id": 0}]
 
 
 def test_every_format_has_a_fixture(fixtures):
@@ -134,8 +146,8 @@ def test_unknown_columns_list_columns_and_formats(fixtures):
 
 
 def test_csv_with_a_missing_column_names_it(fixtures):
-    with pytest.raises(DataError, match=r"columns \[prompt, notes\] match no known format\. Closest: "
-                                        r"prompt_completion, which also needs column 'completion'"):
+    with pytest.raises(DataError, match=r"columns \[instruction, notes\] match no known format\. Closest: "
+                                        r"alpaca, which also needs column 'output'"):
         load_source(fixtures / "missing_column.csv")
 
 

@@ -43,7 +43,7 @@ def test_summary_without_tokenizer_marks_the_response(fixtures):
 
 
 def test_summary_errors(fixtures, tmp_path, tokenizer):
-    with pytest.raises(DataError, match="line 2: 'completion' is empty"):
+    with pytest.raises(DataError, match="line 2: 'prompt' is empty"):
         summarize_data(fixtures / "bad_rows.jsonl", tokenizer, strict=True)
     with pytest.raises(DataError, match="cannot load a tokenizer from"):
         summarize_data(fixtures / "text.jsonl", tmp_path / "no_tokenizer")

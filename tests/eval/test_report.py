@@ -24,10 +24,10 @@ ROLES = {
                 "perplexity/domain": 8.0, "rouge_l": 0.5, "exact_match": 0.6},
     "student_before": {"params": 1_000_000, "disk_mb": 4.0, "tokens_per_s/batch1": 400.0,
                        "tokens_per_s/batch8": 2400.0, "perplexity/domain": 60.0, "rouge_l": 0.1, "exact_match": 0.0,
-                       "top1_agreement/domain": 0.2, "mean_kl/domain": 2.5},
+                       "top1_agreement/domain": 0.2, "kl_teacher_student/domain": 2.5},
     "student_after": {"params": 1_000_000, "disk_mb": 4.0, "tokens_per_s/batch1": 400.0,
                       "tokens_per_s/batch8": 2400.0, "perplexity/domain": 12.0, "rouge_l": 0.45, "exact_match": 0.5,
-                      "top1_agreement/domain": 0.7, "mean_kl/domain": 0.4},
+                      "top1_agreement/domain": 0.7, "kl_teacher_student/domain": 0.4},
     "baseline": {"params": 1_000_000, "disk_mb": 4.0, "tokens_per_s/batch1": 400.0, "tokens_per_s/batch8": 2400.0,
                  "perplexity/domain": 15.0, "rouge_l": 0.47, "exact_match": 0.3},
 }
@@ -79,7 +79,10 @@ def test_report_has_plots_tables_headline_and_no_external_resources(run_dir):
     # Direction-aware comparison with the baseline: 12 < 15 perplexity wins, 0.45 < 0.47 ROUGE-L loses.
     assert re.search(r"perplexity/domain<small> \(lower is better\)</small></td>(<td>.*?</td>){4}"
                      r'<td class="better">better</td>', page)
-    assert re.search(r'rouge_l<small></small></td>(<td>.*?</td>){4}<td class="worse">worse</td>', page)
+    assert re.search(r'rouge_l<small> greedy answers to the eval prompts vs the reference answers</small></td>'
+                     r'(<td>.*?</td>){4}<td class="worse">worse</td>', page)
+    # the KL's direction is spelled out where it is shown
+    assert "kl_teacher_student/domain<small> KL(teacher || student), nats per token (lower is better)</small>" in page
     assert ("student_after is 5.0x smaller (parameters), 4.0x faster (generation, batch 1), keeps 90% of the "
             "teacher&#x27;s ROUGE-L.") in page
     assert ("Against the CE-only baseline, student_after is better on 2 of 3 quality metrics (exact_match, "

@@ -48,9 +48,9 @@ def test_evaluate_models_writes_every_metric_per_role(teacher, student, teacher_
                               model_dirs={"teacher": teacher_dir}, max_new_tokens=4, speed_new_tokens=2)
     teacher_row, student_row = metrics["teacher"], metrics["student_after"]
     assert "top1_agreement/domain" not in teacher_row and "disk_mb" in teacher_row
-    assert {"perplexity/domain", "perplexity/general", "top1_agreement/general", "mean_kl/domain", "rouge_l",
+    assert {"perplexity/domain", "perplexity/general", "top1_agreement/general", "kl_teacher_student/domain", "rouge_l",
             "exact_match", "params", "tokens_per_s/batch1", "tokens_per_s/batch8"} <= set(student_row)
-    assert 0.0 <= student_row["top1_agreement/domain"] <= 1.0 and student_row["mean_kl/domain"] > 0
+    assert 0.0 <= student_row["top1_agreement/domain"] <= 1.0 and student_row["kl_teacher_student/domain"] > 0
     assert teacher_row["params"] > student_row["params"]
     path = write_metrics(tmp_path, metrics)
     assert read_metrics(tmp_path) == json.loads(path.read_text()) == metrics
@@ -97,5 +97,5 @@ def test_evaluate_models_handles_encoder_decoder_pairs(t5_teacher_dir, t5_studen
                               teacher=teacher, generation_prompts=prompts, references=references,
                               max_new_tokens=3, speed_new_tokens=2)
     row = metrics["student_after"]
-    assert row["top1_agreement/s2s"] <= 1.0 and row["mean_kl/s2s"] > 0 and row["tokens_per_s/batch8"] > 0
+    assert row["top1_agreement/s2s"] <= 1.0 and row["kl_teacher_student/s2s"] > 0 and row["tokens_per_s/batch8"] > 0
     assert 0.0 <= row["exact_match"] <= 1.0 and math.isfinite(row["perplexity/s2s"])

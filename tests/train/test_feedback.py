@@ -28,7 +28,7 @@ def test_weak_source_weight_rises(monkeypatch):
     dataset = MixtureDataset(sources, {"easy": 1.0, "weak": 1.0, "other": 1.0}, None, num_draws=3000, seed=0)
     gaps = {"easy": 0.1, "weak": 0.9, "other": 0.1}
     monkeypatch.setattr(feedback, "agreement_and_kl",
-                        lambda teacher, model, examples, batch_size: {"mean_kl": gaps[examples[0]["source"]]})
+                        lambda teacher, model, examples, batch_size: {"kl_teacher_student": gaps[examples[0]["source"]]})
     callback = feedback.EvalDrivenSampling(dataset, teacher=object(), eval_sets=sources, settings=EvalDrivenSettings())
     before = dataset.probabilities(0.5)["weak"]
     state = SimpleNamespace(global_step=10, is_world_process_zero=True)
@@ -101,7 +101,7 @@ def stage3_run(tmp_path_factory, student_dir, teacher_dir):
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval().requires_grad_(False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(feedback, "agreement_and_kl",
-                      lambda teacher, model, examples, batch_size: {"mean_kl": GAPS[examples[0]["source"]]})
+                      lambda teacher, model, examples, batch_size: {"kl_teacher_student": GAPS[examples[0]["source"]]})
         config = _preset_stage3(tmp)
         whole, interrupted, resumed = [], [], []
         dataset = _train(config, student_dir, teacher, tmp / "whole", whole)

@@ -2,7 +2,7 @@
 
 The cache key is a hash of the normalised rows (the data fingerprint: content, column mapping and row ids
 included), the tokenizer (vocabulary, normalisation, special tokens, chat template), the layout options
-(max_length, task_type, train_on, text overlap) and the source name, so a re-run, a resume or a second command
+(max_length, task_type, train_on, text overlap, completion layout) and the source name, so a re-run, a resume or a second command
 over the same data reads the tokenised examples back instead of tokenising again, and any change to one of those
 tokenises afresh. Each entry is a `datasets.save_to_disk` folder `CACHE_DIR/<key>/`; the log says whether a
 source was a cache hit or miss.
@@ -27,7 +27,7 @@ from lmdistill.data.tokenize import EncodedSource, Layout, Outcome, collect, enc
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when what an entry holds changes
+CACHE_FORMAT = 2  # bump when what an entry holds changes
 _BATCH = 1000  # rows per map batch
 
 
@@ -60,7 +60,7 @@ def cache_key(rows: list[dict], tokenizer: Any, layout: Layout, name: str) -> st
 def _map_batch(batch: dict, indices: list[int], tokenizer: Any, layout: Layout, name: str) -> dict:
     """One map batch: every example becomes an entry, a bad row one entry with its reason and no tokens."""
     out: dict[str, list] = {k: [] for k in ("index", "input_ids", "labels", "prompt_length", "row_id", "part",
-                                            "bad_reason", "bad_detail")}
+                                            "text_tokens", "bad_reason", "bad_detail")}
     rows = [json.loads(s) for s in batch["row"]]
     for index, outcome in zip(indices, encode_batch(rows, tokenizer, layout, name)):
         entries = [{"bad_reason": outcome[0], "bad_detail": outcome[1]}] if isinstance(outcome, tuple) else outcome
@@ -68,8 +68,8 @@ def _map_batch(batch: dict, indices: list[int], tokenizer: Any, layout: Layout, 
             out["index"].append(index)
             for key in ("input_ids", "labels"):
                 out[key].append(entry.get(key, []))
-            for key, empty in (("prompt_length", -1), ("row_id", -1), ("part", 0), ("bad_reason", ""),
-                               ("bad_detail", "")):
+            for key, empty in (("prompt_length", -1), ("row_id", -1), ("part", 0), ("text_tokens", -1),
+                               ("bad_reason", ""), ("bad_detail", "")):
                 out[key].append(entry.get(key, empty))
     return out
 
@@ -96,6 +96,8 @@ def _outcomes(table, num_rows: int, task_type: str) -> list[Outcome]:
                    "row_id": columns["row_id"][i], "part": columns["part"][i]}
         if task_type == "causal":
             example["prompt_length"] = columns["prompt_length"][i]
+        if columns["text_tokens"][i] >= 0:  # a plain-text example (see tokenize.py)
+            example["text_tokens"] = columns["text_tokens"][i]
         outcomes[index].append(example)
     return outcomes
 

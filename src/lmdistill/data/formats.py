@@ -1,9 +1,11 @@
 """Formats: detect what a source's columns mean and normalise every record to one of four row kinds.
 
 Normalised rows (plus "row_id": position in the original source, "bucket" when the source has a `bucket`
-or `category` column, and "system" when it has a `system` column and the row is not plain text):
+or `category` column, "system" when it has a `system` column and the row is not plain text, and "finished"
+when it has a boolean `finished` column, as `generate` writes):
   {"text": str}                                  plain text, trained on every token
   {"prompt": str, "response": str}               instruction data; only the response is trained on
+  {"prompt": str}                                a prompt alone (no or an empty completion), for `generate`
   {"messages": [...], "tools"?: [...]}           chat (see chat.py); the assistant turns are trained on
   {"source": str, "target": str}                 seq2seq pairs
 
@@ -57,6 +59,18 @@ def _pair(prompt: str, response: str, kind: tuple[str, str] = ("prompt", "respon
     return lambda r: {kind[0]: string_field(r, prompt), kind[1]: string_field(r, response)}
 
 
+def _prompt(record: dict) -> dict:
+    """A prompt with its completion, or alone (no or an empty completion): a prompt for the teacher to answer.
+    A generation that finished at once (`finished: true`, as `generate` writes) keeps its empty completion: the
+    student learns to stop there."""
+    row = {"prompt": string_field(record, "prompt")}
+    completion = string_field(record, "completion", required=False)
+    if not completion and record.get("finished") is True:
+        completion = record.get("completion") or ""
+        return row | {"response": completion}
+    return row | ({"response": completion} if completion else {})
+
+
 FORMATS: dict[str, Format] = {f.name: f for f in [
     Format("chat", ("messages",), (), lambda r: chat_row(r, "messages", "role", "content", CHAT_ROLES)),
     Format("sharegpt", ("conversations",), (), lambda r: chat_row(r, "conversations", "from", "value", SHAREGPT_ROLES)),
@@ -64,12 +78,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
            lambda r: {"prompt": _joined(r, "instruction", "input"), "response": string_field(r, "output")}),
     Format("dolly", ("instruction", "response"), ("context",),
            lambda r: {"prompt": _joined(r, "instruction", "context"), "response": string_field(r, "response")}),
-    Format("prompt_completion", ("prompt", "completion"), (), _pair("prompt", "completion")),
+    Format("prompt_completion", ("prompt", "completion"), (), _prompt),
     Format("prompt_response", ("prompt", "response"), (), _pair("prompt", "response")),
     Format("question_answer", ("question", "answer"), (), _pair("question", "answer")),
     Format("ask_answer", ("ask", "answer"), (), _pair("ask", "answer")),
     Format("seq2seq", ("source", "target"), (), _pair("source", "target", ("source", "target"))),
     Format("text", ("text",), (), lambda r: {"text": string_field(r, "text")}),
+    Format("prompt", ("prompt",), (), _prompt),
 ]}
 
 
@@ -194,6 +209,8 @@ def load_source(path_or_name: str | Path, format: str = "auto", split: str = "tr
                 bucket = _bucket(record)
                 if bucket is not None:
                     row["bucket"] = bucket
+                if isinstance(record.get("finished"), bool):  # `lmdistill generate` output: did the teacher stop?
+                    row["finished"] = record["finished"]
                 rows.append(row)
             except BadRow as e:
                 bad.add(e.reason, where_prefix + where, str(e))

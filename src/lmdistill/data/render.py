@@ -56,10 +56,11 @@ Segments = list[tuple[str, bool]]  # (text, trained); their concatenation is one
 
 
 def to_messages(row: dict) -> list[dict]:
-    """A prompt/response, source/target or chat row as a chat whose last turn is the assistant's."""
+    """A prompt/response, source/target or chat row as a chat whose last turn is the assistant's (empty for a
+    prompt-only row)."""
     if "messages" in row:
         return row["messages"]
-    prompt, response = (row["prompt"], row["response"]) if "prompt" in row else (row["source"], row["target"])
+    prompt, response = (row["prompt"], row.get("response", "")) if "prompt" in row else (row["source"], row["target"])
     system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
     return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
@@ -133,6 +134,19 @@ def render_segments(row: dict, tokenizer: Any, train_on: str = "all_assistant") 
     if getattr(tokenizer, "chat_template", None):
         return _templated(messages, turns, tokenizer, tools)
     return _plain(messages, turns, tools)
+
+
+def render_prompt(row: dict, tokenizer: Any) -> str:
+    """The text a prompt-only row gives the model to answer: the chat up to the assistant's turn, as the chat
+    template renders it for generation (or the plain template). ValueError when the template rejects it."""
+    messages = to_messages(row)[:-1]
+    if not getattr(tokenizer, "chat_template", None):
+        return plain_history(messages, row.get("tools")) + PLAIN_HEADERS["assistant"]
+    try:
+        return tokenizer.apply_chat_template(messages, tools=row.get("tools"), add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as e:  # jinja raises TemplateError (or anything the template's raise_exception passes)
+        raise ValueError(f"the tokenizer's chat template rejects this conversation: {e}") from None
 
 
 def render_causal(messages: list[dict], tokenizer: Any, tools: list[dict] | None = None) -> tuple[str, str]:

@@ -2,11 +2,14 @@
 
 Causal examples: input_ids = the rendered training text (see render.py) + eos; labels = input_ids with -100
 on every token that is not trained on: prompts, template tokens, tool results, and assistant turns that
-`train_on` leaves out (labels are not shifted: the trainer shifts once). Text rows train on every token. A bos
-token is put in front of plain-template and text rows when the tokenizer has one distinct from eos (chat
-templates write their own). eos is appended after the last trained turn, after the end-of-turn token when a
-chat template has one, so a model stops under default generation settings. prompt_length counts the tokens
-before the last trained turn (what generation continues from).
+`train_on` leaves out (labels are not shifted: the trainer shifts once). Text rows train on every token (their
+examples say how many text tokens they hold, "text_tokens"). A bos token is put in front of plain-template and
+text rows when the tokenizer has one distinct from eos (chat templates write their own; the completion layout,
+completion.py, puts what the tokenizer itself adds). eos is appended after the last trained turn, after the
+end-of-turn token when a chat template has one, so a model stops under default generation settings; not after
+rows marked `finished: false` (generations cut at max_new_tokens). prompt_length counts the tokens before the
+last trained turn (what generation continues from). Prompt-only rows give one example with nothing to train
+on (every label -100): a prompt for the teacher to answer, its end kept when it is too long.
 
 One row may give several examples ("part" 0, 1, ...): the windows of a long text, or one per assistant turn
 when a chat template rewrites history. Part 0 keeps the row's row_id; later parts get ids counting up from
@@ -33,7 +36,9 @@ from typing import Any
 from rich.progress import track
 
 from lmdistill.data.badrows import BadRows
-from lmdistill.data.render import TRAIN_ON, Segments, plain_body, plain_history, render_segments, to_messages
+from lmdistill.data.completion import completion_parts, has_response, resolve_layout, special_prefix
+from lmdistill.data.render import (TRAIN_ON, Segments, plain_body, plain_history, render_prompt, render_segments,
+                                   to_messages)
 from lmdistill.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ class Layout:
     task_type: str = "causal"
     train_on: str = "all_assistant"
     overlap: int = 0
+    completion: bool = False  # the completion layout (completion.py) rather than the chat / plain template
 
     def check(self) -> None:
         if self.task_type not in TASK_TYPES:
@@ -114,9 +120,10 @@ def _causal_pair(prompt: list[int], response: list[int], max_length: int) -> tup
     return prompt[len(prompt) + len(response) - max_length:], response
 
 
-def _windows(row: dict, ids: list[int], prefix: list[int], eos: int, layout: Layout) -> list[dict]:
-    """A text row as one example, or consecutive windows when it is longer than max_length."""
-    stream, size = prefix + ids + [eos], layout.max_length
+def _windows(row: dict, ids: list[int], prefix: list[int], stop: list[int], layout: Layout) -> list[dict]:
+    """A text row as one example, or consecutive windows when it is longer than max_length (`stop`: [eos], or []
+    for a text that did not end)."""
+    stream, size = prefix + ids + stop, layout.max_length
     starts = [0]
     while starts[-1] + size < len(stream):
         starts.append(starts[-1] + size - layout.overlap)
@@ -124,17 +131,25 @@ def _windows(row: dict, ids: list[int], prefix: list[int], eos: int, layout: Lay
     for part, start in enumerate(starts):
         window = stream[start:start + size]
         head = len(prefix) if part == 0 else layout.overlap
+        text_tokens = len(window) - head - (len(stop) if start + size >= len(stream) else 0)
         examples.append({"input_ids": window, "labels": [IGNORE_INDEX] * head + window[head:], "prompt_length": head,
-                         "row_id": row["row_id"], "part": part})
+                         "row_id": row["row_id"], "part": part, "text_tokens": text_tokens})
     return examples
 
 
-def _assemble(row: dict, pieces: list[tuple[list[int], bool]], lead: list[int], eos: int, layout: Layout,
+def _prompt_only(row: dict, ids: list[int], lead: list[int], layout: Layout) -> dict:
+    """A prompt for the teacher to answer: nothing is trained on, the prompt's end is kept when it is too long."""
+    ids = lead + ids[len(lead) - layout.max_length:]
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "prompt_length": len(ids), "row_id": row["row_id"],
+            "part": 0}
+
+
+def _assemble(row: dict, pieces: list[tuple[list[int], bool]], lead: list[int], stop: list[int], layout: Layout,
               part: int) -> dict | str:
     """One causal example from tokenised segments (the last one is the last trained turn), or why it does not fit."""
     prompt = [t for ids, _ in pieces[:-1] for t in ids]
     prompt_labels = [t if trained else IGNORE_INDEX for ids, trained in pieces[:-1] for t in ids]
-    response = pieces[-1][0] if pieces[-1][0][-1:] == [eos] else pieces[-1][0] + [eos]
+    response = pieces[-1][0] if stop and pieces[-1][0][-1:] == stop else pieces[-1][0] + stop
     fitted = _causal_pair(prompt, response, layout.max_length - len(lead))
     if isinstance(fitted, str):
         return fitted
@@ -146,15 +161,22 @@ def _assemble(row: dict, pieces: list[tuple[list[int], bool]], lead: list[int], 
 
 def encode_causal_rows(rows: list[dict], tokenizer: Any, layout: Layout, name: str) -> list[Outcome]:
     """Per row: its examples, or (reason, detail) when it is bad. Rendering and tokenising are batched."""
-    eos, prefix = tokenizer.eos_token_id, _prefix(tokenizer)
-    lead = [] if getattr(tokenizer, "chat_template", None) else prefix  # kept in front even when the prompt is cut
+    eos, prefix = tokenizer.eos_token_id, special_prefix(tokenizer) if layout.completion else _prefix(tokenizer)
+    templated = not layout.completion and getattr(tokenizer, "chat_template", None)
+    lead = [] if templated else prefix  # kept in front even when the prompt is cut
     renders: list[list[Segments] | tuple[str, str]] = []
     for row in track(rows, description=f"rendering {name}", disable=len(rows) < _PROGRESS_FROM, transient=True):
         if "text" in row:  # a text row is all "response": every token is trained on
             renders.append([[(row["text"], True)]])
             continue
         try:
-            renders.append(render_segments(row, tokenizer, layout.train_on))
+            if layout.completion:  # verbatim: the prompt, then the completion as written
+                prompt, response = completion_parts(row)
+                renders.append([[(prompt, False)] + ([(response, True)] if has_response(row) else [])])
+            elif not has_response(row):
+                renders.append([[(render_prompt(row, tokenizer), False)]])
+            else:
+                renders.append(render_segments(row, tokenizer, layout.train_on))
         except ValueError as e:
             renders.append(("bad_chat", str(e)))
     texts = [text for r in renders if isinstance(r, list) for segments in r for text, _ in segments]
@@ -165,10 +187,14 @@ def encode_causal_rows(rows: list[dict], tokenizer: Any, layout: Layout, name: s
             out.append(render)
             continue
         pieces = [[(next(flat), trained) for _, trained in segments] for segments in render]
+        stop = [eos] if row.get("finished", True) else []  # a generation cut at max_new_tokens did not end
         if "text" in row:
-            out.append(_windows(row, pieces[0][0][0], prefix, eos, layout))
+            out.append(_windows(row, pieces[0][0][0], prefix, stop, layout))
             continue
-        examples = [_assemble(row, p, lead, eos, layout, part) for part, p in enumerate(pieces)]
+        if not has_response(row):
+            out.append([_prompt_only(row, pieces[0][0][0], lead, layout)])
+            continue
+        examples = [_assemble(row, p, lead, stop, layout, part) for part, p in enumerate(pieces)]
         too_long = next((e for e in examples if isinstance(e, str)), None)
         out.append(("too_long", too_long) if too_long else examples)
     return out
@@ -230,14 +256,16 @@ def collect(rows: list[dict], outcomes: list[Outcome], bad: BadRows, name: str) 
 
 def encode_rows(rows: list[dict], tokenizer: Any, max_length: int = 512, task_type: str = "causal",
                 strict: bool = False, source_name: str = "general", train_on: str = "all_assistant",
-                overlap: int = 0) -> EncodedSource:
-    """Tokenise normalised rows (see formats.py) into examples; see the module docstring for the layout.
+                overlap: int = 0, layout: str = "auto") -> EncodedSource:
+    """Tokenise normalised rows (see formats.py) into examples; see the module docstring, and completion.py for
+    `layout` (auto, chat or completion; causal models only).
 
     Rows that cannot be used (chat the template rejects, too long after truncation) are counted and skipped,
     or raise a DataError naming the row when `strict`. Raises DataError when no example is left.
     """
-    layout = Layout(max_length, task_type, train_on, overlap)
-    layout.check()
+    completion = task_type == "causal" and resolve_layout(layout, rows, tokenizer, source_name) == "completion"
+    options = Layout(max_length, task_type, train_on, overlap, completion)
+    options.check()
     prepare_tokenizer(tokenizer)
     bad = BadRows(f"source '{source_name}'", strict)
-    return collect(rows, encode_batch(rows, tokenizer, layout, source_name), bad, source_name)
+    return collect(rows, encode_batch(rows, tokenizer, options, source_name), bad, source_name)

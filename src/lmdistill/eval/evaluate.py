@@ -2,8 +2,11 @@
 and keep the numbers in RUN_DIR/metrics.json for the report.
 
 metrics.json maps role -> flat metrics, keys with a slash where a metric has a qualifier:
-  perplexity/<eval set>, top1_agreement/<eval set>, mean_kl/<eval set>   (agreement and KL against the teacher)
-  rouge_l, exact_match                                                   (greedy generations vs references)
+  perplexity/<eval set>, top1_agreement/<eval set>, kl_teacher_student/<eval set>
+      (top-1 agreement with the teacher, and KL(teacher || student) in nats per token, at T=1)
+  rouge_l, exact_match                  (greedy answers to the eval prompts vs the reference answers)
+  rouge_l_continuation                  (plain-text eval sets: greedy continuations of the first part of each
+                                         held-out text vs the rest of it)
   params, memory_mb, disk_mb, tokens_per_s/batch1, tokens_per_s/batch8   (size and speed)
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lmdistill.errors import LmdistillError
+from lmdistill.data.completion import text_prompt_length
 from lmdistill.eval.metrics import IGNORE_INDEX, agreement_and_kl, exact_match, generate_continuations, perplexity, rouge_l
 from lmdistill.eval.speed import size_and_speed
 
@@ -28,6 +32,8 @@ METRICS_FILE = "metrics.json"
 KNOWN_ROLES = ("teacher", "student_before", "student_after", "baseline")
 # References of at most this many words are short answers, for which exact match means something.
 SHORT_ANSWER_WORDS = 8
+# What a generation prompt asks for: an answer to an eval prompt, or the continuation of a held-out text prefix.
+ANSWER, CONTINUATION = "answer", "continuation"
 _SPEED_PROMPT_TOKENS = 32
 
 
@@ -56,6 +62,38 @@ def prompts_and_references(examples: Sequence[dict], tokenizer, encoder_decoder:
     return prompts, references
 
 
+def continuation_prompts(examples: Sequence[dict], tokenizer, fraction: float, tokens: int | None = None,
+                         limit: int | None = None) -> tuple[list[list[int]], list[str]]:
+    """Held-out prefixes of plain-text eval examples (those with "text_tokens"; see data/completion.py for the
+    split) and the rest of each text as the reference its continuation is scored against."""
+    prompts, references = [], []
+    for ex in examples:
+        if limit is not None and len(prompts) >= limit:
+            break
+        if "text_tokens" not in ex:
+            continue
+        cut, end = text_prompt_length(ex, fraction, tokens), ex["prompt_length"] + ex["text_tokens"]
+        prompts.append(list(ex["input_ids"][:cut]))
+        references.append(tokenizer.decode(ex["input_ids"][cut:end], skip_special_tokens=True).strip())
+    return prompts, references
+
+
+def _generation_scores(predictions: Sequence[str], references: Sequence[str], modes: Sequence[str],
+                       score_exact_match: bool | None) -> dict[str, float]:
+    """ROUGE-L (and exact match) of the answers, ROUGE-L of the continuations, each over its own prompts."""
+    scores = {}
+    for mode, key in ((ANSWER, "rouge_l"), (CONTINUATION, "rouge_l_continuation")):
+        chosen = [i for i, m in enumerate(modes) if m == mode]
+        if not chosen:
+            continue
+        preds, refs = [predictions[i] for i in chosen], [references[i] for i in chosen]
+        scores[key] = rouge_l(preds, refs)
+        if mode == ANSWER and (score_exact_match if score_exact_match is not None
+                               else all(len(r.split()) <= SHORT_ANSWER_WORDS for r in refs)):
+            scores["exact_match"] = exact_match(preds, refs)
+    return scores
+
+
 def _speed_prompts(tokenizer, generation_prompts: Sequence | None,
                    eval_sets: Mapping[str, Sequence[dict]]) -> list[list[int]]:
     """Token ids used to time generation: the generation prompts, else the prompt part of up to 8 eval examples
@@ -71,20 +109,24 @@ def evaluate_models(models: Mapping[str, torch.nn.Module], tokenizer, eval_sets:
                     teacher: torch.nn.Module | None = None, generation_prompts: Sequence | None = None,
                     references: Sequence[str] | None = None, *, model_dirs: Mapping[str, str | Path] | None = None,
                     batch_size: int = 8, max_new_tokens: int = 64, score_exact_match: bool | None = None,
-                    measure_speed: bool = True, speed_new_tokens: int = 32) -> dict[str, dict[str, float]]:
+                    measure_speed: bool = True, speed_new_tokens: int = 32,
+                    modes: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Every metric for every model role.
 
     models: role -> model; `teacher` (which may also be one of `models`) is the reference for top-1 agreement
     and KL, computed for every other model. eval_sets: name -> encoded examples. generation_prompts (texts or
     token ids) are answered greedily with up to `max_new_tokens`; with `references` (one per prompt) they are
     scored by ROUGE-L, and by exact match when `score_exact_match` is True or, when None, when every reference
-    has at most SHORT_ANSWER_WORDS words. model_dirs: role -> saved folder, for the size on disk.
+    has at most SHORT_ANSWER_WORDS words. `modes` (one per prompt, default all ANSWER) marks CONTINUATION prompts
+    (held-out text prefixes), scored apart as rouge_l_continuation. model_dirs: role -> saved folder, for the size
+    on disk.
     Returns role -> {metric: value} (see the module docstring for the keys).
     """
     if references is not None and generation_prompts is None:
         raise LmdistillError("references given without generation prompts: pass the prompts they answer")
-    if score_exact_match is None and references:
-        score_exact_match = all(len(r.split()) <= SHORT_ANSWER_WORDS for r in references)
+    if references is not None and len(references) != len(generation_prompts):
+        raise LmdistillError(f"{len(generation_prompts)} generation prompts but {len(references)} references: give "
+                             "one reference per prompt")
     speed_prompts = _speed_prompts(tokenizer, generation_prompts, eval_sets) if measure_speed else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     results: dict[str, dict[str, float]] = {}
@@ -98,13 +140,12 @@ def evaluate_models(models: Mapping[str, torch.nn.Module], tokenizer, eval_sets:
             if teacher is not None and model is not teacher:
                 scores = agreement_and_kl(teacher, model, examples, batch_size)
                 row[f"top1_agreement/{name}"] = scores["top1_agreement"]
-                row[f"mean_kl/{name}"] = scores["mean_kl"]
+                row[f"kl_teacher_student/{name}"] = scores["kl_teacher_student"]
         if generation_prompts:
             predictions = generate_continuations(model, tokenizer, generation_prompts, max_new_tokens, batch_size)
             if references is not None:
-                row["rouge_l"] = rouge_l(predictions, references)
-                if score_exact_match:
-                    row["exact_match"] = exact_match(predictions, references)
+                row.update(_generation_scores(predictions, references, modes or [ANSWER] * len(references),
+                                              score_exact_match))
         logger.info("%s: %s", role, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
         results[role] = row
     return results

@@ -121,7 +121,7 @@ def agreement_and_kl(teacher: torch.nn.Module, student: torch.nn.Module, example
 
     When the two vocabularies differ only by padding rows (e.g. Qwen checkpoints of different sizes), the
     comparison uses the shared first min(V_teacher, V_student) ids, which hold every real token.
-    Returns {"top1_agreement": fraction in [0, 1], "mean_kl": nats per token}.
+    Returns {"top1_agreement": fraction in [0, 1], "kl_teacher_student": nats per token}.
     """
     _check_examples(examples)
     agree, kl_sum, count = 0, 0.0, 0
@@ -140,7 +140,7 @@ def agreement_and_kl(teacher: torch.nn.Module, student: torch.nn.Module, example
     if count == 0:
         raise DataError("no counted tokens in the eval set (every label is -100): check the prompt masking and "
                         "max_length of the eval data")
-    return {"top1_agreement": agree / count, "mean_kl": kl_sum / count}
+    return {"top1_agreement": agree / count, "kl_teacher_student": kl_sum / count}
 
 
 class _RougeTokenizer:

@@ -19,9 +19,15 @@ REPORT_FILE = "report.html"
 TIMING_NOISE = 0.10
 SIZE_SPEED_KEYS = ("params", "disk_mb", "memory_mb", "tokens_per_s/batch1", "tokens_per_s/batch8")
 # Metrics where a smaller number is the better model; every other metric is better when larger.
-_LOWER_IS_BETTER = ("perplexity", "mean_kl", "params", "disk_mb", "memory_mb")
-_HEADLINE_METRICS = ("rouge_l", "exact_match")
-_LABELS = {"rouge_l": "ROUGE-L", "exact_match": "exact match"}
+_LOWER_IS_BETTER = ("perplexity", "kl_teacher_student", "params", "disk_mb", "memory_mb")
+_HEADLINE_METRICS = ("rouge_l", "exact_match", "rouge_l_continuation")
+_LABELS = {"rouge_l": "ROUGE-L", "exact_match": "exact match",
+           "rouge_l_continuation": "ROUGE-L on held-out text continuations"}
+_HINTS = {"kl_teacher_student": " KL(teacher || student), nats per token",
+          "rouge_l": " greedy answers to the eval prompts vs the reference answers",
+          "rouge_l_continuation": " greedy continuations of the first part of each held-out text vs the rest of it"}
+_SAMPLE_MODES = {"answer": "answers to eval prompts", "continuation": "continuations of held-out text prefixes (the "
+                 "prompt is the first part of an eval text)"}
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
@@ -114,7 +120,7 @@ def metrics_table(metrics: Mapping[str, Mapping[str, float]], keys: Sequence[str
     head = "".join(f"<th>{html.escape(r)}</th>" for r in roles) + ("<th>after vs baseline</th>" if versus else "")
     rows = []
     for key in keys:
-        hint = " (lower is better)" if _lower_is_better(key) else ""
+        hint = _HINTS.get(key.split("/")[0], "") + (" (lower is better)" if _lower_is_better(key) else "")
         cells = "".join(f"<td>{html.escape(format_value(metrics[r][key])) if key in metrics[r] else '–'}</td>"
                         for r in roles)
         if versus:
@@ -142,6 +148,8 @@ def _samples_section(samples: Sequence[Mapping[str, object]], limit: int) -> str
     rows = "".join(f"<tr><td>{html.escape(str(s.get('prompt', '')))}</td><td>{html.escape(str(s.get('teacher', '')))}"
                    f"</td><td>{html.escape(str(s.get('student', '')))}</td></tr>" for s in chosen)
     caption = f"stage {last[0]}, step {last[1]}; {len(samples)} samples in samples.jsonl"
+    modes = [_SAMPLE_MODES[m] for m in dict.fromkeys(s.get("mode") for s in chosen) if m in _SAMPLE_MODES]
+    caption += f"; prompts: {' and '.join(modes)}" if modes else ""
     return (f"<p>{html.escape(caption)}</p><table class=\"samples\"><thead><tr><th>prompt</th><th>teacher</th>"
             f"<th>student</th></tr></thead><tbody>{rows}</tbody></table>")
 

@@ -83,16 +83,18 @@ def read_samples(run_dir: str | Path) -> list[dict]:
 
 class SamplesCallback(TrainerCallback):
     """At every evaluation, answer `prompts` with the model being trained and with the teacher, side by side,
-    into RUN_DIR/samples.jsonl, the log and (with `tensorboard_dir`) TensorBoard. Runs on the main process only,
+    into RUN_DIR/samples.jsonl, the log and (with `tensorboard_dir`) TensorBoard; `modes` (one per prompt: "answer",
+    or "continuation" of a held-out text prefix) are recorded with them. Runs on the main process only,
     or on every process when the teacher or the student is sharded over them (their generation is collective).
     """
 
     def __init__(self, teacher: torch.nn.Module, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
                  run_dir: str | Path, stage: str, max_new_tokens: int = 64, batch_size: int = 8,
-                 tensorboard_dir: str | Path | None = None) -> None:
+                 tensorboard_dir: str | Path | None = None, modes: Sequence[str] | None = None) -> None:
         self.teacher = teacher
         self.tokenizer = tokenizer
         self.prompts = list(prompts)
+        self.modes = list(modes) if modes is not None else None
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.max_new_tokens = max_new_tokens
@@ -112,6 +114,8 @@ class SamplesCallback(TrainerCallback):
             release_gathered(self.teacher)  # a sharded teacher back to its shards before training goes on
         records = side_by_side(self._teacher_outputs, model, self.tokenizer, self.prompts, self.max_new_tokens,
                                self.batch_size)
+        if self.modes is not None:
+            records = [{**record, "mode": mode} for record, mode in zip(records, self.modes)]
         if not state.is_world_process_zero:
             return
         if self._writer is None and self.tensorboard_dir is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lmdistill.config import GenerationSettings, PipelineConfig
 from lmdistill.data.cache import tokenizer_hash
+from lmdistill.data.completion import text_prompt_length
 from lmdistill.errors import ConfigError
 from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
 from lmdistill.teacher.fingerprint import model_config_hash
@@ -87,11 +88,21 @@ def write_generations(config: PipelineConfig, prep, settings: GenerationSettings
     tokenizer = prep.teacher_tokenizer or prep.tokenizer
     sources = teacher_sources(config, tokenizer, prep.task_type, names) if prep.teacher_tokenizer is not None \
         else {name: prep.sources[name] for name in names}
+    sources = {name: [with_text_prompt(ex, settings) for ex in rows] for name, rows in sources.items()}
     modes = thinking_modes(tokenizer, settings, config.training.seed) if prep.task_type == "causal" else None
     written = generate_responses(prep.teacher, tokenizer, sources, path, task_type=prep.task_type, settings=settings,
                                  seed=config.training.seed, teacher_name=config.teacher.name,
                                  tokenizer_id=tokenizer_hash(tokenizer), modes=modes, processes=processes)
     return path, written
+
+
+def with_text_prompt(example: dict, settings: GenerationSettings) -> dict:
+    """A plain-text example with the first part of its text as the prompt the teacher continues (see
+    generation.text_prompt_fraction); other examples as they are."""
+    if "text_tokens" not in example:
+        return example
+    return {**example, "prompt_length": text_prompt_length(example, settings.text_prompt_fraction,
+                                                           settings.text_prompt_tokens)}
 
 
 def ensure_generations(config: PipelineConfig, prep, processes: Processes = ONE_PROCESS) -> Path:

@@ -1,11 +1,14 @@
 """`generate`: teacher responses for every prompt of the chosen sources, as resumable JSONL with provenance.
 
 One line per (source, row, sample):
-    {"prompt": str, "completion": str, "prompt_ids": [int], "completion_ids": [int], "finished": bool,
+    {"prompt": str, "completion": str, "text": str, "prompt_ids": [int], "completion_ids": [int], "finished": bool,
      "source": str, "row_id": int, "sample": int, "teacher": str, "tokenizer": hash, "seed": int,
      "settings": {"temperature", "top_p", "max_new_tokens", "do_sample"}, "thinking": bool | None}
 `thinking` is the row's mode (see thinking.py; None when generation.thinking_prob is unset), already applied to
-`prompt_ids`. `completion_ids` end with eos when the teacher stopped by itself (`finished`). Lines are appended and flushed per
+`prompt_ids`. `completion_ids` end with eos when the teacher stopped by itself (`finished`). `text` is the prompt and
+completion decoded together, `prompt` and `completion` its two parts split at the exact boundary (prompt + completion
+== text, a leading space of the completion kept), without the ids the tokenizer adds itself in front (BOS) or the
+completion's special tokens (its eos): a file the student can train on as it is. Lines are appended and flushed per
 batch; a rerun keeps the rows whose samples are all present (dropping a half-written last line or a row cut in the
 middle of its samples) and generates only the rest.
 
@@ -32,6 +35,7 @@ from rich.progress import track
 
 from lmdistill.config import GenerationSettings
 from lmdistill.data.collate import DistillCollator
+from lmdistill.data.completion import special_prefix
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes, my_share
@@ -115,6 +119,16 @@ def _completion(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
     return ids, False
 
 
+def split_text(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> tuple[str, str]:
+    """(prompt, completion) text with the exact boundary: both decoded together and cut where the prompt's own text
+    ends (decoding the completion alone loses a leading space with some tokenizers). The ids the tokenizer puts in
+    front of a text by itself are left out, so re-tokenising the text puts them back once."""
+    lead = special_prefix(tokenizer)
+    body = prompt_ids[len(lead):] if lead and prompt_ids[:len(lead)] == lead else prompt_ids
+    prompt, full = tokenizer.decode(body), tokenizer.decode(body + completion_ids)
+    return (prompt, full[len(prompt):]) if full.startswith(prompt) else (prompt, tokenizer.decode(completion_ids))
+
+
 def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: str | Path, *, task_type: str,
                        settings: GenerationSettings, seed: int, teacher_name: str, tokenizer_id: str,
                        modes: ThinkingModes | None = None, processes: Processes = ONE_PROCESS) -> int:
@@ -134,6 +148,7 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p,
                 "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
     device = next(model.parameters()).device
+    special = set(tokenizer.all_special_ids)
     written = 0
     batches = my_share([todo[i:i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)],
                        processes)
@@ -159,9 +174,11 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
                 name, ex = batch[j // settings.num_samples]
                 prompt_ids = ex["input_ids"][: ex["prompt_length"]] if task_type == "causal" else ex["input_ids"]
                 completion_ids, finished = _completion(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                line = {"prompt": tokenizer.decode(prompt_ids), "completion": tokenizer.decode(
-                    completion_ids, skip_special_tokens=True), "prompt_ids": prompt_ids,
-                    "completion_ids": completion_ids, "finished": finished, "source": name,
+                answer = [t for t in completion_ids if t not in special]  # as skip_special_tokens would
+                prompt, completion = split_text(tokenizer, prompt_ids, answer) if task_type == "causal" else \
+                    (tokenizer.decode(prompt_ids, skip_special_tokens=True), tokenizer.decode(answer))
+                line = {"prompt": prompt, "completion": completion, "text": prompt + completion,
+                        "prompt_ids": prompt_ids, "completion_ids": completion_ids, "finished": finished, "source": name,
                     "row_id": ex["row_id"], "sample": j % settings.num_samples, "teacher": teacher_name,
                     "tokenizer": tokenizer_id, "seed": batch_seed, "settings": sampling,
                     "thinking": thinking[j // settings.num_samples]}

@@ -8,7 +8,8 @@ from pathlib import Path
 from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, PipelineConfig, StageSettings
 from lmdistill.data.cache import tokenizer_hash
 from lmdistill.data.mixture import ID_STRIDE
-from lmdistill.errors import CacheError
+from lmdistill.data.tokenize import IGNORE_INDEX
+from lmdistill.errors import CacheError, ConfigError
 from lmdistill.teacher.cache import eval_key
 from lmdistill.teacher.generate import load_generations
 from lmdistill.teacher.reader import CacheLookup, TeacherCache
@@ -45,13 +46,30 @@ def needs_live_teacher(config: PipelineConfig, stages: list[StageSettings]) -> b
 def stage_training_sources(config: PipelineConfig, prep, stage: StageSettings) -> dict[str, list[dict]]:
     """The sources a stage draws from: the configured ones, or only the teacher's generations (teacher_source:
     generations, and every non_policy stage: seed 003's off-policy stage trains on the teacher's responses)."""
+    if stage.kind == "policy":
+        return prep.sources  # the student answers the prompts itself
     if stage.teacher_source != "generations" and stage.kind != "non_policy":
-        return prep.sources
+        return _with_targets(prep.sources, stage.name)
     if stage.mixture.weights or stage.mixture.schedule:
         raise CacheError(f"stage {stage.name!r} trains on teacher generations only; remove its mixture (the "
                          "generations file is its single source)")
     return {GENERATIONS_SOURCE: load_generations(generations_path(config), tokenizer_hash(prep.tokenizer),
                                                  config.data.max_length, prep.task_type, tokenizer=prep.tokenizer)}
+
+
+def _with_targets(sources: dict[str, list[dict]], stage_name: str) -> dict[str, list[dict]]:
+    """The examples that have something to train on: prompt-only rows (for `generate`) are left out."""
+    kept = {name: [ex for ex in rows if any(t != IGNORE_INDEX for t in ex["labels"])] for name, rows in sources.items()}
+    empty = [name for name, rows in kept.items() if not rows]
+    if empty:
+        raise ConfigError(f"stage {stage_name!r} trains on the rows of source(s) {empty}, but they hold prompts only: "
+                         "let the teacher answer them (`lmdistill generate CONFIG`, then teacher_source: generations "
+                         "or kind: non_policy), or give completions")
+    for name, rows in kept.items():
+        if len(rows) < len(sources[name]):
+            log.info("stage %s: source %s: %d prompt-only rows left out (nothing to train on)", stage_name, name,
+                     len(sources[name]) - len(rows))
+    return kept
 
 
 def open_stage_cache(config: PipelineConfig, prep, stage: StageSettings, train_names: list[str],

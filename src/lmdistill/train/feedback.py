@@ -73,7 +73,7 @@ class EvalDrivenSampling(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if len(self.groups) < 2 or model is None:
             return
-        gaps = {name: agreement_and_kl(self.teacher, model, examples, self.batch_size)["mean_kl"]
+        gaps = {name: agreement_and_kl(self.teacher, model, examples, self.batch_size)["kl_teacher_student"]
                 for name, examples in self.groups.items()}
         release_gathered(self.teacher)  # a sharded teacher back to its shards before training goes on
         current = self.dataset.current_feedback(list(gaps))

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from lmdistill.config import PipelineConfig
-from lmdistill.eval.evaluate import evaluate_models, prompts_and_references, read_metrics, write_metrics
+from lmdistill.eval.evaluate import (ANSWER, CONTINUATION, continuation_prompts, evaluate_models,
+                                     prompts_and_references, read_metrics, write_metrics)
 from lmdistill.eval.report import write_report
 from lmdistill.export import export_student
 from lmdistill.models.sharding import release_gathered
@@ -17,15 +18,21 @@ from lmdistill.models.sharding import release_gathered
 log = logging.getLogger(__name__)
 
 
-def generation_prompts(config: PipelineConfig, eval_sets: dict[str, list[dict]], tokenizer, task_type: str):
-    """Prompts and reference answers from the eval sets (prompt/response rows), capped for speed."""
-    prompts, refs = [], []
+def generation_prompts(config: PipelineConfig, eval_sets: dict[str, list[dict]], tokenizer,
+                       task_type: str) -> tuple[list[list[int]], list[str], list[str]]:
+    """(prompts, references, modes) from the eval sets, capped at evaluation.max_prompts: prompt/response rows give
+    their prompt and answer (ANSWER); plain-text rows the first part of the text (generation.text_prompt_fraction
+    or text_prompt_tokens) and its held-out rest (CONTINUATION)."""
+    prompts, refs, modes = [], [], []
     for examples in eval_sets.values():
-        p, r = prompts_and_references(examples, tokenizer, encoder_decoder=task_type == "seq2seq",
-                                      limit=config.evaluation.max_prompts - len(prompts))
-        prompts += p
-        refs += r
-    return prompts, refs
+        answers = prompts_and_references(examples, tokenizer, encoder_decoder=task_type == "seq2seq",
+                                         limit=config.evaluation.max_prompts - len(prompts))
+        continuations = ([], []) if task_type == "seq2seq" else continuation_prompts(
+            examples, tokenizer, config.generation.text_prompt_fraction, config.generation.text_prompt_tokens,
+            limit=config.evaluation.max_prompts - len(prompts) - len(answers[0]))
+        for mode, (p, r) in ((ANSWER, answers), (CONTINUATION, continuations)):
+            prompts, refs, modes = prompts + p, refs + r, modes + [mode] * len(p)
+    return prompts, refs, modes
 
 
 def evaluate_roles(config: PipelineConfig, run_dir: Path, models: dict[str, torch.nn.Module], tokenizer,
@@ -34,9 +41,9 @@ def evaluate_roles(config: PipelineConfig, run_dir: Path, models: dict[str, torc
     """Score models on the eval sets and (write=True) merge the numbers into RUN_DIR/metrics.json."""
     if not eval_sets:
         return {}
-    prompts, refs = generation_prompts(config, eval_sets, tokenizer, task_type)
+    prompts, refs, modes = generation_prompts(config, eval_sets, tokenizer, task_type)
     metrics = evaluate_models(models, tokenizer, eval_sets, teacher=teacher, generation_prompts=prompts or None,
-                              references=refs or None, model_dirs=model_dirs,
+                              references=refs or None, modes=modes, model_dirs=model_dirs,
                               measure_speed=config.evaluation.measure_speed,
                               batch_size=config.training.eval_batch_size,
                               max_new_tokens=config.generation.max_new_tokens)
@@ -98,14 +105,15 @@ def evaluate_target(target: str, teacher_name: str | None, data_paths: list[str]
     teacher = freeze(load_model(ModelSettings(), task_type, device=device, name=teacher_name)) if teacher_name else None
     if teacher is not None:
         models["teacher"] = teacher
-    prompts, refs = [], []
-    from lmdistill.eval.evaluate import prompts_and_references
+    from lmdistill.config import EvaluationSettings, GenerationSettings, PipelineConfig
 
-    for examples in eval_sets.values():
-        p, r = prompts_and_references(examples, tokenizer, encoder_decoder=task_type == "seq2seq", limit=32)
-        prompts, refs = prompts + p, refs + r
+    # prompts as the run's own evaluation takes them (answers, and continuations of held-out text prefixes)
+    settings = config or PipelineConfig(stages=[{"name": "eval"}], generation=GenerationSettings(),
+                                        evaluation=EvaluationSettings())
+    prompts, refs, modes = generation_prompts(settings, eval_sets, tokenizer, task_type)
     metrics = evaluate_models(models, tokenizer, eval_sets, teacher=teacher, generation_prompts=prompts or None,
-                              references=refs or None, model_dirs={"student_after": model_dir, "model": model_dir},
+                              references=refs or None, modes=modes,
+                              model_dirs={"student_after": model_dir, "model": model_dir},
                               max_new_tokens=max_new_tokens)
     if run_dir:
         write_metrics(run_dir, metrics)

@@ -26,6 +26,7 @@ import torch
 from lmdistill.config import PipelineConfig, StageSettings, StudentSettings, save_config
 from lmdistill.data.cache import encode_source
 from lmdistill.data.collate import DistillCollator
+from lmdistill.data.completion import resolve_layout
 from lmdistill.data.formats import load_source
 from lmdistill.data.tokenize import Layout
 from lmdistill.errors import ConfigError
@@ -49,6 +50,7 @@ from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build
                                    write_seed_aliases)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
 from lmdistill.train.trainer import AUX_FILE, DistillationTrainer
+from lmdistill.train.warm_start import warn_if_cold_start
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,9 @@ def load_data(config: PipelineConfig, tokenizer, task_type: str) -> tuple[dict, 
             loaded = load_source(settings.path, format=settings.format, split=settings.split,
                                  max_rows=settings.max_rows or max_rows_default, strict=config.data.strict,
                                  columns=settings.columns)
-            layout = Layout(config.data.max_length, task_type, config.data.train_on, config.data.text_overlap)
+            layout = Layout(config.data.max_length, task_type, config.data.train_on, config.data.text_overlap,
+                            task_type == "causal" and resolve_layout(settings.layout, loaded.rows, tokenizer,
+                                                                       name) == "completion")
             encoded = encode_source(loaded.rows, tokenizer, layout, name, strict=config.data.strict,
                                     cache_dir=config.data.cache_dir, num_proc=config.data.num_proc,
                                     use_cache=config.data.tokenized_cache)
@@ -256,11 +260,12 @@ def stage_callbacks(config: PipelineConfig, prep: Prepared, stage: StageSettings
     callbacks = [SourceEpochs(passes=len(train_dataset) / train_dataset.epoch_size)]
     if teacher is None or not prep.eval_sets:
         return callbacks
-    prompts, _ = generation_prompts(config, prep.eval_sets, prep.tokenizer, prep.task_type)
+    prompts, _, modes = generation_prompts(config, prep.eval_sets, prep.tokenizer, prep.task_type)
     if prompts and config.evaluation.num_samples:
-        callbacks.append(SamplesCallback(teacher, prep.tokenizer, prompts[: config.evaluation.num_samples],
-                                         stage_dir.parent, stage.name, max_new_tokens=config.generation.max_new_tokens,
-                                         tensorboard_dir=stage_dir / "runs"))
+        count = config.evaluation.num_samples
+        callbacks.append(SamplesCallback(teacher, prep.tokenizer, prompts[:count], stage_dir.parent, stage.name,
+                                         max_new_tokens=config.generation.max_new_tokens,
+                                         tensorboard_dir=stage_dir / "runs", modes=modes[:count]))
     if stage.eval_driven_sampling is not None and stage.eval_driven_sampling.enabled:
         callbacks.append(EvalDrivenSampling(train_dataset, teacher, prep.eval_sets, stage.eval_driven_sampling,
                                             batch_size=config.training.eval_batch_size))
@@ -287,6 +292,8 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         ensure_generations(config, prep, processes)
         processes.wait_for_everyone()
     sources = stage_training_sources(config, prep, stage)
+    if processes.is_main_process:
+        warn_if_cold_start(stage, student, sources, student.get_output_embeddings().weight.shape[0])
     eval_examples = [ex for rows in prep.eval_sets.values() for ex in rows]
     collator, cross_vocab = DistillCollator(prep.tokenizer.pad_token_id, task_type=prep.task_type), None
     if (cross := cross_vocab_stage(config, prep, stage, sources, eval_examples)) is not None:
