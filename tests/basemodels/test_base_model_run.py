@@ -15,8 +15,6 @@ from lmdistill.cli import app
 from lmdistill.data.formats import load_source
 from lmdistill.data.tokenize import encode_rows
 
-from conftest import make_sentences
-
 # eos against the other ids (at logit ~0) that transformers samples from (its default top_k: 50): the teacher stops
 # at about 1 step in 6
 EOS_LOGIT = math.log(0.2 * 50)
@@ -73,11 +71,11 @@ def _cli(*args):
     return result
 
 
-def test_base_model_generate_distill_eval_report(tmp_path, base_models, base_tokenizer_dir):
+def test_base_model_generate_distill_eval_report(tmp_path, base_models, base_tokenizer_dir, corpus):
     teacher, student = base_models
     tok = AutoTokenizer.from_pretrained(base_tokenizer_dir)
     eos = tok.eos_token_id
-    texts, heldout_texts = make_sentences(12, seed=5), make_sentences(4, seed=6)
+    texts, heldout_texts = corpus[:12], corpus[-4:]
     corpus = _jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in texts])
     heldout = _jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in heldout_texts])
 

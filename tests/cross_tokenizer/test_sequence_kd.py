@@ -29,10 +29,11 @@ def test_teacher_is_prompted_with_its_own_template_and_the_student_trains_on_its
     for line in lines:
         assert line["tokenizer"] == tokenizer_hash(metaspace_tokenizer)
         question = line["messages"][0]["content"]
-        # the teacher's template (BOS, Zephyr-style markers), rendered from the row's messages
-        assert line["prompt"] == f"<s><|user|>\n{question}</s>\n<|assistant|>\n"
-        assert metaspace_tokenizer.decode(line["prompt_ids"]) == line["prompt"]
-        assert line["completion"] == metaspace_tokenizer.decode(line["completion_ids"], skip_special_tokens=True)
+        # the teacher's template (BOS, Zephyr-style markers), rendered from the row's messages; the text leaves out
+        # the BOS its tokenizer puts in front of any text by itself
+        assert metaspace_tokenizer.decode(line["prompt_ids"]) == f"<s><|user|>\n{question}</s>\n<|assistant|>\n"
+        assert line["prompt"] == f"<|user|>\n{question}</s>\n<|assistant|>\n"
+        assert line["text"] == line["prompt"] + line["completion"]
     examples = load_generations(path, tokenizer_hash(tokenizer), 48, "causal", tokenizer=tokenizer)
     assert len(examples) == 8
     first, line = examples[0], lines[0]
