@@ -149,7 +149,8 @@ class OnPolicySettings(Strict):
 class StageSettings(Strict):
     name: str
     kind: Literal["distill", "finetune", "non_policy", "policy"] = "distill"
-    epochs: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0, description="Passes over the stage's sources, each row once per pass "
+                                                      "(reshuffled every pass); default 1 unless max_steps.")
     max_steps: int | None = Field(None, gt=0)
     learning_rate: float | None = Field(None, gt=0)
     batch_size: int | None = Field(None, gt=0)
@@ -174,8 +175,10 @@ class StageSettings(Strict):
     onpolicy: OnPolicySettings | None = None
     chunk_size: int | None = Field(None, gt=0, description="Tokens per loss chunk (memory bound); None: no chunking.")
     fused: bool = Field(False, description="Compute logits inside the loss chunk by chunk (full logits never exist).")
-    eval_steps: int | None = Field(None, gt=0)
-    save_steps: int | None = Field(None, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps; unset: at every "
+                                                          "save_steps, else at the end of each epoch.")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps; unset: "
+                                                          "training.save_every, else at the end of each epoch.")
     metric_for_best: str = "eval_loss"
 
     @model_validator(mode="after")

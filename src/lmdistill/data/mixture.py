@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -136,16 +137,20 @@ class MixtureDataset(Dataset):
         if not 0 <= index < self.num_draws:
             raise IndexError(f"index {index} out of range for a mixture of {self.num_draws} draws")
         self._read_to = max(self._read_to, index + 1)
-        while len(self._plan) <= index:
-            self._plan.append(self._draw(len(self._plan)))
-        source_index, position = self._plan[index]
+        while len(self._plan_source) <= index:
+            source_index, position = self._draw(len(self._plan_source))
+            self._plan_source.append(source_index)
+            self._plan_position.append(position)
+        source_index, position = self._plan_source[index], self._plan_position[index]
         example = self.sources[self.names[source_index]][position]
         return {**example, "example_id": source_index * ID_STRIDE + example.get("row_id", position)}
 
     def _reset_plan(self) -> None:
-        self._plan: list[tuple[int, int]] = []  # item -> (source index, position in the source)
+        # item -> source index, and position in the source (arrays: 16 bytes a draw, for stages of millions)
+        self._plan_source, self._plan_position = array("q"), array("q")
         self._drawn: dict[tuple, int] = {}  # stream (source, or source and bucket) -> rows taken from it so far
-        self._orders: dict[tuple, tuple[int, list[int]]] = {}  # stream -> (pass, its permutation)
+        self._orders: dict[tuple, tuple[int, array]] = {}  # stream -> (pass, its permutation)
+        self._bucket_cache: dict[tuple[int, str], tuple[list, list[float]] | None] = {}
 
     def _draw(self, index: int) -> tuple[int, int]:
         """(source index, position) of item `index`; items before it are planned already."""
@@ -154,24 +159,35 @@ class MixtureDataset(Dataset):
         probs = self._probabilities(index / self.num_draws, multipliers)
         source_index = _pick(list(probs.values()), (self._offset + index * _GOLDEN) % 1.0)
         name = self.names[source_index]
-        groups = self._buckets[name]
-        if any(b in multipliers for b in groups if b is not None and b not in self.names):
-            keys = list(groups)
-            weights = [len(groups[k]) * (1.0 if k in self.names else multipliers.get(k, 1.0)) for k in keys]
+        buckets = self._bucket_weights(at, name)
+        if buckets is not None:
+            keys, weights = buckets
             bucket = keys[_pick(weights, random.Random(f"{self.seed}:{index}").random() * sum(weights))]
-            stream, members = (name, bucket), groups[bucket]
+            stream, members = (name, bucket), self._buckets[name][bucket]
         else:
             stream, members = (name,), None
         size = len(members) if members is not None else len(self.sources[name])
         taken = self._drawn.get(stream, 0)
         self._drawn[stream] = taken + 1
-        pass_, order = self._orders.get(stream, (-1, []))
+        pass_, order = self._orders.get(stream, (-1, array("q")))
         if pass_ != taken // size:
-            pass_, order = taken // size, list(range(size))
-            random.Random(f"{self.seed}:{stream}:{pass_}").shuffle(order)
+            pass_, shuffled = taken // size, list(range(size))
+            random.Random(f"{self.seed}:{stream}:{pass_}").shuffle(shuffled)
+            order = array("q", shuffled)
             self._orders[stream] = (pass_, order)
         position = order[taken % size]
         return source_index, members[position] if members is not None else position
+
+    def _bucket_weights(self, at: int, name: str) -> tuple[list, list[float]] | None:
+        """(buckets, size x multiplier) of source `name` under feedback entry `at` (-1: none), or None when that
+        feedback does not weigh its buckets. Cached: computed once per entry and source, not per draw."""
+        if (at, name) not in self._bucket_cache:
+            multipliers, groups = self._feedback[at] if at >= 0 else {}, self._buckets[name]
+            weighed = any(b in multipliers for b in groups if b is not None and b not in self.names)
+            self._bucket_cache[(at, name)] = (list(groups), [
+                len(members) * (1.0 if b in self.names else multipliers.get(b, 1.0)) for b, members in groups.items()
+            ]) if weighed else None
+        return self._bucket_cache[(at, name)]
 
     def set_feedback(self, multipliers: Mapping[str, float]) -> None:
         """Evaluation-driven multipliers per source or per bucket (a name that is both counts as a source),
@@ -194,7 +210,8 @@ class MixtureDataset(Dataset):
         else:
             self._feedback_starts.append(start)
             self._feedback.append(merged)
-        if start < len(self._plan):  # items planned ahead of reading (random access): plan them again
+        self._bucket_cache.clear()
+        if start < len(self._plan_source):  # items planned ahead of reading (random access): plan them again
             self._reset_plan()
 
     def current_feedback(self, names: list[str]) -> dict[str, float]:
