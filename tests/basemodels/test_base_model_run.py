@@ -78,18 +78,24 @@ def test_base_model_generate_distill_eval_report(tmp_path, base_models, base_tok
     texts, heldout_texts = corpus[:12], corpus[-4:]
     corpus = _jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in texts])
     heldout = _jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in heldout_texts])
+    prompts = ["The bank reports", "A trader expects"]
+    prompt_file = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": prompts[0]}, {"prompt": prompts[1], "completion": ""}])
 
-    # generate: each text's first half is the prompt the teacher continues
-    gen_config = _config(tmp_path / "gen.yaml", teacher, student, {"general": {"path": str(corpus)}}, heldout,
-                         tmp_path / "gen_run")
+    # generate: each text's first half is the prompt the teacher continues; prompts alone are continued as they are
+    gen_config = _config(tmp_path / "gen.yaml", teacher, student, {"general": {"path": str(corpus)},
+                                                                   "prompts": {"path": str(prompt_file)}},
+                         heldout, tmp_path / "gen_run")
     generations = tmp_path / "generations.jsonl"
     _cli("generate", gen_config, "--out", generations)
     lines = [json.loads(line) for line in generations.read_text().splitlines()]
-    assert len(lines) == len(texts)
+    assert len(lines) == len(texts) + len(prompts)
     for line in lines:
-        text_ids = tok(texts[line["row_id"]])["input_ids"]
-        assert line["prompt_ids"] == text_ids[:round(len(text_ids) / 2)]  # verbatim, no BOS, no template
-        assert texts[line["row_id"]].startswith(line["prompt"])
+        if line["source"] == "prompts":
+            assert line["prompt"] == prompts[line["row_id"]] and line["prompt_ids"] == tok(line["prompt"])["input_ids"]
+        else:
+            text_ids = tok(texts[line["row_id"]])["input_ids"]
+            assert line["prompt_ids"] == text_ids[:round(len(text_ids) / 2)]  # verbatim, no BOS, no template
+            assert texts[line["row_id"]].startswith(line["prompt"])
         stopped = line["completion_ids"][-1:] == [eos]
         assert line["finished"] == stopped
         # the boundary: prompt + completion is the text the ids decode to, leading spaces kept

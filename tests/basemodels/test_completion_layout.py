@@ -72,3 +72,22 @@ def test_text_prompt_length():
     assert text_prompt_length(example, 0.5, tokens=3) == 4
     assert text_prompt_length(example, 0.5, tokens=50) == 10  # at least one token left to continue
     assert text_prompt_length(example, 0.01) == 2  # at least one token of text in the prompt
+
+
+def test_a_stage_cannot_train_on_prompts_alone(base_tokenizer):
+    from types import SimpleNamespace
+
+    from lmdistill.config import StageSettings
+    from lmdistill.errors import ConfigError
+    from lmdistill.teacher.stage import stage_training_sources
+
+    prompts = encode([{"prompt": "The bank"}, {"prompt": "A trader"}], base_tokenizer)
+    texts = encode([{"text": TEXT}], base_tokenizer)
+    prep = SimpleNamespace(sources={"prompts": prompts, "general": texts + prompts[:1]})
+    distill, policy = StageSettings(name="kd"), StageSettings(name="gkd", kind="policy", onpolicy={})
+    with pytest.raises(ConfigError, match=r"stage 'kd' trains on the rows of source\(s\) \['prompts'\], but they hold "
+                                          r"prompts only: let the teacher answer them \(`lmdistill generate CONFIG`"):
+        stage_training_sources(None, prep, distill)
+    prep.sources = {"general": texts + prompts[:1]}
+    assert stage_training_sources(None, prep, distill) == {"general": texts}  # the prompt alone is left out
+    assert stage_training_sources(None, prep, policy) == prep.sources  # the student answers prompts itself
