@@ -29,8 +29,8 @@ class Quantization(Strict):
 
 class LoraSettings(Strict):
     method: Literal["lora", "qlora", "adalora"] = Field(
-        "lora", description="lora | qlora (LoRA on a 4-bit base: set student.quantization) | adalora (AdaLoRA's "
-        "SVD-form adapters at rank 2r; its rank-budget reallocation is not run)")
+        "lora", description="lora | qlora (LoRA on a 4-bit base: set student.quantization) | adalora (AdaLoRA: "
+        "adapters start at rank 2r and the first stage reallocates them to an average of r over its max_steps)")
     r: int = Field(8, gt=0)
     alpha: int = Field(16, gt=0, description="LoRA scaling numerator (lora_alpha); unrelated to the CE weight alpha.")
     dropout: float = Field(0.05, ge=0, lt=1)

@@ -40,6 +40,7 @@ from lmdistill.teacher.retokenize import needs_shared_vocab
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback
 from lmdistill.train.args import check_precision, check_reporting, early_stopping, stage_training_arguments
+from lmdistill.train.adalora import ADALORA_FILE
 from lmdistill.train.cross_tokenizer import cross_vocab_stage
 from lmdistill.train.balancing import BALANCER_FILE
 from lmdistill.train.epochs import SourceEpochs
@@ -240,7 +241,7 @@ def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     # Training state, not the model: Trainer's, ours, and DeepSpeed's (global_stepN/ shards, `latest`, its script).
     skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", AUX_FILE, BALANCER_FILE,
-            FEEDBACK_FILE, "latest", "zero_to_fp32.py"}
+            FEEDBACK_FILE, ADALORA_FILE, "latest", "zero_to_fp32.py"}
     skip_prefixes = ("rng_state", "replay_buffer_", "global_step")
     shutil.copytree(checkpoint, tmp,
                     ignore=lambda d, names: [n for n in names if n in skip or n.startswith(skip_prefixes)])

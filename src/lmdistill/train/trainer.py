@@ -5,7 +5,8 @@ terms join the optimiser, and since they live outside the model, their gradients
 clipped and cleared here as Trainer does for the model's; a step whose loss was non-finite is skipped. The projections
 are saved beside each checkpoint (`_save` / `_load_from_checkpoint`). A loss balancer acts on training steps only
 (`balancing.py`). An out-of-memory error names the settings that lower the memory (`memory.py`). Accumulation,
-precision, optimizers, schedules, clipping of the model, checkpoints, resume and logging are Trainer's own.
+precision, optimizers, schedules, clipping of the model, checkpoints, resume and logging are Trainer's own; AdaLoRA's
+rank budget is allocated after each optimizer step and checkpointed for resume (`adalora.py`).
 
 Normalisation: every logit term is a sum over counted tokens divided by `num_items_in_batch`, which Trainer counts over
 the whole accumulated batch (after the causal shift), so N micro-batches give the same update as one batch N times
@@ -29,6 +30,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from lmdistill.errors import TrainingError
 from lmdistill.losses import DistillObjective
 from lmdistill.models.sharding import is_sharded, release_gathered
+from lmdistill.train.adalora import AdaLoraBudget, adalora_budget
 from lmdistill.train.balancing import BalancedTraining
 from lmdistill.train.deepspeed_teacher import deepspeed_teacher
 from lmdistill.train.heads import (has_adapter, head_inputs, head_rows, logit_scale, output_layer, same_device, softcap,
@@ -67,7 +69,7 @@ class _StepEnd(TrainerCallback):
         self.trainer._end_step()
 
 
-class DistillationTrainer(BalancedTraining, Trainer):
+class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
     def __init__(self, *args, objective: DistillObjective, teacher: nn.Module | None = None,
                  aux: AuxTerms | None = None, balancer=None, task_type: str = "causal",
                  shared_vocab: int | None = None, fused: bool = False, teacher_cache: TeacherCacheLookup | None = None,
@@ -109,6 +111,7 @@ class DistillationTrainer(BalancedTraining, Trainer):
             raise TrainingError("the feature / contrastive terms learn projections outside the student, which "
                                 "DeepSpeed's engine neither syncs nor checkpoints: drop those terms for DeepSpeed runs, "
                                 "or train with DDP / FSDP")
+        self._adalora = adalora_budget(self.model)  # AdaLoRA's rank budget, allocated after each optimizer step
         self.add_callback(_StepEnd(self))
 
     def _check_fused(self, teacher: nn.Module | None) -> None:
@@ -146,7 +149,9 @@ class DistillationTrainer(BalancedTraining, Trainer):
             if projections and self.args.max_grad_norm > 0:
                 # Trainer clips the model's gradients only; the projections get the same limit on their own norm.
                 torch.nn.utils.clip_grad_norm_(projections, self.args.max_grad_norm)
-            return step(*a, **kw)
+            result = step(*a, **kw)
+            self._allocate_rank_budget()  # scored from this step's gradients: before they are cleared
+            return result
 
         optimizer.step = guarded_step
         return optimizer
