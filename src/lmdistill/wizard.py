@@ -196,8 +196,8 @@ def _ask_data(asker: Asker, console: Console) -> dict[str, Any]:
     path, fmt = asker.ask("dataset", "Dataset (local file/folder or hub name)", "wikitext", dataset)
     console.print(f"  format: {fmt}")
     if fmt == "text":
-        console.print("  [yellow]note:[/] plain text has no prompt/response pairs, so ROUGE-L cannot be scored; "
-                      "the evaluation rows still give perplexity")
+        console.print("  [yellow]note:[/] plain text has no prompt/response pairs: ROUGE-L scores each model's "
+                      "continuation of the first half of every held-out text against its second half")
     limit = asker.ask("samples", "Sample limit (rows to use; 0 = all)", 5000, number(int, 0, 10**9))
     rows = load_source(path, max_rows=limit or None).rows
     console.print(f"  {len(rows)} rows loaded")
@@ -307,20 +307,21 @@ def write_plan(plan: Plan) -> None:
 
 
 def rouge_table(run_dir: Path) -> Table | None:
-    """ROUGE-L (and exact match when scored) of each evaluated role, from RUN_DIR/metrics.json."""
+    """ROUGE-L (answers to eval prompts, or continuations of held-out text prefixes) and exact match when scored,
+    of each evaluated role, from RUN_DIR/metrics.json."""
     from lmdistill.eval.evaluate import read_metrics
 
     metrics = read_metrics(run_dir)
-    roles = [r for r in ("teacher", "student_before", "student_after") if "rouge_l" in metrics.get(r, {})]
+    keys = [k for k in ("rouge_l", "rouge_l_continuation", "exact_match") if any(k in row for row in metrics.values())]
+    roles = [r for r in ("teacher", "student_before", "student_after") if set(keys) & set(metrics.get(r, {}))]
     if not roles:
         return None
-    table = Table(title="benchmark: ROUGE-L on the generated continuations")
+    table = Table(title="benchmark: ROUGE-L on the generated answers and continuations")
     table.add_column("model")
-    table.add_column("rouge_l", justify="right")
-    table.add_column("exact_match", justify="right")
+    for key in keys:
+        table.add_column(key, justify="right")
     for role in roles:
-        row = metrics[role]
-        table.add_row(role, f"{row['rouge_l']:.4f}", f"{row['exact_match']:.4f}" if "exact_match" in row else "-")
+        table.add_row(role, *(f"{metrics[role][k]:.4f}" if k in metrics[role] else "-" for k in keys))
     return table
 
 

@@ -44,7 +44,7 @@ def test_separate_eval_set_keeps_the_training_source_and_its_limit(tmp_path, tea
     config = yaml.safe_load((tmp_path / "out.yaml").read_text())
     assert config["data"]["sources"]["train"] == {"path": str(text_jsonl), "max_rows": 24}
     assert config["data"]["eval"]["eval"]["path"] == str(qa_jsonl) and config["evaluation"]["max_prompts"] == 5
-    assert "ROUGE-L cannot be scored" in console.file.getvalue()  # plain-text training data has no prompts
+    assert "ROUGE-L scores each model's continuation of the first half" in console.file.getvalue()  # plain text
 
 
 def test_yes_with_a_bad_default_names_the_key_and_the_way_out(tmp_path, student_dir, teacher_dir, qa_jsonl):
@@ -77,3 +77,15 @@ def test_output_dir_refuses_a_foreign_folder_and_accepts_a_run(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "lmdistill_config.yaml").write_text("stages: []")
     assert output_dir(str(tmp_path / "run")) == str(tmp_path / "run")
+
+
+def test_rouge_table_shows_continuations_of_held_out_text(tmp_path):
+    from lmdistill.eval.evaluate import write_metrics
+    from lmdistill.wizard import rouge_table
+
+    write_metrics(tmp_path, {"teacher": {"rouge_l_continuation": 0.5, "perplexity/heldout": 9.0},
+                             "student_after": {"rouge_l_continuation": 0.25}})
+    console = _console()
+    console.print(rouge_table(tmp_path))
+    out = console.file.getvalue()
+    assert "rouge_l_continuation" in out and "0.2500" in out and "rouge_l " not in out and "perplexity" not in out
