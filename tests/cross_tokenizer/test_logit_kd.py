@@ -50,3 +50,28 @@ def test_uld_and_cross_vocab_kl_train_through_lmdistill_run_and_fall(cross_confi
         history = json.loads((run / stage / "log_history.json").read_text())
         values = [h[f"loss/{term}"] for h in history if f"loss/{term}" in h]
         assert len(values) == 8 and values[-1] < 0.8 * values[0], values
+
+
+def test_teacher_terms_equal_the_losses_on_its_full_logits(metaspace_teacher_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmdistill.losses.cross_vocab import cross_vocab_kl, uld
+    from lmdistill.train.cross_tokenizer import CrossVocabTeacher
+
+    teacher = AutoModelForCausalLM.from_pretrained(metaspace_teacher_dir).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {"teacher_input_ids": torch.randint(0, 300, (2, 7), generator=g),
+              "teacher_attention_mask": torch.ones(2, 7, dtype=torch.long),
+              "pairs": torch.tensor([[[0, 1], [2, 4], [3, 6]], [[1, 0], [-1, -1], [-1, -1]]])}
+    student_logits = torch.randn(2, 5, 40, generator=g)
+    shared = (torch.tensor([0, 3, 5]), torch.tensor([2, 7, 9]))
+    source = CrossVocabTeacher(teacher, {"uld": 1.0, "cross_vocab_kl": 0.5}, 2.0, shared)
+    got = source.terms(student_logits, inputs, num_items=10)
+    with torch.no_grad():
+        full = teacher(input_ids=inputs["teacher_input_ids"]).logits
+    s_rows = torch.stack([student_logits[0, 0], student_logits[0, 2], student_logits[0, 3], student_logits[1, 1]])
+    t_rows = torch.stack([full[0, 1], full[0, 4], full[0, 6], full[1, 0]])
+    assert torch.allclose(got["uld"], uld(s_rows, t_rows, 2.0) / 10, atol=1e-6)
+    assert torch.allclose(got["cross_vocab_kl"], cross_vocab_kl(s_rows, t_rows, *shared, temperature=2.0) / 10,
+                          atol=1e-6)

@@ -30,7 +30,9 @@ from lmdistill.data.render import render_causal
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import ConfigError
 from lmdistill.losses.cross_vocab import cross_vocab_kl, shared_vocabulary, uld
+from lmdistill.losses.fused import LMHead
 from lmdistill.teacher.retokenize import teacher_sources
+from lmdistill.train.heads import head_inputs, logit_scale, output_layer, softcap
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +131,14 @@ class CrossVocabTeacher:
         rows, cols = (pairs[..., 0] >= 0).nonzero(as_tuple=True)
         device = next(self.teacher.parameters()).device
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=inputs["teacher_input_ids"].to(device),
-                                          attention_mask=inputs["teacher_attention_mask"].to(device)).logits
-        t_rows = teacher_logits[rows.to(device), pairs[rows, cols, 1].to(device)].to(student_logits.device)
+            # The teacher's logits only at the paired rows: its [B, T', V] logits never exist.
+            with head_inputs(self.teacher) as captured:
+                self.teacher(input_ids=inputs["teacher_input_ids"].to(device),
+                             attention_mask=inputs["teacher_attention_mask"].to(device))
+            hidden = captured[-1][rows.to(device), pairs[rows, cols, 1].to(device)]
+            head = output_layer(self.teacher)
+            t_rows = LMHead(head.weight, head.bias, softcap(self.teacher), logit_scale(self.teacher)).logits(
+                head(hidden)).to(student_logits.device)
         s_rows = student_logits[rows, pairs[rows, cols, 0]]
         denom = max(float(num_items if num_items is not None else len(rows)), 1.0)
         out = {}
