@@ -62,6 +62,12 @@ def test_trainer_settings_that_cannot_work_are_named(tmp_path, training, stage, 
         stage_training_arguments(config, config.stages[0], tmp_path, has_eval=has_eval)
 
 
+def test_patience_works_with_the_evaluation_at_each_epoch(tmp_path):
+    config = _config({"patience": 2})
+    args = stage_training_arguments(config, config.stages[0], tmp_path, has_eval=True, epochs=3.0)
+    assert args.eval_strategy == "epoch" and args.restore_callback_states_from_checkpoint
+
+
 def test_a_typo_in_extra_args_fails_at_load_naming_the_key():
     with pytest.raises(ConfigError) as err:
         _config({"extra_args": {"dataloader_pin_memroy": False}})

@@ -107,6 +107,11 @@ class MixtureDataset(Dataset):
         return self.num_draws
 
     @property
+    def passes(self) -> float:
+        """Epochs over the sources that the draws make up (draws / rows)."""
+        return self.num_draws / self.epoch_size
+
+    @property
     def multipliers(self) -> dict[str, float]:
         """The latest feedback multipliers (empty before any feedback)."""
         return dict(self._feedback[-1]) if self._feedback else {}

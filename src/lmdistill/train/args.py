@@ -38,7 +38,9 @@ def check_precision(config: PipelineConfig) -> None:
 
 
 def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage_dir: Path,
-                             has_eval: bool) -> TrainingArguments:
+                             has_eval: bool, epochs: float = 1.0) -> TrainingArguments:
+    """epochs: passes over the stage's sources (an eval_strategy "epoch" evaluates at the end of each, see
+    train/epochs.py)."""
     t = config.training
     eval_steps = stage.eval_steps
     save_steps = stage.save_steps or t.save_every
@@ -102,7 +104,7 @@ def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage
                 raise ConfigError(f"stages[{stage.name}]: save_steps ({kwargs['save_steps']}) must be a multiple of "
                                   f"eval_steps ({eval_steps}) so the best checkpoint can be kept")
     if t.patience:
-        if kwargs.get("eval_strategy") != "steps":
+        if kwargs.get("eval_strategy") != "steps" and not (kwargs.get("eval_strategy") == "epoch" and epochs > 1):
             raise ConfigError(f"stages[{stage.name}]: training.patience stops a stage on its evaluations, but it is "
                               f"evaluated {'only once, at its end' if has_eval else 'never (no data.eval)'}; set "
                               "eval_steps on the stage" + ("" if has_eval else " and give data.eval"))

@@ -258,7 +258,7 @@ def stage_callbacks(config: PipelineConfig, prep: Prepared, stage: StageSettings
                     teacher) -> list:
     """Epochs counted over the sources; quality samples at every evaluation, and evaluation-driven sampling when the
     stage asks for it."""
-    callbacks = [SourceEpochs(passes=len(train_dataset) / train_dataset.epoch_size)]
+    callbacks = [SourceEpochs(passes=train_dataset.passes)]
     if teacher is None or not prep.eval_sets:
         return callbacks
     prompts, _, modes = generation_prompts(config, prep.eval_sets, prep.tokenizer, prep.task_type)
@@ -307,7 +307,8 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         # Offline teacher: logits come from the cache by example id; eval examples get ids in the same space.
         teacher_cache, eval_examples, shared_vocab = open_stage_cache(
             config, prep, stage, train_dataset.names, student.get_output_embeddings().weight.shape[0])
-    args = stage_training_arguments(config, stage, stage_dir, has_eval=bool(eval_examples))
+    args = stage_training_arguments(config, stage, stage_dir, has_eval=bool(eval_examples),
+                                    epochs=train_dataset.passes)
     trainer_cls, policy = (OnPolicyTrainer, policy_options(config, prep.tokenizer, stage)) if stage.kind == "policy" \
         else (DistillationTrainer, {})
     trainer = trainer_cls(
