@@ -69,3 +69,15 @@ def test_half_precision_master_weights_are_warned_about(caplog):
         check_precision(config)
     assert "student.dtype bfloat16: the optimizer updates the weights in bfloat16" in caplog.text
     assert "set student.dtype: float32 and training.bf16: true" in caplog.text
+
+
+def test_bf16_on_a_gpu_without_bfloat16_names_the_way_out(monkeypatch):
+    from lmdistill.errors import ConfigError
+    from lmdistill.train.args import check_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: False)
+    config = config_from_dict({"training": {"bf16": True}, "stages": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match=r"^--bf16 / training.bf16: this GPU has no bfloat16 .* set bf16: false"):
+        check_precision(config)
+    check_precision(config_from_dict({"training": {"bf16": True, "no_cuda": True}, "stages": [{"name": "a"}]}))

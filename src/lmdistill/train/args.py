@@ -31,6 +31,10 @@ def check_precision(config: PipelineConfig) -> None:
     if config.training.fp16 and (config.training.no_cuda or not torch.cuda.is_available()):
         raise ConfigError("--fp16 needs a CUDA GPU, and none is available here; drop --fp16 or use --bf16 "
                           "(bf16 runs on CPU)")
+    on_gpu = not config.training.no_cuda and torch.cuda.is_available()
+    if config.training.bf16 and on_gpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--bf16 / training.bf16: this GPU has no bfloat16 (pre-Ampere, e.g. V100 or T4); set "
+                          "bf16: false (float32), or fp16: true for mixed precision")
     if config.student.dtype in ("bfloat16", "float16") and config.student.lora is None:
         log.warning("student.dtype %s: the optimizer updates the weights in %s, which rounds away steps smaller than "
                     "their resolution (at lr 1e-5 most of them); for float32 master weights set student.dtype: "
