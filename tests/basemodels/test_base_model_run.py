@@ -127,3 +127,13 @@ def test_base_model_generate_distill_eval_report(tmp_path, base_models, base_tok
     page = (run / "report.html").read_text()
     assert "prompts: continuations of held-out text prefixes" in page
     assert "rouge_l_continuation<small> greedy continuations of the first part of each held-out text" in page
+
+
+def test_eval_of_a_model_folder_on_text_scores_held_out_continuations(tmp_path, base_models, corpus):
+    from lmdistill.train.finish import evaluate_target
+
+    _, student = base_models
+    data = _jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in corpus[-3:]])
+    run_dir, metrics = evaluate_target(str(student), None, [str(data)], max_length=48, max_new_tokens=4)
+    assert run_dir is None and 0.0 <= metrics["model"]["rouge_l_continuation"] <= 1.0
+    assert "rouge_l" not in metrics["model"]

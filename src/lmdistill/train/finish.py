@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmdistill.config import PipelineConfig
+from lmdistill.config import EvaluationSettings, GenerationSettings, PipelineConfig
 from lmdistill.eval.evaluate import (ANSWER, CONTINUATION, continuation_prompts, evaluate_models,
                                      prompts_and_references, read_metrics, write_metrics)
 from lmdistill.eval.report import write_report
@@ -18,18 +18,20 @@ from lmdistill.models.sharding import release_gathered
 log = logging.getLogger(__name__)
 
 
-def generation_prompts(config: PipelineConfig, eval_sets: dict[str, list[dict]], tokenizer,
+def generation_prompts(config: PipelineConfig | None, eval_sets: dict[str, list[dict]], tokenizer,
                        task_type: str) -> tuple[list[list[int]], list[str], list[str]]:
     """(prompts, references, modes) from the eval sets, capped at evaluation.max_prompts: prompt/response rows give
     their prompt and answer (ANSWER); plain-text rows the first part of the text (generation.text_prompt_fraction
-    or text_prompt_tokens) and its held-out rest (CONTINUATION)."""
+    or text_prompt_tokens) and its held-out rest (CONTINUATION). Without a config, the settings' defaults."""
+    generation = config.generation if config else GenerationSettings()
+    max_prompts = (config.evaluation if config else EvaluationSettings()).max_prompts
     prompts, refs, modes = [], [], []
     for examples in eval_sets.values():
         answers = prompts_and_references(examples, tokenizer, encoder_decoder=task_type == "seq2seq",
-                                         limit=config.evaluation.max_prompts - len(prompts))
+                                         limit=max_prompts - len(prompts))
         continuations = ([], []) if task_type == "seq2seq" else continuation_prompts(
-            examples, tokenizer, config.generation.text_prompt_fraction, config.generation.text_prompt_tokens,
-            limit=config.evaluation.max_prompts - len(prompts) - len(answers[0]))
+            examples, tokenizer, generation.text_prompt_fraction, generation.text_prompt_tokens,
+            limit=max_prompts - len(prompts) - len(answers[0]))
         for mode, (p, r) in ((ANSWER, answers), (CONTINUATION, continuations)):
             prompts, refs, modes = prompts + p, refs + r, modes + [mode] * len(p)
     return prompts, refs, modes
@@ -105,12 +107,8 @@ def evaluate_target(target: str, teacher_name: str | None, data_paths: list[str]
     teacher = freeze(load_model(ModelSettings(), task_type, device=device, name=teacher_name)) if teacher_name else None
     if teacher is not None:
         models["teacher"] = teacher
-    from lmdistill.config import EvaluationSettings, GenerationSettings, PipelineConfig
-
     # prompts as the run's own evaluation takes them (answers, and continuations of held-out text prefixes)
-    settings = config or PipelineConfig(stages=[{"name": "eval"}], generation=GenerationSettings(),
-                                        evaluation=EvaluationSettings())
-    prompts, refs, modes = generation_prompts(settings, eval_sets, tokenizer, task_type)
+    prompts, refs, modes = generation_prompts(config, eval_sets, tokenizer, task_type)
     metrics = evaluate_models(models, tokenizer, eval_sets, teacher=teacher, generation_prompts=prompts or None,
                               references=refs or None, modes=modes,
                               model_dirs={"student_after": model_dir, "model": model_dir},
