@@ -111,3 +111,59 @@ def test_skipped_nonfinite_step_leaves_the_balancer_untouched(mode, student_dir,
     assert states[2] != states[1]  # and the next finite step moves it on
     assert all(value == value for state in states for key in ("scales", "multipliers")
                for value in state[key].values())  # no NaN anywhere
+
+
+def _balancer_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        states = {}
+        for mode in MODES:
+            torch.manual_seed(0)
+            shared = torch.nn.Linear(3, 1)  # the same layer on both processes, as DDP keeps it
+            balancer = LossBalancer(mode, lr=0.3)
+            for step in range(3):
+                x = torch.randn(4, 3, generator=torch.Generator().manual_seed(10 * step + rank))  # local data
+                y = shared(x).squeeze(-1)
+                terms = {"a": (y - 1).pow(2).mean() * (1 + 3 * rank), "b": y.abs().mean()}
+
+                def average(stats):
+                    dist.all_reduce(stats)
+                    return stats / world
+
+                balancer.combine(terms, {"a": 1.0, "b": 0.5}, shared.parameters(), average=average)
+            states[mode] = balancer.state_dict()
+        torch.save(states, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_processes_keep_one_balancer_state(tmp_path):
+    """Two processes with different data: each balancer reads the statistics averaged over both, so both hold the
+    same state (the one saved with a checkpoint is everyone's)."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "state")
+    mp.start_processes(_balancer_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, start_method="fork")
+    first, second = (torch.load(f"{out}.{rank}") for rank in (0, 1))
+    for mode in MODES:
+        _assert_states_close(first[mode], second[mode])
+        assert first[mode]["scales" if mode == "loss_scale" else "multipliers"]  # the balancer did act
+
+
+def test_pipeline_stage_with_gradnorm_evaluates_and_checkpoints_its_state(tiny_pipeline):
+    import json
+
+    from lmdistill.config import config_from_dict
+    from lmdistill.train.pipeline import run_pipeline
+
+    stage = {"name": "kd", "max_steps": 4, "eval_steps": 2, "save_steps": 2, "balance": "gradnorm",
+             "losses": [{"name": "forward_kl", "weight": 0.8}, {"name": "cross_entropy", "weight": 0.2}]}
+    run_dir = run_pipeline(config_from_dict(tiny_pipeline([stage], evaluation={"enabled": False})))
+    history = json.loads((run_dir / "kd" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]
+    checkpoints = sorted((run_dir / "kd").glob("checkpoint-*"))
+    assert checkpoints and all((c / BALANCER_FILE).exists() for c in checkpoints)
+    assert not (run_dir / "kd" / "best" / BALANCER_FILE).exists()  # training state, not part of the model

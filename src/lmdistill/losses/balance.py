@@ -10,12 +10,15 @@
               log g_i -= lr * (log G_i - log target_i), which is scale-free; the g_i are renormalised to sum to the
               number of terms. Costs one extra backward per term to the shared parameters (keep them small:
               e.g. the student's last layer).
+
+Under several processes, `average` (a mean over the processes of a vector of statistics) makes every process see the
+same magnitudes and gradient norms, so all keep the same state and weigh the terms alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -42,24 +45,27 @@ class LossBalancer:
         self.initial: dict[str, float] = {}      # gradnorm: L_i at the first step (training rates)
 
     def combine(self, terms: Mapping[str, Tensor], weights: Mapping[str, float],
-                shared_params: Iterable[Tensor] | None = None) -> Tensor:
-        """terms: name -> scalar loss (in the graph); weights: name -> w_i. Returns the scalar total."""
+                shared_params: Iterable[Tensor] | None = None,
+                average: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """terms: name -> scalar loss (in the graph); weights: name -> w_i; average: [n] -> [n], the mean over the
+        processes (None: one process). Returns the scalar total."""
         missing = sorted(set(terms) - set(weights))
         if missing:
             raise LossConfigError(f"no weight given for loss term(s) {', '.join(missing)}")
+        average = average or (lambda stats: stats)
         if self.mode == "loss_scale":
-            factors = self._loss_scale(terms)
+            factors = self._loss_scale(terms, average)
         elif self.mode == "gradnorm":
             if shared_params is None:
                 raise LossConfigError("balance mode 'gradnorm' needs shared_params (e.g. the student's last layer)")
-            factors = self._gradnorm(terms, weights, list(shared_params))
+            factors = self._gradnorm(terms, weights, list(shared_params), average)
         else:
             factors = {name: 1.0 for name in terms}
         return torch.stack([weights[name] * factors[name] * value for name, value in terms.items()]).sum()
 
-    def _loss_scale(self, terms: Mapping[str, Tensor]) -> dict[str, float]:
-        for name, value in terms.items():
-            magnitude = abs(float(value.detach()))
+    def _loss_scale(self, terms: Mapping[str, Tensor], average: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        magnitudes = _stats(average, [value.detach().abs() for value in terms.values()], _device(terms))
+        for name, magnitude in zip(terms, magnitudes):
             previous = self.scales.get(name)
             self.scales[name] = magnitude if previous is None else self.ema * previous + (1 - self.ema) * magnitude
         return {name: 1.0 / (self.scales[name] + self.eps) for name in terms}
@@ -72,17 +78,19 @@ class LossBalancer:
             norms[name] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
         return norms
 
-    def _gradnorm(self, terms: Mapping[str, Tensor], weights: Mapping[str, float],
-                  params: list[Tensor]) -> dict[str, float]:
-        norms = self.gradient_norms(terms, params)
+    def _gradnorm(self, terms: Mapping[str, Tensor], weights: Mapping[str, float], params: list[Tensor],
+                  average: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        local = self.gradient_norms(terms, params)
+        stats = _stats(average, [local[n] for n in terms] + [v.detach().abs() for v in terms.values()], _device(terms))
+        norms, values = dict(zip(terms, stats[: len(terms)])), dict(zip(terms, stats[len(terms):]))
         active = [n for n in terms if norms[n] > 0 and weights[n] > 0]  # a term off W cannot be balanced on W
         for name in active:
             self.multipliers.setdefault(name, 1.0)
-            self.initial.setdefault(name, max(abs(float(terms[name].detach())), self.eps))
+            self.initial.setdefault(name, max(values[name], self.eps))
         if len(active) > 1:
             g = {n: self.multipliers[n] * weights[n] * norms[n] for n in active}
             mean_norm = sum(g.values()) / len(active)
-            rates = {n: abs(float(terms[n].detach())) / self.initial[n] for n in active}
+            rates = {n: values[n] / self.initial[n] for n in active}
             mean_rate = sum(rates.values()) / len(active)
             for n in active:
                 target = mean_norm * (rates[n] / mean_rate) ** self.alpha if mean_rate > 0 else mean_norm
@@ -103,3 +111,14 @@ class LossBalancer:
                                   f"{self.mode!r}; keep the mode when resuming")
         self.scales, self.multipliers = dict(state["scales"]), dict(state["multipliers"])
         self.initial = dict(state["initial"])
+
+
+def _stats(average: Callable[[Tensor], Tensor], values: list[Tensor | float], device: torch.device) -> list[float]:
+    """Scalar statistics -> floats, averaged over the processes in one call (on the terms' device, as a collective
+    needs)."""
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()).to(device) for v in values])
+    return [float(x) for x in average(stacked)]
+
+
+def _device(terms: Mapping[str, Tensor]) -> torch.device:
+    return next(iter(terms.values())).device

@@ -4,7 +4,8 @@
 so `eval_loss` and the choice of best/ mean the same with or without a balancer (a balancer's total is about the sum
 of the weights whatever the model, and gradnorm needs gradients that evaluation does not build). The balancer's
 running state is saved with every checkpoint beside the optimizer's and read back on resume, and an optimizer step
-skipped for a non-finite loss leaves it as that step found it.
+skipped for a non-finite loss leaves it as that step found it. Under several processes the balancer sees the mean over
+the processes of each statistic it reads, so every process keeps the same state (and the saved one is everyone's).
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ class BalancedTraining:
         if self._balancer_step_start is None:
             self._balancer_step_start = copy.deepcopy(self.balancer.state_dict())
         shared = [p for p in model.parameters() if p.requires_grad][-1:]
-        return self.balancer.combine(terms, weights, shared_params=shared)
+        average = None
+        if self.accelerator.num_processes > 1:
+            def average(stats: torch.Tensor) -> torch.Tensor:
+                return self.accelerator.reduce(stats, "mean")
+        return self.balancer.combine(terms, weights, shared_params=shared, average=average)
 
     def _end_balancer_step(self, skipped: bool) -> None:
         """After an optimizer step: a skipped one gives the balancer back the state it started from."""
