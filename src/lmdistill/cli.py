@@ -64,8 +64,10 @@ def init(preset: str = typer.Option("simple", "--preset", "-p", help=f"One of: {
 # ------------------------------------------------------------------------------------------------ run
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def run(
-    config: Optional[Path] = typer.Argument(None, help="Pipeline config (YAML or JSON). Without one, the `simple` "
-                                                       "preset is used and flags fill it in."),
+    config: Optional[Path] = typer.Argument(None, help="Pipeline config (YAML or JSON). Without one the flags "
+                                                       "describe the run, as in run_distillation.py and llm_kd.py: "
+                                                       "--general_dataset and --domain_dataset run the three stages "
+                                                       "of the `multistage` preset, --dataset one KD stage (`simple`)."),
     config_opt: Optional[Path] = _opt("config", help="Same as the CONFIG argument (seed 003 spelling)."),
     stage: str = typer.Option("all", "--stage", help="all | non_policy | policy | test (test: load models and data, "
                                                      "print a summary, train nothing)."),
@@ -107,10 +109,14 @@ def run(
     start_stage: Optional[int] = _opt("start_stage", help="First stage to run (1-based)."),
     end_stage: Optional[int] = _opt("end_stage", help="Last stage to run (1-based)."),
     checkpoint_path: Optional[str] = _opt("checkpoint_path", help="Student checkpoint the first run stage starts from."),
+    restart: bool = typer.Option(False, "--restart", help="Start over in the output directory: delete what an earlier "
+                                                          "run wrote there (stages, metrics, report; teacher outputs "
+                                                          "are kept). Needed when the settings changed."),
 ):
-    """Run a distillation pipeline (all stages, a slice, or `--stage test`). Re-running resumes."""
+    """Run a distillation pipeline (all stages, a slice, or `--stage test`). Re-running with the same settings
+    resumes; with other settings it stops and names them (--restart or a new --output_dir)."""
     from lmdistill.config import config_from_dict, read_config_file
-    from lmdistill.overrides import apply_overrides
+    from lmdistill.overrides import apply_overrides, flags_only_config, preset_for_flags
 
     if create_config is not None:
         create_config.write_text(preset_text("strong-to-weak"), encoding="utf-8")
@@ -119,8 +125,8 @@ def run(
     if stage not in ("all", "non_policy", "policy", "test"):
         raise ConfigError(f"--stage must be all, non_policy, policy or test, not {stage!r}")
     path = config or config_opt
-    raw = read_config_file(path) if path else _preset_dict("simple")
     flags = {k: v for k, v in locals().items() if k in _FLAG_NAMES}
+    raw = read_config_file(path) if path else flags_only_config(_preset_dict(preset_for_flags(flags)), flags)
     resolved = config_from_dict(apply_overrides(raw, flags), source=str(path or "flags"))
     if stage == "test":
         from lmdistill.train.summary import print_summary
@@ -130,7 +136,7 @@ def run(
     from lmdistill.train.pipeline import run_pipeline
 
     run_dir = run_pipeline(resolved, start_stage=start_stage, end_stage=end_stage,
-                           checkpoint_path=checkpoint_path or pretrained_student, kinds=stage)
+                           checkpoint_path=checkpoint_path or pretrained_student, kinds=stage, restart=restart)
     console.print(f"done: {run_dir}")
 
 

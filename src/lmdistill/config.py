@@ -113,6 +113,9 @@ class DataSettings(Strict):
                                                     "$LMDISTILL_CACHE_DIR or ~/.cache/lmdistill/tokenized).")
     num_proc: int = Field(1, ge=1, description="Processes that tokenise a source (datasets.map num_proc); the "
                                                "tokenizer already batches over threads, so 1 is often enough.")
+    eval_holdout: float = Field(
+        0.05, ge=0, lt=1, description="When `eval` is empty: the share of each training source held out (never "
+        "trained on) as its eval set, at most eval_max_rows rows, the same rows on every run; 0: no evaluation.")
 
 
 # --------------------------------------------------------------------------------------------------- stages

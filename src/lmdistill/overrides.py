@@ -1,4 +1,9 @@
-"""Seed-style command-line flags applied to a raw config dict (validation happens after, on the result)."""
+"""Command-line flags applied to a raw config dict (validation happens after, on the result).
+
+The flags are spelled as in run_distillation.py (--general_dataset, --domain_dataset, --start_stage, ...) and
+llm_kd.py (--dataset, --task_type, --epochs, ...). Without a config file they alone describe the run: the data flags
+choose the preset and replace its data entirely, so no source or eval file the user did not name is trained on.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from typing import Any
 
 from lmdistill.errors import ConfigError
 
-# Seed flags -> where they land. "stages.*" sets the key on every stage; "training.*" on the shared defaults.
+# Flags -> where they land. "stages.*" sets the key on every stage; "training.*" on the shared defaults.
 FLAG_TARGETS: dict[str, str] = {
     "teacher_model": "teacher.name",
     "student_model": "student.name",
@@ -40,11 +45,58 @@ FLAG_TARGETS: dict[str, str] = {
 }
 
 
+_SOURCE_FLAGS = {flag: target.split(".")[2] for flag, target in FLAG_TARGETS.items()
+                 if target.startswith("data.sources.")}
+_TWO_SOURCES = "--general_dataset and --domain_dataset (alias --finance_dataset, --medical_dataset)"
+
+
+def _given(flags: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flags.items() if v is not None and v is not False}
+
+
+def preset_for_flags(flags: dict[str, Any]) -> str:
+    """Without a config file, the preset the data flags describe: general and domain data are the three stages of
+    run_distillation.py (`multistage`), --dataset the single KD stage of llm_kd.py (`simple`)."""
+    given = _given(flags)
+    named = sorted({_SOURCE_FLAGS[f] for f in given if f in _SOURCE_FLAGS})
+    if "dataset" in given and named:
+        raise ConfigError(f"--dataset trains one stage on one source; {_TWO_SOURCES} train three stages: "
+                          "give one or the other")
+    if "dataset" in given:
+        return "simple"
+    if named == ["domain", "general"]:
+        return "multistage"
+    if named:
+        raise ConfigError(f"the three stages need both {_TWO_SOURCES}; only the {named[0]} data was given "
+                          "(for one stage on one dataset use --dataset)")
+    raise ConfigError("no training data: without a config file pass --dataset DATA (one distillation stage) or "
+                      f"{_TWO_SOURCES} (three stages), or write a config with `lmdistill init`")
+
+
+def flags_only_config(preset: dict, flags: dict[str, Any]) -> dict:
+    """A preset with its models and data taken out: the flags must name them (no hub model or dataset, no eval
+    file the user did not ask for is used). Apply `apply_overrides` to the result."""
+    given = _given(flags)
+    missing = [f"--{f}" for f in ("teacher_model", "student_model") if f not in given]
+    if missing:
+        raise ConfigError(f"without a config file name the models: {' and '.join(missing)} (a hub name or a "
+                          "local folder), or write a config with `lmdistill init`")
+    data = json.loads(json.dumps(preset))
+    data["data"]["sources"], data["data"]["eval"] = {}, {}
+    return data
+
+
 def apply_overrides(data: dict, flags: dict[str, Any]) -> dict:
-    """Apply seed-style flags (None = not given) to a raw config dict; validation happens after, on the result."""
+    """Apply the flags (None = not given) to a raw config dict; validation happens after, on the result."""
     data = json.loads(json.dumps(data))  # deep copy; the caller's dict stays as read
-    given = {k: v for k, v in flags.items() if v is not None and v is not False}
+    given = _given(flags)
+    sources = data.get("data", {}).get("sources") or {}
     for flag, value in given.items():
+        if flag in _SOURCE_FLAGS and sources and _SOURCE_FLAGS[flag] not in sources:
+            # An extra source would join every stage without a mixture of its own, next to the config's sources.
+            raise ConfigError(f"--{flag} sets the source {_SOURCE_FLAGS[flag]!r}, but the config's sources are "
+                              f"{sorted(sources)}; use --dataset for a single source, or add "
+                              f"{_SOURCE_FLAGS[flag]!r} to data.sources")
         if flag in FLAG_TARGETS:
             _set_path(data, FLAG_TARGETS[flag], value)
         elif flag == "dataset":

@@ -28,6 +28,7 @@ from lmdistill.data.cache import encode_source
 from lmdistill.data.collate import DistillCollator
 from lmdistill.data.completion import resolve_layout
 from lmdistill.data.formats import load_source
+from lmdistill.data.holdout import split_holdout
 from lmdistill.data.tokenize import Layout
 from lmdistill.errors import ConfigError
 from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_model, load_student, load_tokenizer,
@@ -47,6 +48,7 @@ from lmdistill.train.epochs import SourceEpochs
 from lmdistill.train.feedback import STATE_FILE as FEEDBACK_FILE, EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
 from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
+from lmdistill.train.rerun import check_same_config, clear_run
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
                                    write_seed_aliases)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
@@ -135,6 +137,16 @@ def load_data(config: PipelineConfig, tokenizer, task_type: str) -> tuple[dict, 
             if skipped:
                 firsts = (loaded.first_skipped + encoded.first_skipped)[:3]
                 log.warning("source %s: skipped %s; first: %s", name, skipped, firsts)
+    if not config.data.eval and config.data.eval_holdout:
+        for name in sources:
+            sources[name], held = split_holdout(sources[name], config.data.eval_holdout, config.data.eval_max_rows,
+                                                config.training.seed, name)
+            report[name]["held_out"] = len(held)
+            if held:
+                eval_sets[name] = held
+        log.info("no eval set given: held out %s for evaluation (data.eval_holdout %s, never trained on)",
+                 ", ".join(f"{rep['held_out']} rows of {name}" for name, rep in report.items()),
+                 config.data.eval_holdout)
     return sources, eval_sets, report
 
 
@@ -349,9 +361,15 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
 
 
 def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_stage: int | None = None,
-                 checkpoint_path: str | None = None, kinds: str = "all") -> Path:
+                 checkpoint_path: str | None = None, kinds: str = "all", restart: bool = False) -> Path:
+    """restart: clear what an earlier run wrote to output_dir first; without it a directory made with other
+    settings is an error (finished stages and checkpoints are reused only under the config that made them)."""
     run_dir = Path(config.output_dir)
     processes = launched_processes(config)
+    if restart:
+        _main_writes(processes, lambda: clear_run(run_dir, config, CONFIG_FILE))
+    else:
+        check_same_config(run_dir, config, CONFIG_FILE)
     run_dir.mkdir(parents=True, exist_ok=True)
     _main_writes(processes, lambda: save_config(config, run_dir / CONFIG_FILE))
     stages = selected_stages(config, start_stage, end_stage, kinds)

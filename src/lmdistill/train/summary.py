@@ -53,10 +53,11 @@ def print_summary(config: PipelineConfig, console: Console) -> None:
     table.add_row("vocab (shared)", str(vocab), str(len(prep.tokenizer)))
     console.print(table)
     data = Table(title="data")
-    for col in ("source", "format", "rows", "kept", "skipped"):
+    for col in ("source", "format", "rows", "kept", "skipped", "held out for eval"):
         data.add_column(col)
     for name, rep in prep.data_report.items():
-        data.add_row(name, rep["format"], str(rep["rows"]), str(rep["kept"]), str(rep["skipped"] or "-"))
+        data.add_row(name, rep["format"], str(rep["rows"]), str(rep["kept"]), str(rep["skipped"] or "-"),
+                     str(rep.get("held_out", "-")))
     console.print(data)
     mem = Table(title=f"estimated memory per step (batch x max_length = "
                       f"{max(config.stage_value(s, 'batch_size') for s in config.stages)} x {config.data.max_length})")

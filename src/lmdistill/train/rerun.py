@@ -1,0 +1,84 @@
+"""A run directory belongs to one resolved config: a re-run with other settings stops, naming what changed, instead
+of skipping finished stages and resuming checkpoints made under the old ones. `--restart` clears the run's outputs."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from lmdistill.config import PipelineConfig, config_from_dict
+from lmdistill.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Keys that cannot change what is trained or measured: logging, reporting, checkpoint rotation, where the run lives.
+NEUTRAL_KEYS = {"output_dir", "training.logging_steps", "training.report_to", "training.save_total_limit",
+                "evaluation.report", "evaluation.num_samples"}
+# What a run writes into its directory, besides one folder per stage. Teacher outputs (teacher_cache/, the
+# generations file) stay: they are costly, and the cache checks the teacher and data it was made from.
+RUN_FILES = ("pipeline_state.json", "metrics.json", "eval_metrics.json", "samples.jsonl", "report.html", "final")
+_MISSING = "(unset)"
+
+
+def _flatten(node, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items()]
+    elif isinstance(node, list) and any(isinstance(v, (dict, list)) for v in node):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(node)]
+    else:
+        return {prefix: node}
+    return {key: value for k, v in items for key, value in _flatten(v, k).items()}
+
+
+def _as_saved(raw: dict) -> dict:
+    """A stored config as the current version resolves it (defaults of keys added since filled in), else raw."""
+    try:
+        return config_from_dict(raw).model_dump(mode="json", exclude_none=True)
+    except ConfigError:
+        return raw
+
+
+def changed_keys(run_dir: Path, config: PipelineConfig, config_file: str) -> list[tuple[str, object, object]]:
+    """(key, stored value, new value) for every result-changing key where `config` differs from the one the run
+    directory was made with; [] for a new directory."""
+    path = run_dir / config_file
+    if not path.exists():
+        return []
+    old = _flatten(_as_saved(yaml.safe_load(path.read_text(encoding="utf-8")) or {}))
+    new = _flatten(config.model_dump(mode="json", exclude_none=True))
+    keys = sorted(k for k in old.keys() | new.keys()
+                  if old.get(k, _MISSING) != new.get(k, _MISSING) and re.sub(r"\[\d+\]", "", k) not in NEUTRAL_KEYS)
+    return [(k, old.get(k, _MISSING), new.get(k, _MISSING)) for k in keys]
+
+
+def check_same_config(run_dir: Path, config: PipelineConfig, config_file: str) -> None:
+    changes = changed_keys(run_dir, config, config_file)
+    if not changes:
+        return
+    shown = ", ".join(f"{k}: {old} -> {new}" for k, old, new in changes[:6])
+    more = f" (and {len(changes) - 6} more)" if len(changes) > 6 else ""
+    raise ConfigError(f"{run_dir} was run with other settings ({shown}{more}); pass --restart to start it over "
+                      "with these, or choose a new --output_dir")
+
+
+def clear_run(run_dir: Path, config: PipelineConfig, config_file: str) -> None:
+    """Delete what a run wrote to `run_dir` (stage folders of the stored and the new config, state, metrics,
+    samples, report, final/, the stored config), keeping teacher outputs."""
+    stored = run_dir / config_file
+    stages = {s.name for s in config.stages}
+    if stored.exists():
+        raw = yaml.safe_load(stored.read_text(encoding="utf-8")) or {}
+        stages |= {s.get("name") for s in raw.get("stages", []) if isinstance(s, dict) and s.get("name")}
+    for name in sorted(stages) + list(RUN_FILES) + [config_file]:
+        if name in ("", ".", "..") or Path(name).name != name:
+            continue  # never a path outside the run directory
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    log.info("--restart: cleared the previous run in %s (teacher outputs, if any, are kept)", run_dir)

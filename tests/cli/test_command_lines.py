@@ -1,0 +1,120 @@
+"""The command lines of run_distillation.py (three stages) and llm_kd.py (one stage), typed as their READMEs show
+them, with no config file: the flags alone say which models and data are used, and nothing else is."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmdistill.cli import PRESETS, _preset_dict
+from lmdistill.config import config_from_dict, save_config
+from lmdistill.errors import ConfigError
+from lmdistill.overrides import apply_overrides, flags_only_config, preset_for_flags
+from lmdistill.train.pipeline import CONFIG_FILE
+
+from test_cli import cli
+
+SMALL = ("--num_samples", 24, "--max_length", 32, "--no_cuda")
+
+
+def _draws(stderr: str) -> list[str]:
+    """The sources each stage drew from, as its start line logs them."""
+    return [line.split(" draws from ")[1].split("]")[0] + "]" for line in stderr.splitlines() if " draws from " in line]
+
+
+def test_three_stage_command_line_without_a_config(tmp_path, teacher_dir, student_dir, text_jsonl, qa_jsonl):
+    run_dir = tmp_path / "qwen_finance_model"
+    out = cli("run", "--teacher_model", teacher_dir, "--student_model", student_dir, "--output_dir", run_dir,
+              "--general_dataset", text_jsonl, "--finance_dataset", qa_jsonl, "--use_lora", "--start_stage", 1,
+              "--end_stage", 3, "--batch_size", 4, "--gradient_accumulation_steps", 1, *SMALL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resolved = yaml.safe_load((run_dir / "lmdistill_config.yaml").read_text())
+    sources = resolved["data"]["sources"]
+    assert {name: src["path"] for name, src in sources.items()} == {"general": str(text_jsonl), "domain": str(qa_jsonl)}
+    assert resolved["data"].get("eval", {}) == {} and "lora" in resolved["student"]
+    assert _draws(out.stderr) == ["['general']", "['general', 'domain']", "['domain']"]
+    assert "held out 1 rows of general, 1 rows of domain" in " ".join(out.stderr.split())
+    state = json.loads((run_dir / "pipeline_state.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done"] * 3
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"perplexity/general", "perplexity/domain"} <= set(metrics["student_after"])
+
+
+def test_one_stage_command_line_without_a_config(tmp_path, teacher_dir, student_dir, text_jsonl):
+    run_dir = tmp_path / "distilled_model"
+    out = cli("run", "--teacher_model", teacher_dir, "--student_model", student_dir, "--task_type", "causal",
+              "--dataset", text_jsonl, "--output_dir", run_dir, "--epochs", 1, *SMALL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resolved = yaml.safe_load((run_dir / "lmdistill_config.yaml").read_text())
+    assert {name: src["path"] for name, src in resolved["data"]["sources"].items()} == {"train": str(text_jsonl)}
+    assert resolved["task_type"] == "causal" and [s["name"] for s in resolved["stages"]] == ["distill"]
+    assert _draws(out.stderr) == ["['train']"]
+    assert "wikitext" not in (run_dir / "lmdistill_config.yaml").read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"general_dataset": "g"}, "need both --general_dataset and --domain_dataset"),
+    ({"medical_dataset": "m"}, "only the domain data was given"),
+    ({"dataset": "x", "general_dataset": "g"}, "give one or the other"),
+    ({}, "no training data: without a config file pass --dataset"),
+])
+def test_data_flags_without_a_config_choose_the_pipeline_or_say_what_is_missing(flags, message):
+    flags = {"domain_dataset": flags.pop("medical_dataset")} if "medical_dataset" in flags else flags
+    with pytest.raises(ConfigError, match=message):
+        preset_for_flags(flags)
+
+
+def test_models_must_be_named_without_a_config():
+    with pytest.raises(ConfigError, match="name the models: --student_model"):
+        flags_only_config(_preset_dict("simple"), {"teacher_model": "T", "dataset": "x"})
+
+
+def test_a_source_flag_the_config_lacks_is_an_error():
+    """With the simple preset's single source, --general_dataset would add a source the stage also samples."""
+    with pytest.raises(ConfigError, match="--general_dataset sets the source 'general', but the config's sources"):
+        apply_overrides(_preset_dict("simple"), {"general_dataset": "g.jsonl"})
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_init_configs_use_only_the_data_the_flags_name(preset):
+    """Each preset, as `lmdistill init` writes it, once the flags name models and data: every data path is one the
+    user gave (no placeholder eval file, no hub dataset), and it validates."""
+    flags = {"teacher_model": "T", "student_model": "S", "output_dir": "O"}
+    if preset == "multistage":
+        flags |= {"general_dataset": "g.jsonl", "domain_dataset": "d.jsonl"}
+    else:
+        flags |= {"dataset": "x.jsonl"}
+    config = config_from_dict(apply_overrides(_preset_dict(preset), flags))
+    paths = {src.path for group in (config.data.sources, config.data.eval) for src in group.values()}
+    assert paths == ({"g.jsonl", "d.jsonl"} if preset == "multistage" else {"x.jsonl"})
+
+
+def test_init_config_with_the_flags_loads_and_reports_the_held_out_rows(tmp_path, teacher_dir, student_dir,
+                                                                       text_jsonl, qa_jsonl):
+    """The multistage config `init` writes, completed by the flags: `--stage test` loads it and shows the rows
+    held out for evaluation."""
+    from rich.console import Console
+
+    from lmdistill.train.summary import print_summary
+
+    flags = {"teacher_model": str(teacher_dir), "student_model": str(student_dir), "general_dataset": str(text_jsonl),
+             "domain_dataset": str(qa_jsonl), "output_dir": str(tmp_path / "o"), "num_samples": 40, "max_length": 32}
+    console = Console(record=True, width=200)
+    print_summary(config_from_dict(apply_overrides(_preset_dict("multistage"), flags)), console)
+    text = console.export_text()
+    assert "held out for eval" in text and "ok" in text
+    rows = [[cell.strip() for cell in line.split("│")] for line in text.splitlines() if "prompt_completion" in line
+            or "│ general" in line]
+    assert [row[6] for row in rows] == ["2", "2"]  # 5% of 40 rows of each source
+
+
+def test_cli_names_the_changed_flag_before_loading_anything(tmp_path):
+    config = config_from_dict({"output_dir": str(tmp_path / "run"), "stages": [{"name": "a", "max_steps": 1}]})
+    cfg = tmp_path / "c.yaml"
+    save_config(config, cfg)
+    Path(config.output_dir).mkdir()
+    save_config(config, Path(config.output_dir) / CONFIG_FILE)
+    out = cli("run", cfg, "--learning_rate", "3e-4")
+    assert out.returncode == 1 and "stages[0].learning_rate: (unset) -> 0.0003" in " ".join(out.stderr.split())
+    assert "--restart" in out.stderr and "Traceback" not in out.stderr
