@@ -20,7 +20,8 @@ NEUTRAL_KEYS = {"output_dir", "training.logging_steps", "training.report_to", "t
                 "evaluation.report", "evaluation.num_samples"}
 # What a run writes into its directory, besides one folder per stage. Teacher outputs (teacher_cache/, the
 # generations file) stay: they are costly, and the cache checks the teacher and data it was made from.
-RUN_FILES = ("pipeline_state.json", "metrics.json", "eval_metrics.json", "samples.jsonl", "report.html", "final")
+RUN_FILES = ("pipeline_state.json", "metrics.json", "eval_metrics.json", "samples.jsonl", "report.html", "final",
+             "student_init")
 _MISSING = "(unset)"
 
 
