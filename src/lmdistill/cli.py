@@ -53,12 +53,16 @@ def _opt(*names: str, help: str, **kw):
 @app.command()
 def init(preset: str = typer.Option("simple", "--preset", "-p", help=f"One of: {', '.join(PRESETS)}."),
          output: Path = typer.Option(Path("lmdistill.yaml"), "--output", "-o", help="Where to write the config.")):
-    """Write a commented config for a preset (seed 003's --create_config)."""
-    text = preset_text(preset)
-    if output.exists():
-        raise ConfigError(f"{output} exists; choose another --output or remove it")
-    output.write_text(text, encoding="utf-8")
+    """Write a commented config for a preset (as main_distillation.py --create_config does)."""
+    _write_new(output, preset_text(preset))
     console.print(f"wrote {output} (preset {preset}); edit it, then: lmdistill run {output}")
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Write a config file, never over an existing one (it may hold the user's edits)."""
+    if path.exists():
+        raise ConfigError(f"{path} exists; choose another file name or remove it")
+    path.write_text(text, encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -68,7 +72,7 @@ def run(
                                                        "describe the run, as in run_distillation.py and llm_kd.py: "
                                                        "--general_dataset and --domain_dataset run the three stages "
                                                        "of the `multistage` preset, --dataset one KD stage (`simple`)."),
-    config_opt: Optional[Path] = _opt("config", help="Same as the CONFIG argument (seed 003 spelling)."),
+    config_opt: Optional[Path] = _opt("config", help="Same as the CONFIG argument (main_distillation.py's spelling)."),
     stage: str = typer.Option("all", "--stage", help="all | non_policy | policy | test (test: load models and data, "
                                                      "print a summary, train nothing)."),
     create_config: Optional[Path] = _opt("create_config", help="Write the `strong-to-weak` preset here and exit."),
@@ -82,7 +86,7 @@ def run(
     general_csv_path: Optional[str] = _opt("general_csv_path", help="Source `general` from a CSV file."),
     medical_csv_path: Optional[str] = _opt("medical_csv_path", help="Source `domain` from a CSV file."),
     eval_csv_path: Optional[str] = _opt("eval_csv_path", help="Eval set `eval` from a CSV file."),
-    dataset: Optional[str] = _opt("dataset", help="The single training source (seed 004)."),
+    dataset: Optional[str] = _opt("dataset", help="The single training source, as in llm_kd.py; without a config file: one KD stage on it."),
     num_samples: Optional[int] = _opt("num_samples", help="Cap rows per source."),
     task_type: Optional[str] = _opt("task_type", help="causal | seq2seq."),
     max_length: Optional[int] = _opt("max_length", help="Max tokens per example."),
@@ -119,8 +123,8 @@ def run(
     from lmdistill.overrides import apply_overrides, flags_only_config, preset_for_flags
 
     if create_config is not None:
-        create_config.write_text(preset_text("strong-to-weak"), encoding="utf-8")
-        console.print(f"wrote {create_config}")
+        _write_new(create_config, preset_text("strong-to-weak"))
+        console.print(f"wrote {create_config} (preset strong-to-weak); edit it, then: lmdistill run {create_config}")
         return
     if stage not in ("all", "non_policy", "policy", "test"):
         raise ConfigError(f"--stage must be all, non_policy, policy or test, not {stage!r}")
@@ -231,18 +235,32 @@ def generate(config: Path = typer.Argument(..., help="Pipeline config (YAML or J
 
 # ------------------------------------------------------------------------------------------------ eval / report / push
 @app.command("eval")
-def eval_command(target: str = typer.Argument(..., help="A run directory (uses its final/, teacher and eval sets) or a "
-                                                        "model folder / hub name."),
-                 teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher for agreement and KL."),
-                 data_paths: list[str] = typer.Option([], "--data", help="Eval data file (repeatable)."),
-                 max_length: int = typer.Option(512, "--max-length", "--max_length", help="Max tokens per example."),
-                 max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generated tokens per prompt.")):
+def eval_command(target: str = typer.Argument(..., help="A run directory (its final/ student and teacher, loaded as "
+                                                        "the run loaded them, on its eval sets) or a model folder / "
+                                                        "hub name (with --data)."),
+                 teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher for agreement and KL "
+                                                                               "(default: the run's)."),
+                 data_paths: list[str] = typer.Option([], "--data", help="Eval data file (repeatable; default: the "
+                                                                         "run's eval sets)."),
+                 max_rows: Optional[int] = typer.Option(None, "--max-rows", "--max_rows", min=1,
+                                                        help="Rows scored per eval set (default: the run's "
+                                                             "data.eval_max_rows; with --data, every row)."),
+                 max_length: Optional[int] = typer.Option(None, "--max-length", "--max_length", min=9,
+                                                          help="Max tokens per example (default: the run's, or 512)."),
+                 max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "--max_new_tokens", min=1,
+                                                              help="Generated tokens per prompt (default: the run's "
+                                                                   "generation.max_new_tokens, or 64)."),
+                 merge: bool = typer.Option(False, "--merge", help="Merge into the run's metrics.json (what its "
+                                                                   "report shows) instead of eval_metrics.json."),
+                 out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics to this JSON file.")):
     """Perplexity, teacher agreement and KL, ROUGE-L / exact match, size and speed."""
     from rich.table import Table
 
-    from lmdistill.train.finish import evaluate_target
+    from lmdistill.train.eval_command import evaluate_target
 
-    run_dir, metrics = evaluate_target(target, teacher, data_paths, max_length, max_new_tokens)
+    result = evaluate_target(target, teacher, data_paths, max_length=max_length, max_new_tokens=max_new_tokens,
+                             max_rows=max_rows, merge=merge, out=out)
+    metrics = result.metrics
     keys = sorted({k for row in metrics.values() for k in row})
     table = Table(title=f"lmdistill eval {target}")
     table.add_column("metric")
@@ -251,8 +269,11 @@ def eval_command(target: str = typer.Argument(..., help="A run directory (uses i
     for key in keys:
         table.add_row(key, *[f"{metrics[r][key]:.4g}" if key in metrics[r] else "-" for r in metrics])
     Console().print(table)
-    if run_dir:
-        console.print(f"metrics merged into {run_dir / 'metrics.json'}; `lmdistill report {run_dir}` redraws the page")
+    for name, rows in result.rows.items():
+        capped = f" (capped at {result.row_cap} rows per eval set: --max-rows)" if rows == result.row_cap else ""
+        console.print(f"eval set {name}: {rows} rows scored{capped}")
+    if result.written:
+        console.print(f"metrics written to {result.written}")
 
 
 @app.command()
@@ -269,7 +290,7 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `l
 def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every default answer without asking (scripts)."),
            answers: list[str] = typer.Option([], "--set", help="KEY=VALUE: the default answer to one question (its "
                                                                "key is shown after it), e.g. --set approach=distill.")):
-    """Guided set-up (seed 002): fine-tuning or distillation, models, data, settings; writes a config that
+    """Guided set-up, as finetune_cli.py walks it: fine-tuning or distillation, models, data, settings; writes a config that
     `lmdistill run` re-runs, then trains and prints ROUGE-L before and after."""
     from lmdistill.wizard import run_wizard
 
@@ -285,11 +306,13 @@ def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every defau
 @app.command()
 def push(run_dir: Path = typer.Argument(..., help="Run directory; only its final/ is uploaded."),
          repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, e.g. me/my-distilled-model."),
-         private: bool = typer.Option(False, "--private", help="Create the repository as private.")):
+         private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+         token: Optional[str] = typer.Option(None, "--token", help="Hub access token with write rights (default: "
+                                                                   "HF_TOKEN, or the one `hf auth login` saved).")):
     """Upload the exported student (final/) to the Hugging Face Hub."""
     from lmdistill.export import push_to_hub
 
-    console.print(f"uploaded: {push_to_hub(run_dir, repo_id, private=private)}")
+    console.print(f"uploaded: {push_to_hub(run_dir, repo_id, token=token, private=private)}")
 
 
 @app.command()

@@ -39,7 +39,7 @@ class LoraSettings(Strict):
 
 
 class FromTeacher(Strict):
-    """Build the student from the teacher by keeping a subset of its layers (seed 000's 'reduce layers')."""
+    """Build the student from the teacher by keeping a subset of its layers (a smaller student of the teacher's own architecture)."""
 
     keep_layers: list[int] | None = None
     num_layers: int | None = Field(None, gt=0)
@@ -193,11 +193,12 @@ class StageSettings(Strict):
             if bad:
                 raise ValueError(f"a finetune stage trains on cross_entropy only; remove {bad} or use kind: distill")
         if self.beta is not None and (self.kind not in ("non_policy", "policy") or self.alpha is None):
-            raise ValueError("beta (seed 003's CE weight) goes with alpha (its KD weight) in a non_policy or policy "
-                             "stage; elsewhere use named loss weights")
+            raise ValueError("beta (the CE weight, as in main_distillation.py) goes with alpha (then the KD weight) in a "
+                             "non_policy or policy stage; elsewhere use named loss weights")
         if self.alpha is not None and self.beta is None and self.kind in ("non_policy", "policy"):
-            raise ValueError("alpha alone is ambiguous in a non_policy/policy stage (seed 002: CE weight, seed 003: KD "
-                             "weight): add beta (seed 003: alpha=KD, beta=CE) or use named loss weights")
+            raise ValueError("alpha alone is ambiguous in a non_policy/policy stage (the CE weight in finetune_cli.py, "
+                             "the KD weight in main_distillation.py): add beta (then alpha=KD, beta=CE, as in "
+                             "main_distillation.py) or use named loss weights")
         if self.kind == "policy" and self.teacher_source != "live":
             raise ValueError("a policy stage scores the student's own samples, so it needs teacher_source: live")
         if self.kind == "non_policy" and self.teacher_source == "cache":

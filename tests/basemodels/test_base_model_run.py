@@ -130,10 +130,11 @@ def test_base_model_generate_distill_eval_report(tmp_path, base_models, base_tok
 
 
 def test_eval_of_a_model_folder_on_text_scores_held_out_continuations(tmp_path, base_models, corpus):
-    from lmdistill.train.finish import evaluate_target
+    from lmdistill.train.eval_command import evaluate_target
 
     _, student = base_models
     data = _jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in corpus[-3:]])
-    run_dir, metrics = evaluate_target(str(student), None, [str(data)], max_length=48, max_new_tokens=4)
-    assert run_dir is None and 0.0 <= metrics["model"]["rouge_l_continuation"] <= 1.0
+    result = evaluate_target(str(student), None, [str(data)], max_length=48, max_new_tokens=4)
+    metrics = result.metrics
+    assert result.written is None and 0.0 <= metrics["model"]["rouge_l_continuation"] <= 1.0
     assert "rouge_l" not in metrics["model"]

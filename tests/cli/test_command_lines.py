@@ -118,3 +118,48 @@ def test_cli_names_the_changed_flag_before_loading_anything(tmp_path):
     out = cli("run", cfg, "--learning_rate", "3e-4")
     assert out.returncode == 1 and "stages[0].learning_rate: (unset) -> 0.0003" in " ".join(out.stderr.split())
     assert "--restart" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_create_config_refuses_to_overwrite(tmp_path):
+    target = tmp_path / "distillation_config.yaml"
+    target.write_text("# my edits\n")
+    out = cli("run", "--create_config", target)
+    assert out.returncode == 1 and "exists; choose another file name or remove it" in out.stderr
+    assert target.read_text() == "# my edits\n"
+
+
+def test_push_takes_the_token_its_error_suggests(tmp_path, monkeypatch):
+    """A refused token: the error's hint names --token, and --token is what reached the Hub."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from huggingface_hub import constants
+    from typer.testing import CliRunner
+
+    from lmdistill.cli import app
+
+    seen = []
+
+    class Unauthorized(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            seen.append(self.headers.get("authorization"))
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    server = HTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    try:
+        result = CliRunner().invoke(app, ["push", str(tmp_path), "--repo-id", "me/tiny", "--token", "hf_bad"])
+    finally:
+        server.shutdown()
+    assert seen and seen[0] == "Bearer hf_bad"
+    assert "pass --token" in str(result.exception)

@@ -151,9 +151,9 @@ def evaluate_models(models: Mapping[str, torch.nn.Module], tokenizer, eval_sets:
     return results
 
 
-def read_metrics(run_dir: str | Path) -> dict[str, dict[str, float]]:
-    """RUN_DIR/metrics.json as role -> metrics; {} when the run has not been evaluated yet."""
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: str | Path, file_name: str = METRICS_FILE) -> dict[str, dict[str, float]]:
+    """RUN_DIR/metrics.json (or another file of the same form) as role -> metrics; {} when there is none yet."""
+    path = Path(run_dir) / file_name
     if not path.exists():
         return {}
     try:
@@ -166,15 +166,16 @@ def read_metrics(run_dir: str | Path) -> dict[str, dict[str, float]]:
     return data
 
 
-def write_metrics(run_dir: str | Path, metrics: Mapping[str, Mapping[str, float]], merge: bool = True) -> Path:
-    """Write role -> metrics to RUN_DIR/metrics.json atomically (temp file + rename). With `merge`, roles already
-    in the file and not in `metrics` are kept, so evaluations after each stage accumulate."""
+def write_metrics(run_dir: str | Path, metrics: Mapping[str, Mapping[str, float]], merge: bool = True,
+                  file_name: str = METRICS_FILE) -> Path:
+    """Write role -> metrics to RUN_DIR/metrics.json (or `file_name`) atomically (temp file + rename). With `merge`,
+    roles already in the file and not in `metrics` are kept, so evaluations after each stage accumulate."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = read_metrics(run_dir) if merge else {}
+    data = read_metrics(run_dir, file_name) if merge else {}
     data.update({role: dict(values) for role, values in metrics.items()})
-    path = run_dir / METRICS_FILE
-    tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
+    path = run_dir / file_name
+    tmp = path.with_name(f".{file_name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path

@@ -52,7 +52,7 @@ from lmdistill.train.rerun import check_same_config, clear_run
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
                                    write_seed_aliases)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
-from lmdistill.train.trainer import AUX_FILE, DistillationTrainer
+from lmdistill.train.trainer import DistillationTrainer
 from lmdistill.train.warm_start import warn_if_cold_start
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,12 @@ def student_tokenizer_name(config: PipelineConfig) -> str:
     return name
 
 
-def load_data(config: PipelineConfig, tokenizer, task_type: str) -> tuple[dict, dict, dict]:
+def load_data(config: PipelineConfig, tokenizer, task_type: str, eval_only: bool = False) -> tuple[dict, dict, dict]:
+    """(sources, eval sets, per-set report), encoded. eval_only: the training sources are read only when the eval
+    sets are held out of them (`lmdistill eval`)."""
     sources, eval_sets, report = {}, {}, {}
-    for group, target, max_rows_default in (("sources", sources, None), ("eval", eval_sets, config.data.eval_max_rows)):
+    groups = [("sources", sources, None), ("eval", eval_sets, config.data.eval_max_rows)]
+    for group, target, max_rows_default in groups[1:] if eval_only and config.data.eval else groups:
         for name, settings in getattr(config.data, group).items():
             loaded = load_source(settings.path, format=settings.format, split=settings.split,
                                  max_rows=settings.max_rows or max_rows_default, strict=config.data.strict,
@@ -162,7 +165,7 @@ def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bo
     task_type = config.task_type if config.task_type != "auto" else detect_task_type(student_name)
     tokenizer = load_tokenizer(student_name)
     teacher, shared_vocab, other_tokenizer = None, None, None
-    if config.needs_teacher and load_teacher and config.teacher.name:
+    if load_teacher and config.teacher.name:
         teacher_tokenizer = load_tokenizer(config.teacher.name)
         teacher_device = resolve_device(config.teacher.device, no_cuda=config.training.no_cuda)
         shard_over = teacher_shard_size(config.teacher.shard, launched_processes(config).num_processes) \
@@ -248,12 +251,13 @@ def _save_trained(trainer: DistillationTrainer, target: Path) -> None:
 
 
 def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
-    """A Trainer checkpoint minus optimizer/scheduler/rng state: the weights (or adapters) and the tokenizer."""
+    """A Trainer checkpoint minus optimizer/scheduler/rng state: the weights (or adapters), the learned loss
+    projections (aux_terms.safetensors, as final/ has them) and the tokenizer."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # Training state, not the model: Trainer's, ours, and DeepSpeed's (global_stepN/ shards, `latest`, its script).
-    skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", AUX_FILE, BALANCER_FILE,
-            FEEDBACK_FILE, ADALORA_FILE, "latest", "zero_to_fp32.py"}
+    skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", BALANCER_FILE, FEEDBACK_FILE,
+            ADALORA_FILE, "latest", "zero_to_fp32.py"}
     skip_prefixes = ("rng_state", "replay_buffer_", "global_step")
     shutil.copytree(checkpoint, tmp,
                     ignore=lambda d, names: [n for n in names if n in skip or n.startswith(skip_prefixes)])
@@ -332,7 +336,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         cross_vocab=cross_vocab, teacher_shard=config.teacher.shard, **policy,
     )
     for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset,
-                                    teacher if prep.scoring_teacher is not None else None) + early_stopping(config):
+                                    prep.scoring_teacher) + early_stopping(config):
         trainer.add_callback(callback)
     resume = _last_checkpoint(stage_dir)
     if resume:
@@ -360,6 +364,37 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     return str(best_dir), str(final_dir), trainer.state.best_metric
 
 
+def loads_teacher(config: PipelineConfig, stages: list[StageSettings]) -> bool:
+    """A stage runs the teacher, or the run is scored against it: a config that names a teacher gets its row,
+    agreement, KL and samples in the evaluation even when no stage trains on it (CE only), unless a stage reads a
+    teacher cache (that run chose not to load the teacher)."""
+    if needs_live_teacher(config, stages):
+        return True
+    return (config.evaluation.enabled and bool(config.teacher.name)
+            and not any(stage.teacher_source == "cache" for stage in stages))
+
+
+def starting_student(config: PipelineConfig, state: PipelineState, first: tuple[int, StageSettings],
+                     checkpoint_path: str | None, run_dir: Path) -> str | None:
+    """The checkpoint the first selected stage starts from (None: the configured student), said in the log: the
+    given checkpoint, else for a slice starting later the previous stage's best in this run directory."""
+    index, stage = first
+    if checkpoint_path:
+        log.info("stage %s starts from the checkpoint %s", stage.name, checkpoint_path)
+        return checkpoint_path
+    if index == 1:
+        return None
+    previous = config.stages[index - 2].name
+    rec = next((r for r in state.stages if r.name == previous and r.status == "done"), None)
+    if rec and rec.best_path and Path(rec.best_path).exists():
+        log.info("stage %s starts from stage %s's best student, %s", stage.name, previous, rec.best_path)
+        return rec.best_path
+    configured = config.student.name or "the student built from the teacher's layers"
+    log.warning("stage %s starts from the configured student %s: %s holds no finished stage %s and no "
+                "--checkpoint_path was given", stage.name, configured, run_dir, previous)
+    return None
+
+
 def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_stage: int | None = None,
                  checkpoint_path: str | None = None, kinds: str = "all", restart: bool = False) -> Path:
     """restart: clear what an earlier run wrote to output_dir first; without it a directory made with other
@@ -374,13 +409,9 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
     _main_writes(processes, lambda: save_config(config, run_dir / CONFIG_FILE))
     stages = selected_stages(config, start_stage, end_stage, kinds)
     state = PipelineState.load(run_dir)
-    prep = prepare(config, load_teacher=needs_live_teacher(config, [s for _, s in stages]), shard_teacher=True)
+    prep = prepare(config, load_teacher=loads_teacher(config, [s for _, s in stages]), shard_teacher=True)
     prep.student = saved_student_init(config, prep, run_dir, processes)
-    start_from = checkpoint_path
-    if start_from is None and stages[0][0] > 1:
-        # A slice starting later continues from the previous stage's best, when the run has it.
-        previous = state.record(config.stages[stages[0][0] - 2].name)
-        start_from = previous.best_path
+    start_from = starting_student(config, state, stages[0], checkpoint_path, run_dir)
     if config.evaluation.enabled:
         _scores_and_writes(processes, prep.teacher,
                            lambda write: evaluate_start(config, prep, run_dir, start_from, write))

@@ -50,7 +50,8 @@ def logit_terms(stage: StageSettings) -> list[LossTerm]:
         terms = [*terms, LogitTerm(name="cross_entropy")]
     weighted = [LossTerm(name=t.name, weight=t.weight * (ce_factor if t.name == "cross_entropy" else kd_factor),
                          params=t.params()) for t in terms]
-    form = "seed 003's alpha (KD) / beta (CE)" if stage.beta is not None else "alpha (CE) / 1 - alpha (KD)"
+    form = "alpha (KD) / beta (CE), as in main_distillation.py," if stage.beta is not None \
+        else "alpha (CE) / 1 - alpha (KD)"
     log.info("stage %s: %s gives the weights %s", stage.name, form,
              ", ".join(f"{t.name} {t.weight:g}" for t in weighted))
     return weighted
