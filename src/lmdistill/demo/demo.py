@@ -96,7 +96,8 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False) -> Path:
     teacher_cfg["stages"] = [{"name": "teacher", "kind": "finetune", "max_steps": recipe.teacher_steps,
                               "losses": [{"name": "cross_entropy"}], "mixture": {"weights": recipe.teacher_mix}}]
     teacher_cfg["evaluation"] = {"enabled": False, "report": False}
-    teacher_dir = run_pipeline(config_from_dict(teacher_cfg, "demo teacher")) / "final"
+    # Every demo starts over (its models and data are written anew above; --quick and the full demo differ).
+    teacher_dir = run_pipeline(config_from_dict(teacher_cfg, "demo teacher"), restart=True) / "final"
 
     log.info("demo 2/4: the teacher answers the unlabelled companies' questions")
     answers = _teacher_answers(teacher_dir, files["domain_prompts_unlabelled"], recipe.max_new_tokens)
@@ -109,7 +110,7 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False) -> Path:
     distill_cfg["data"]["sources"] = {"general": {"path": str(files["general_train"])},
                                       "domain": {"path": str(distill_domain)}}
     distill_cfg["stages"] = _stages(recipe, distill=True)
-    run_dir = run_pipeline(config_from_dict(distill_cfg, "demo distill"))
+    run_dir = run_pipeline(config_from_dict(distill_cfg, "demo distill"), restart=True)
 
     log.info("demo 4/4: the CE-only baseline (same size, stages and steps; labelled companies only)")
     baseline_cfg = _base(recipe, out / "baseline", files, inits["student"], quick)
@@ -117,7 +118,7 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False) -> Path:
                                        "domain": {"path": str(files["domain_qa_labelled"])}}
     baseline_cfg["stages"] = _stages(recipe, distill=False)
     baseline_cfg["evaluation"].update(num_samples=0, report=False)
-    baseline_dir = run_pipeline(config_from_dict(baseline_cfg, "demo baseline"))
+    baseline_dir = run_pipeline(config_from_dict(baseline_cfg, "demo baseline"), restart=True)
     _merge_baseline(run_dir, baseline_dir)
     log.info("demo done in %.0f s: %s", time.perf_counter() - start, run_dir / "report.html")
     return run_dir
