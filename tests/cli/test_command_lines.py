@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
-from lmdistill.cli import PRESETS, _preset_dict
+from lmdistill.cli import PRESETS, _preset_dict, app
 from lmdistill.config import config_from_dict, save_config
 from lmdistill.errors import ConfigError
 from lmdistill.overrides import apply_overrides, flags_only_config, preset_for_flags
@@ -115,9 +116,10 @@ def test_cli_names_the_changed_flag_before_loading_anything(tmp_path):
     save_config(config, cfg)
     Path(config.output_dir).mkdir()
     save_config(config, Path(config.output_dir) / CONFIG_FILE)
-    out = cli("run", cfg, "--learning_rate", "3e-4")
-    assert out.returncode == 1 and "stages[0].learning_rate: (unset) -> 0.0003" in " ".join(out.stderr.split())
-    assert "--restart" in out.stderr and "Traceback" not in out.stderr
+    result = CliRunner().invoke(app, ["run", str(cfg), "--learning_rate", "3e-4"])
+    assert isinstance(result.exception, ConfigError)
+    assert "stages[0].learning_rate: (unset) -> 0.0003" in str(result.exception)
+    assert "--restart" in str(result.exception)
 
 
 def test_create_config_refuses_to_overwrite(tmp_path):

@@ -22,7 +22,7 @@ def test_ce_only_run_and_eval_of_the_run_use_its_teacher_and_settings(tiny_pipel
     run_dir = run_pipeline(config_from_dict(data))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "teacher" in metrics and "top1_agreement/domain" in metrics["student_after"]
-    assert "mean_kl/domain" in metrics["student_before"]
+    assert "kl_teacher_student/domain" in metrics["student_before"]
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples and all("teacher" in s for s in samples)
 
