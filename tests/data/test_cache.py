@@ -55,3 +55,17 @@ def test_num_proc_workers_and_strict(tokenizer, tmp_path, monkeypatch):
     assert enc.examples == encode_rows(rows, tokenizer, max_length=32, source_name="big").examples
     with pytest.raises(DataError, match=r"source 'tiny', row 0: .* exceed max_length 8"):
         encode_source(rows[:1] * 1, tokenizer, Layout(max_length=8), "tiny", strict=True, use_cache=False)
+
+
+def test_tokenizer_hash_ignores_call_state_and_sees_the_template(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from lmdistill.data.cache import tokenizer_hash
+
+    tok, again = AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
+    base = tokenizer_hash(tok)
+    tok.backend_tokenizer.enable_padding(length=12)
+    tok.backend_tokenizer.enable_truncation(30)
+    assert tokenizer_hash(tok) == base == tokenizer_hash(again)
+    again.chat_template = None
+    assert tokenizer_hash(again) != base

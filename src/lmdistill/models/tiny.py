@@ -35,6 +35,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, chat_template:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    return _chatml_wrapped(tok, chat_template)
+
+
+def tokenizer_from_merges(merges: list[tuple[str, str]], chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE like train_tokenizer's, built directly from merges (each part a byte-level symbol or an
+    earlier merge's result) instead of trained: large vocabularies (e.g. 150k) in seconds, for benchmarks."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(
+        SPECIAL_TOKENS + pre_tokenizers.ByteLevel.alphabet() + [a + b for a, b in merges]))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return _chatml_wrapped(tok, chat_template)
+
+
+def _chatml_wrapped(tok, chat_template: bool) -> PreTrainedTokenizerFast:
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
