@@ -118,11 +118,8 @@ class MixtureDataset(Dataset):
 
     def groups(self) -> list[str]:
         """Names that feedback may address: the sources, then the buckets found in them."""
-        return self.names + self._bucket_names()
-
-    def _bucket_names(self) -> list[str]:
         buckets = {b for groups in self._buckets.values() for b in groups if b is not None}
-        return sorted(buckets - set(self.names))
+        return self.names + sorted(buckets - set(self.names))
 
     def probabilities(self, progress: float) -> dict[str, float]:
         """Source probabilities at `progress` in [0, 1], after the latest feedback."""
