@@ -353,6 +353,15 @@ class PipelineConfig(Strict):
                     raise ValueError(f"stages[{i}].mixture names source {src!r}, but data.sources has {sorted(known)}")
         return self
 
+    @model_validator(mode="after")
+    def _bf16_teacher(self):
+        # bf16 training: the frozen teacher runs in bf16 as well (half its memory, bf16 matmuls) unless teacher.dtype
+        # is set; resolved here so that the saved config (and a resume from it) records the dtype used.
+        if self.training.bf16 and "dtype" not in self.teacher.model_fields_set and self.teacher.quantization is None:
+            self.teacher = self.teacher.model_copy(update={"dtype": "bfloat16"})
+            self.teacher.model_fields_set.add("dtype")
+        return self
+
     @property
     def needs_teacher(self) -> bool:
         return any(stage.kind != "finetune" for stage in self.stages)
