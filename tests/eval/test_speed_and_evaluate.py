@@ -99,3 +99,15 @@ def test_evaluate_models_handles_encoder_decoder_pairs(t5_teacher_dir, t5_studen
     row = metrics["student_after"]
     assert row["top1_agreement/s2s"] <= 1.0 and row["kl_teacher_student/s2s"] > 0 and row["tokens_per_s/batch8"] > 0
     assert 0.0 <= row["exact_match"] <= 1.0 and math.isfinite(row["perplexity/s2s"])
+
+
+def test_generation_is_timed_on_eight_prompts_not_on_every_generation_prompt(student, tokenizer, qa_examples,
+                                                                              monkeypatch):
+    """Timing all of them (150 in the quick demo) cost ~5,000 forward passes per model; 8 give a stable tokens/s."""
+    from lmdistill.eval import evaluate
+
+    timed = []
+    monkeypatch.setattr(evaluate, "size_and_speed", lambda model, prompts, **kw: timed.append(len(prompts)) or {})
+    evaluate_models({"student": student}, tokenizer, {"domain": qa_examples[:2]},
+                    generation_prompts=[f"What does bank {i} report?" for i in range(20)], max_new_tokens=1)
+    assert timed == [8]
