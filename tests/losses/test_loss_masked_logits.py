@@ -150,3 +150,27 @@ def test_cached_teacher_with_masked_entries(tail):
     short = topk_kl(student, ids[..., :8], kept[..., :8], labels, temperature=T, tail=tail)
     (grad,) = torch.autograd.grad(short, student)
     assert torch.isfinite(short) and torch.isfinite(grad).all()
+
+
+def test_fused_cached_with_masked_rows_equals_cached():
+    """A student lm_head whose bias masks rows (-inf) against a top-k cache holding -inf log-probs: the fused path
+    gives the logits path's value and weight gradient, finite."""
+    g = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(2, 6, 8, generator=g), torch.randn(32, 8, generator=g)
+    bias = torch.zeros(32)
+    bias[MASKED_ROWS] = -math.inf
+    _, teacher, labels = _masked_case(seed=6, top_k=5)
+    labels = labels.masked_fill(torch.isin(labels, torch.tensor(MASKED_ROWS)), 0)  # CE is +inf on a masked label
+    teacher_lp = torch.log_softmax(teacher, -1)
+    ids = teacher_lp.argsort(-1, descending=True)[..., :8]
+    kept = teacher_lp.gather(-1, ids)
+    objective = DistillObjective([LossTerm("forward_kl", 0.8), LossTerm("cross_entropy", 0.2)], temperature=T,
+                                 chunk_size=4)
+    weight.requires_grad_(True)
+    fused = objective.fused_cached(hidden, weight, bias, ids, kept, labels)
+    (g_fused,) = torch.autograd.grad(fused.total, weight)
+    plain = objective.cached(hidden @ weight.T + bias, ids, kept, labels)
+    (g_plain,) = torch.autograd.grad(plain.total, weight)
+    assert torch.isfinite(fused.total) and torch.isfinite(g_fused).all()
+    torch.testing.assert_close(fused.total, plain.total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)

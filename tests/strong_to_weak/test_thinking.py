@@ -68,7 +68,7 @@ def test_seed_003_alpha_beta_and_ambiguous_alpha(s2w_config, caplog):
     with caplog.at_level(logging.INFO):
         terms = logit_terms(config.stages[0])
     assert [(t.name, t.weight) for t in terms] == [("forward_kl", 0.7), ("cross_entropy", 0.3)]
-    assert "seed 003" in caplog.text
+    assert "alpha (KD) / beta (CE)" in caplog.text
     with pytest.raises(ConfigError, match=r"stages\[0\]: alpha alone is ambiguous.*add beta"):
         config_from_dict({**data, "stages": [{**stage, "beta": None}]})
     with pytest.raises(ConfigError, match=r"stages\[0\]: beta .* goes with alpha"):

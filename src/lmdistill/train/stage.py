@@ -41,7 +41,7 @@ def logit_terms(stage: StageSettings) -> list[LossTerm]:
     never drops a listed term nor replaces a written weight: the CE side is cross_entropy at its own weight (added at
     weight 1 when not listed), the KD side every listed KD term at its own weight (default 1). `alpha` alone (as in
     the distillation scripts users come from): alpha * CE side + (1 - alpha) * KD side; `alpha` with `beta`
-    (seed 003's non_policy/policy stages): alpha * KD side + beta * CE side."""
+    (non_policy/policy stages, as the strong-to-weak scripts): alpha * KD side + beta * CE side."""
     terms = [t for t in stage.losses if isinstance(t, LogitTerm)]
     if stage.alpha is None:
         return [LossTerm(name=t.name, weight=t.weight, params=t.params()) for t in terms]
