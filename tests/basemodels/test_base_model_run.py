@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from lmdistill.cli import app
 from lmdistill.data.formats import load_source
 from lmdistill.data.tokenize import encode_rows
+from lmdistill.teacher import commands
 
 # eos against the other ids (at logit ~0) that transformers samples from (its default top_k: 50): the teacher stops
 # at about 1 step in 6
@@ -71,7 +72,7 @@ def _cli(*args):
     return result
 
 
-def test_base_model_generate_distill_eval_report(tmp_path, base_models, base_tokenizer_dir, corpus):
+def test_base_model_generate_distill_eval_report(tmp_path, base_models, base_tokenizer_dir, corpus, monkeypatch):
     teacher, student = base_models
     tok = AutoTokenizer.from_pretrained(base_tokenizer_dir)
     eos = tok.eos_token_id
@@ -86,7 +87,11 @@ def test_base_model_generate_distill_eval_report(tmp_path, base_models, base_tok
                                                                    "prompts": {"path": str(prompt_file)}},
                          heldout, tmp_path / "gen_run")
     generations = tmp_path / "generations.jsonl"
+    said = []  # the CLI's log handler writes to the terminal: read what generate says from its logger
+    monkeypatch.setattr(commands.log, "info", lambda message, *args: said.append(message % args))
     _cli("generate", gen_config, "--out", generations)
+    assert ("generate: 12 rows of source general are plain text; the teacher continues each from the first 50% of its "
+            "tokens (generation.text_prompt_fraction / text_prompt_tokens)") in said
     lines = [json.loads(line) for line in generations.read_text().splitlines()]
     assert len(lines) == len(texts) + len(prompts)
     for line in lines:

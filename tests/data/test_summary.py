@@ -42,6 +42,14 @@ def test_summary_without_tokenizer_marks_the_response(fixtures):
                                   "### Assistant:\n[[Higher yields.]]")
 
 
+def test_summary_of_prompts_alone(fixtures, tokenizer):
+    # prompts for `generate`: nothing is trained on; with a chat template they end where the answer would start
+    summary = summarize_data(fixtures / "prompt.jsonl", tokenizer)
+    assert (summary["format"], summary["layouts"]) == ("prompt", {"prompt": 2})
+    assert summary["example"] == "<|im_start|>user\nThe bank reports<|im_end|>\n<|im_start|>assistant\n"
+    assert summarize_data(fixtures / "prompt.jsonl")["example"] == "### User:\nThe bank reports\n\n### Assistant:\n"
+
+
 def test_summary_errors(fixtures, tmp_path, tokenizer):
     with pytest.raises(DataError, match="line 2: 'prompt' is empty"):
         summarize_data(fixtures / "bad_rows.jsonl", tokenizer, strict=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill.data.formats import load_source
-from lmdistill.data.render import render_segments
+from lmdistill.data.completion import has_response
+from lmdistill.data.render import render_prompt, render_segments
 from lmdistill.data.tokenize import IGNORE_INDEX, encode_rows
 from lmdistill.errors import DataError
 
@@ -29,6 +30,8 @@ def _render_row(row: dict, train_on: str) -> str:
     """A normalised row as text with the trained-on parts marked, for when no tokenizer is given."""
     if "text" in row:
         return f"{MARK_OPEN}{row['text']}{MARK_CLOSE}"
+    if not has_response(row):
+        return render_prompt(row, None)
     (segments,) = render_segments(row, None, train_on)[-1:]
     return "".join(f"{MARK_OPEN}{text}{MARK_CLOSE}" if trained else text for text, trained in segments)
 
@@ -37,7 +40,8 @@ def layouts(rows: list[dict]) -> dict[str, int]:
     """How many rows of each layout the source holds (a chat can count under several)."""
     counts: Counter[str] = Counter()
     for row in rows:
-        kind = "text" if "text" in row else "chat" if "messages" in row else "seq2seq" if "source" in row else "pair"
+        kind = "text" if "text" in row else "chat" if "messages" in row else "seq2seq" if "source" in row else \
+            "pair" if "response" in row else "prompt"
         counts[kind] += 1
         messages = row.get("messages", [])
         counts["multi_turn"] += sum(m["role"] == "assistant" for m in messages) > 1

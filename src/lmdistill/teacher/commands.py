@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from lmdistill.config import GenerationSettings, PipelineConfig
@@ -16,6 +17,8 @@ from lmdistill.teacher.ranks import ONE_PROCESS, Processes
 from lmdistill.teacher.retokenize import teacher_sources
 from lmdistill.teacher.stage import cache_dir, generations_path
 from lmdistill.teacher.thinking import thinking_modes
+
+log = logging.getLogger(__name__)
 
 
 def _prepare_with_teacher(config: PipelineConfig, command: str):
@@ -89,6 +92,13 @@ def write_generations(config: PipelineConfig, prep, settings: GenerationSettings
     sources = teacher_sources(config, tokenizer, prep.task_type, names) if prep.teacher_tokenizer is not None \
         else {name: prep.sources[name] for name in names}
     sources = {name: [with_text_prompt(ex, settings) for ex in rows] for name, rows in sources.items()}
+    for name, rows in sources.items():
+        texts = sum("text_tokens" in ex for ex in rows)
+        if texts:
+            share = (f"its first {settings.text_prompt_tokens} tokens" if settings.text_prompt_tokens else
+                     f"the first {settings.text_prompt_fraction:.0%} of its tokens")
+            log.info("generate: %d rows of source %s are plain text; the teacher continues each from %s "
+                     "(generation.text_prompt_fraction / text_prompt_tokens)", texts, name, share)
     modes = thinking_modes(tokenizer, settings, config.training.seed) if prep.task_type == "causal" else None
     written = generate_responses(prep.teacher, tokenizer, sources, path, task_type=prep.task_type, settings=settings,
                                  seed=config.training.seed, teacher_name=config.teacher.name,
