@@ -51,7 +51,7 @@ def _config(model: Path, out: Path, files: dict, recipe, eval_rows: int, sources
 
 def _scores(run_dir: Path, role: str = "student_after") -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())[role]
-    pick = {"exact_match": "exact_match/domain", "rouge_l": "rouge_l/domain", "ppl": "perplexity/domain"}
+    pick = {"exact_match": "exact_match", "rouge_l": "rouge_l", "ppl": "perplexity/domain"}
     return {name: metrics.get(key) for name, key in pick.items()}
 
 

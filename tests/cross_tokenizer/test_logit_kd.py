@@ -75,3 +75,18 @@ def test_teacher_terms_equal_the_losses_on_its_full_logits(metaspace_teacher_dir
     assert torch.allclose(got["uld"], uld(s_rows, t_rows, 2.0) / 10, atol=1e-6)
     assert torch.allclose(got["cross_vocab_kl"], cross_vocab_kl(s_rows, t_rows, *shared, temperature=2.0) / 10,
                           atol=1e-6)
+
+
+def test_cross_vocabulary_losses_name_the_stage_settings_they_need(cross_config):
+    import pytest
+
+    from lmdistill.errors import ConfigError
+
+    cases = [({"kind": "non_policy"}, "uld runs the teacher on its own tokens beside the student: it needs kind: "
+                                      "distill, teacher_source: live and fused: false"),
+             ({"fused": True}, "fused: false"),
+             ({"losses": [{"name": "uld"}, {"name": "feature"}]}, "uld goes with logit losses only")]
+    for extra, message in cases:
+        stage = {"name": "x", "max_steps": 1, "losses": [{"name": "uld"}], **extra}
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(cross_config([stage]))
