@@ -90,3 +90,14 @@ def test_cross_vocabulary_losses_name_the_stage_settings_they_need(cross_config)
         stage = {"name": "x", "max_steps": 1, "losses": [{"name": "uld"}], **extra}
         with pytest.raises(ConfigError, match=message):
             config_from_dict(cross_config([stage]))
+
+
+def test_cache_teacher_across_tokenizers_names_the_paths_that_work(cross_config, tmp_path):
+    import pytest
+
+    from lmdistill.errors import ModelError
+    from lmdistill.teacher.commands import cache_teacher
+
+    config = config_from_dict(cross_config([{"name": "x", "max_steps": 1, "losses": [{"name": "uld"}]}]))
+    with pytest.raises(ModelError, match=r"but `lmdistill cache-teacher` .* compares token ids one by one. Two paths"):
+        cache_teacher(config, out=tmp_path / "cache")

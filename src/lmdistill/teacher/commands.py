@@ -9,6 +9,7 @@ from lmdistill.config import GenerationSettings, PipelineConfig
 from lmdistill.data.cache import tokenizer_hash
 from lmdistill.data.completion import text_prompt_length
 from lmdistill.errors import ConfigError
+from lmdistill.models.vocab import check_same_vocab
 from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
 from lmdistill.teacher.fingerprint import model_config_hash
 from lmdistill.teacher.generate import generate_responses, missing_generations
@@ -47,6 +48,9 @@ def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int 
     if temperature is not None:
         settings.temperature = temperature
     prep, processes = _prepare_with_teacher(config, "cache-teacher")
+    if prep.teacher_tokenizer is not None:  # raises, naming the paths that work across tokenizers
+        check_same_vocab(prep.teacher_tokenizer, prep.tokenizer, 0, 0, needed_by="`lmdistill cache-teacher` (it "
+                         "stores the teacher's log-probs by the student's token ids)")
     vocab = prep.shared_vocab or prep.teacher.get_output_embeddings().weight.shape[0]
     sources = dict(prep.sources) | {eval_key(name): rows for name, rows in prep.eval_sets.items()}
     groups = {name: "train" for name in prep.sources} | {eval_key(name): "eval" for name in prep.eval_sets}
