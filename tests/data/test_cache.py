@@ -53,6 +53,9 @@ def test_num_proc_workers_and_strict(tokenizer, tmp_path, monkeypatch):
     enc = encode_source(rows, tokenizer, Layout(max_length=32), "big", cache_dir=tmp_path, num_proc=2)
     assert [e["row_id"] for e in enc.examples] == list(range(40))
     assert enc.examples == encode_rows(rows, tokenizer, max_length=32, source_name="big").examples
+    seq2seq = encode_rows(rows[:3], tokenizer, max_length=32, task_type="seq2seq", source_name="s2s").examples
+    for _ in range(2):  # miss, then hit: targets are stored whole (causal labels as spans of trained tokens)
+        assert encode_source(rows[:3], tokenizer, Layout(32, "seq2seq"), "s2s", cache_dir=tmp_path).examples == seq2seq
     with pytest.raises(DataError, match=r"source 'tiny', row 0: .* exceed max_length 8"):
         encode_source(rows[:1] * 1, tokenizer, Layout(max_length=8), "tiny", strict=True, use_cache=False)
 

@@ -2,10 +2,11 @@
 
 The cache key is a hash of the normalised rows (the data fingerprint: content, column mapping and row ids
 included), the tokenizer (vocabulary, normalisation, special tokens, chat template), the layout options
-(max_length, task_type, train_on, text overlap, completion layout) and the source name, so a re-run, a resume or a second command
-over the same data reads the tokenised examples back instead of tokenising again, and any change to one of those
-tokenises afresh. Each entry is a `datasets.save_to_disk` folder `CACHE_DIR/<key>/`; the log says whether a
-source was a cache hit or miss.
+(max_length, task_type, train_on, text overlap, completion layout) and the source name, so a re-run, a resume
+or a second command over the same data reads the tokenised examples back instead of tokenising again, and any
+change to one of those tokenises afresh. Each entry is a `datasets.save_to_disk` folder `CACHE_DIR/<key>/`; the
+log says whether a source was a cache hit or miss. Causal labels are stored as the spans of trained tokens (they
+are the input ids there, -100 elsewhere), which halves what a cache hit turns back into Python lists.
 
 CACHE_DIR: `data.cache_dir`, else $LMDISTILL_CACHE_DIR, else ~/.cache/lmdistill/tokenized.
 """
@@ -24,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill.data.badrows import BadRows
-from lmdistill.data.tokenize import EncodedSource, Layout, Outcome, collect, encode_batch, prepare_tokenizer
+from lmdistill.data.tokenize import (IGNORE_INDEX, EncodedSource, Layout, Outcome, collect, encode_batch,
+                                     prepare_tokenizer)
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when what an entry holds changes
+CACHE_FORMAT = 3  # bump when what an entry holds changes
 _BATCH = 1000  # rows per map batch
 _CALL_STATE = re.compile(r'"(truncation|padding)":(null|\{(?:[^{}]|\{[^{}]*\})*\})')
 
@@ -61,17 +63,42 @@ def cache_key(rows: list[dict], tokenizer: Any, layout: Layout, name: str) -> st
     return h.hexdigest()[:32]
 
 
+def _trained_spans(ids: list[int], labels: list[int]) -> list[int] | None:
+    """[start0, end0, start1, end1, ...] of the runs where labels equal ids (-100 elsewhere), or None when the
+    labels are something else (seq2seq targets)."""
+    if len(ids) != len(labels):
+        return None
+    spans: list[int] = []
+    for i, (token, label) in enumerate(zip(ids, labels)):
+        trained = label == token
+        if not trained and label != IGNORE_INDEX:
+            return None
+        if trained != (len(spans) % 2 == 1):  # a run starts or ends here
+            spans.append(i)
+    return spans + [len(ids)] if len(spans) % 2 else spans
+
+
+def _labels(ids: list[int], spans: list[int]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in zip(spans[::2], spans[1::2]):
+        labels[start:end] = ids[start:end]
+    return labels
+
+
 def _map_batch(batch: dict, indices: list[int], tokenizer: Any, layout: Layout, name: str) -> dict:
     """One map batch: every example becomes an entry, a bad row one entry with its reason and no tokens."""
-    out: dict[str, list] = {k: [] for k in ("index", "input_ids", "labels", "prompt_length", "row_id", "part",
-                                            "text_tokens", "bad_reason", "bad_detail")}
+    out: dict[str, list] = {k: [] for k in ("index", "input_ids", "labels", "spans", "prompt_length", "row_id",
+                                            "part", "text_tokens", "bad_reason", "bad_detail")}
     rows = [json.loads(s) for s in batch["row"]]
     for index, outcome in zip(indices, encode_batch(rows, tokenizer, layout, name)):
         entries = [{"bad_reason": outcome[0], "bad_detail": outcome[1]}] if isinstance(outcome, tuple) else outcome
         for entry in entries:
             out["index"].append(index)
-            for key in ("input_ids", "labels"):
-                out[key].append(entry.get(key, []))
+            ids, labels = entry.get("input_ids", []), entry.get("labels", [])
+            spans = _trained_spans(ids, labels)
+            out["input_ids"].append(ids)
+            out["labels"].append([] if spans is not None else labels)
+            out["spans"].append(spans or [])
             for key, empty in (("prompt_length", -1), ("row_id", -1), ("part", 0), ("text_tokens", -1),
                                ("bad_reason", ""), ("bad_detail", "")):
                 out[key].append(entry.get(key, empty))
@@ -96,7 +123,8 @@ def _outcomes(table, num_rows: int, task_type: str) -> list[Outcome]:
         if columns["bad_reason"][i]:
             outcomes[index] = (columns["bad_reason"][i], columns["bad_detail"][i])
             continue
-        example = {"input_ids": columns["input_ids"][i], "labels": columns["labels"][i],
+        ids = columns["input_ids"][i]
+        example = {"input_ids": ids, "labels": columns["labels"][i] or _labels(ids, columns["spans"][i]),
                    "row_id": columns["row_id"][i], "part": columns["part"][i]}
         if task_type == "causal":
             example["prompt_length"] = columns["prompt_length"][i]
