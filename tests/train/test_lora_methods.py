@@ -232,3 +232,31 @@ def test_qlora_merge_names_a_base_that_no_longer_loads(tmp_path, student_dir, to
                                          r"load .*set student.lora.merge_on_save: false"):
         export_student(model, tokenizer, tmp_path / "final", "{}\n")
     assert not (tmp_path / "final").exists()
+
+
+def test_adalora_orthogonal_regulariser_joins_training_steps_once_per_optimizer_step(student_dir, tmp_path):
+    """peft adds orth_reg_weight x mean ||P^T P - I||_F, ||Q Q^T - I||_F to the loss a model computes itself; the
+    distillation loss gets it too, split over the accumulated micro-batches, and evaluation reports the objective."""
+    from transformers import TrainingArguments
+
+    from lmdistill.data.collate import DistillCollator
+    from lmdistill.losses import DistillObjective, LossTerm
+    from lmdistill.train.trainer import DistillationTrainer
+
+    settings = StudentSettings(name=str(student_dir), lora={"method": "adalora", "r": 2, "dropout": 0.0})
+    model = apply_lora(load_student(settings, "causal", device=CPU, teacher=None), settings.lora, "causal",
+                       total_steps=4)
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to="none", use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no")
+    trainer = DistillationTrainer(model=model, args=args, data_collator=DistillCollator(0),
+                                  objective=DistillObjective([LossTerm("cross_entropy")]))
+    ids = [5, 17, 42, 99, 3, 8, 9, 11]
+    batch = DistillCollator(0)([{"input_ids": ids, "labels": ids}])
+    with torch.no_grad():
+        train_loss = trainer.compute_loss(model.train(), batch)
+        eval_loss = trainer.compute_loss(model.eval(), batch)
+        norms = [torch.linalg.norm((p @ p.T if "lora_A" in n else p.T @ p) - torch.eye(4))
+                 for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
+    assert len(norms) == 2 * 2 * 7
+    penalty = 0.5 * sum(norms) / len(norms)  # peft's default orth_reg_weight
+    assert float(train_loss - eval_loss) == pytest.approx(float(penalty) / 2, rel=1e-4)

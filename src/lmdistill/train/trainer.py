@@ -6,7 +6,7 @@ clipped and cleared here as Trainer does for the model's; a step whose loss was 
 are saved beside each checkpoint (`_save` / `_load_from_checkpoint`). A loss balancer acts on training steps only
 (`balancing.py`). An out-of-memory error names the settings that lower the memory (`memory.py`). Accumulation,
 precision, optimizers, schedules, clipping of the model, checkpoints, resume and logging are Trainer's own; AdaLoRA's
-rank budget is allocated after each optimizer step and checkpointed for resume (`adalora.py`).
+rank budget is allocated after each optimizer step and checkpointed for resume, its regulariser added (`adalora.py`).
 
 Normalisation: every logit term is a sum over counted tokens divided by `num_items_in_batch`, which Trainer counts over
 the whole accumulated batch (after the causal shift), so N micro-batches give the same update as one batch N times
@@ -30,7 +30,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from lmdistill.errors import TrainingError
 from lmdistill.losses import DistillObjective
 from lmdistill.models.sharding import is_sharded, release_gathered
-from lmdistill.train.adalora import AdaLoraBudget, adalora_budget
+from lmdistill.train.adalora import AdaLoraBudget, adalora_budget, adalora_model
 from lmdistill.train.balancing import BalancedTraining
 from lmdistill.train.deepspeed_teacher import deepspeed_teacher
 from lmdistill.train.heads import (has_adapter, head_inputs, head_rows, logit_scale, output_layer, same_device, softcap,
@@ -112,6 +112,7 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
                                 "DeepSpeed's engine neither syncs nor checkpoints: drop those terms for DeepSpeed runs, "
                                 "or train with DDP / FSDP")
         self._adalora = adalora_budget(self.model)  # AdaLoRA's rank budget, allocated after each optimizer step
+        self._adalora_reg = adalora_model(self.model)
         self.add_callback(_StepEnd(self))
 
     def _check_fused(self, teacher: nn.Module | None) -> None:
@@ -304,7 +305,7 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
         terms.update(hidden_terms(self.aux, self.task_type, student_out, teacher_out, inputs, target,
                                   num_items_in_batch, spread, self.accelerator.num_processes))
         weights.update(self.aux.weights)
-        total = self._combine(model, terms, weights)
+        total = self._with_orthogonal_penalty(model, self._combine(model, terms, weights), spread)
 
         if model.training:
             total = self._guard_nonfinite(model, total, terms)
