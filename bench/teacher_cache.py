@@ -26,7 +26,7 @@ from lmdistill.config import config_from_dict
 from lmdistill.losses import forward_kl, topk_kl
 from lmdistill.models.tiny import tiny_causal_lm, train_tokenizer
 from lmdistill.teacher.cache import payload_bytes_per_token
-from lmdistill.teacher.commands import cache_teacher
+from lmdistill.train.teacher_commands import cache_teacher
 from lmdistill.teacher.reader import TeacherCache
 from lmdistill.train.pipeline import prepare, run_pipeline
 

@@ -206,7 +206,7 @@ def cache_teacher(config: Path = typer.Argument(..., help="Pipeline config (YAML
     """Run the teacher once over the data and store its top-k log-probs (stages with teacher_source: cache).
     Re-running continues after the last complete shard."""
     from lmdistill.config import load_config
-    from lmdistill.teacher.commands import cache_teacher as run_cache
+    from lmdistill.train.teacher_commands import cache_teacher as run_cache
 
     folder, manifest = run_cache(load_config(config), out=out, k=k, temperature=temperature)
     console.print(f"teacher cache: {folder} ({len(manifest.shards)} shards, k={manifest.k}, "
@@ -226,7 +226,7 @@ def generate(config: Path = typer.Argument(..., help="Pipeline config (YAML or J
     alone works too. Each line holds the full text, split at the exact boundary, and whether the teacher stopped.
     Re-running skips rows already written."""
     from lmdistill.config import load_config
-    from lmdistill.teacher.commands import generate as run_generate
+    from lmdistill.train.teacher_commands import generate as run_generate
 
     path, written = run_generate(load_config(config), num_samples=num_samples, max_new_tokens=max_new_tokens,
                                  out=out)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lmdistill.cli import app
 from lmdistill.data.formats import load_source
 from lmdistill.data.tokenize import encode_rows
-from lmdistill.teacher import commands
+from lmdistill.teacher import generations as commands
 
 # eos against the other ids (at logit ~0) that transformers samples from (its default top_k: 50): the teacher stops
 # at about 1 step in 6

@@ -96,7 +96,7 @@ def test_cache_teacher_across_tokenizers_names_the_paths_that_work(cross_config,
     import pytest
 
     from lmdistill.errors import ModelError
-    from lmdistill.teacher.commands import cache_teacher
+    from lmdistill.train.teacher_commands import cache_teacher
 
     config = config_from_dict(cross_config([{"name": "x", "max_steps": 1, "losses": [{"name": "uld"}]}]))
     with pytest.raises(ModelError, match=r"but `lmdistill cache-teacher` .* compares token ids one by one. Two paths"):

@@ -12,7 +12,7 @@ from lmdistill.cli import app
 from lmdistill.config import config_from_dict
 from lmdistill.data.cache import tokenizer_hash
 from lmdistill.errors import ModelError
-from lmdistill.teacher.commands import generate
+from lmdistill.train.teacher_commands import generate
 from lmdistill.teacher.generate import load_generations
 from lmdistill.train.pipeline import prepare
 

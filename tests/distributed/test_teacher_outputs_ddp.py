@@ -67,7 +67,7 @@ def _lines(path: Path) -> list[dict]:
 def _one_process(command: str, config_path: Path, out: Path):
     """`command` (commands.cache_teacher or .generate) in this single process, on one thread like the launched ones."""
     from lmdistill.config import load_config
-    from lmdistill.teacher import commands
+    from lmdistill.train import teacher_commands as commands
 
     return getattr(commands, command)(load_config(config_path), out=out)
 

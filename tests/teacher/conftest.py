@@ -31,7 +31,7 @@ def vocab_size(tokenizer) -> int:
 def exact_cache(tmp_path_factory, fixture_paths, vocab_size) -> Path:
     """A k = V float32 cache of the default config's data, built once."""
     from lmdistill.config import config_from_dict
-    from lmdistill.teacher.commands import cache_teacher
+    from lmdistill.train.teacher_commands import cache_teacher
 
     folder = tmp_path_factory.mktemp("exact_cache")
     config = config_from_dict(config_dict(fixture_paths, folder / "run",
@@ -43,7 +43,7 @@ def exact_cache(tmp_path_factory, fixture_paths, vocab_size) -> Path:
 def topk_cache(tmp_path_factory, fixture_paths) -> Path:
     """A k = 64 float16 cache (the defaults) of the default config's data, captured at T = 2, built once."""
     from lmdistill.config import config_from_dict
-    from lmdistill.teacher.commands import cache_teacher
+    from lmdistill.train.teacher_commands import cache_teacher
 
     folder = tmp_path_factory.mktemp("topk_cache")
     config = config_from_dict(config_dict(fixture_paths, folder / "run",

@@ -12,7 +12,7 @@ from lmdistill.config import config_from_dict
 from lmdistill.errors import CacheError
 from lmdistill.teacher import cache as cache_module
 from lmdistill.teacher.cache import payload_bytes_per_token
-from lmdistill.teacher.commands import cache_teacher
+from lmdistill.train.teacher_commands import cache_teacher
 from lmdistill.teacher.fingerprint import sha256_file
 from lmdistill.teacher.reader import TeacherCache
 from lmdistill.train.pipeline import prepare

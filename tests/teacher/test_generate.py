@@ -7,7 +7,7 @@ import pytest
 from lmdistill.config import config_from_dict
 from lmdistill.data.cache import tokenizer_hash
 from lmdistill.errors import DataError
-from lmdistill.teacher.commands import generate
+from lmdistill.train.teacher_commands import generate
 from lmdistill.teacher.generate import load_generations
 from lmdistill.train import pipeline
 from lmdistill.train.pipeline import run_pipeline
@@ -86,7 +86,7 @@ def test_a_sharded_teacher_needs_complete_generations(teacher_config, tmp_path):
     """A sharded teacher cannot generate inside `run` (its forwards are collective): the stage needs the whole file
     from `lmdistill generate`, and a partial one is refused with the number of missing rows."""
     from lmdistill.errors import ConfigError
-    from lmdistill.teacher.commands import ensure_generations
+    from lmdistill.teacher.generations import ensure_generations
 
     config = config_from_dict(teacher_config(generation={**GENERATION, "path": str(tmp_path / "gen.jsonl"),
                                                          "num_samples": 1, "max_new_tokens": 4}))

@@ -36,7 +36,7 @@ from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_mo
 from lmdistill.models.sharding import is_sharded, local_parameter_count, teacher_shard_size
 from lmdistill.models.student_init import student_from_teacher
 from lmdistill.models.vocab import check_same_vocab, same_vocab
-from lmdistill.teacher.commands import ensure_generations
+from lmdistill.teacher.generations import ensure_generations
 from lmdistill.teacher.retokenize import needs_shared_vocab
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback

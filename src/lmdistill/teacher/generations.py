@@ -1,4 +1,5 @@
-"""The `cache-teacher` and `generate` commands: config in, teacher outputs on disk (the CLI stays a thin parser)."""
+"""The generations a run trains on: written with a loaded teacher, or checked on disk (below train/, which calls
+it; the commands that load the teacher live in train/teacher_commands.py)."""
 
 from __future__ import annotations
 
@@ -9,74 +10,16 @@ from lmdistill.config import GenerationSettings, PipelineConfig
 from lmdistill.data.cache import tokenizer_hash
 from lmdistill.data.completion import text_prompt_length
 from lmdistill.errors import ConfigError
-from lmdistill.models.vocab import check_same_vocab
-from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
-from lmdistill.teacher.fingerprint import model_config_hash
 from lmdistill.teacher.generate import generate_responses, missing_generations
-from lmdistill.teacher.manifest import Manifest
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes
 from lmdistill.teacher.retokenize import teacher_sources
-from lmdistill.teacher.stage import cache_dir, generations_path
+from lmdistill.teacher.stage import generations_path
 from lmdistill.teacher.thinking import thinking_modes
 
 log = logging.getLogger(__name__)
 
 
-def _prepare_with_teacher(config: PipelineConfig, command: str):
-    """(prepared run with its teacher, the launched processes). The processes are set up first, so that under
-    torchrun on GPUs each one loads its teacher onto its own device."""
-    from lmdistill.train.pipeline import launched_processes, prepare  # train composes teacher/, not the other way
-
-    if not config.teacher.name:
-        raise ConfigError(f"`lmdistill {command}` runs the teacher, but teacher.name is not set in the config")
-    processes = launched_processes(config)
-    # Generations are text: a teacher with another tokenizer is prompted in its own (see write_generations).
-    prep = prepare(config, load_teacher=True, vocab_check=command != "generate")
-    if prep.teacher is None:
-        raise ConfigError(f"`lmdistill {command}`: every stage is a finetune stage, so the config loads no "
-                          "teacher; add a distill stage or use a config that distills")
-    return prep, processes
-
-
-def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int | None = None,
-                  temperature: float | None = None) -> tuple[Path, Manifest]:
-    """Capture (or finish capturing) the top-k teacher cache for every training source and eval set; under several
-    processes each captures its share of the shards."""
-    settings = config.teacher_cache.model_copy()
-    if k is not None:
-        settings.k = k
-    if temperature is not None:
-        settings.temperature = temperature
-    prep, processes = _prepare_with_teacher(config, "cache-teacher")
-    if prep.teacher_tokenizer is not None:  # raises, naming the paths that work across tokenizers
-        check_same_vocab(prep.teacher_tokenizer, prep.tokenizer, 0, 0, needed_by="`lmdistill cache-teacher` (it "
-                         "stores the teacher's log-probs by the student's token ids)")
-    vocab = prep.shared_vocab or prep.teacher.get_output_embeddings().weight.shape[0]
-    sources = dict(prep.sources) | {eval_key(name): rows for name, rows in prep.eval_sets.items()}
-    groups = {name: "train" for name in prep.sources} | {eval_key(name): "eval" for name in prep.eval_sets}
-    inputs = CacheInputs(sources=sources, groups=groups, task_type=prep.task_type, max_length=config.data.max_length,
-                         vocab_size=vocab, pad_token_id=prep.tokenizer.pad_token_id, teacher_name=config.teacher.name,
-                         teacher_config_hash=model_config_hash(prep.teacher.config),
-                         tokenizer_hash=tokenizer_hash(prep.tokenizer))
-    out_dir = cache_dir(config, out)
-    return out_dir, build_cache(prep.teacher, inputs, settings, out_dir, processes)
-
-
-def generate(config: PipelineConfig, num_samples: int | None = None, max_new_tokens: int | None = None,
-             out: str | Path | None = None) -> tuple[Path, int]:
-    """Teacher generations for the prompts of generation.sources (default: every training source); under several
-    processes each generates its share of the batches. Returns (path, lines this process wrote)."""
-    settings = config.generation.model_copy()
-    if num_samples is not None:
-        settings.num_samples = num_samples
-    if max_new_tokens is not None:
-        settings.max_new_tokens = max_new_tokens
-    _generation_sources(config, settings)
-    prep, processes = _prepare_with_teacher(config, "generate")
-    return write_generations(config, prep, settings, out, processes)
-
-
-def _generation_sources(config: PipelineConfig, settings: GenerationSettings) -> list[str]:
+def generation_sources(config: PipelineConfig, settings: GenerationSettings) -> list[str]:
     names = settings.sources or list(config.data.sources)
     unknown = [name for name in names if name not in config.data.sources]
     if unknown:
@@ -89,7 +32,7 @@ def write_generations(config: PipelineConfig, prep, settings: GenerationSettings
     """Write (or finish: the file is resumable) the generations with the teacher `prep` holds; (path, lines this
     process wrote now)."""
     settings = settings or config.generation
-    names = _generation_sources(config, settings)
+    names = generation_sources(config, settings)
     path = generations_path(config, out)
     # Across tokenizers the teacher is prompted in its own tokens and chat template, rendered from the same messages.
     tokenizer = prep.teacher_tokenizer or prep.tokenizer
@@ -128,7 +71,7 @@ def ensure_generations(config: PipelineConfig, prep, processes: Processes = ONE_
     path = generations_path(config)
     if is_sharded(prep.teacher):
         # Generation splits the prompts over the processes, which a sharded teacher (collective forwards) cannot.
-        names = _generation_sources(config, config.generation)
+        names = generation_sources(config, config.generation)
         missing = missing_generations(path, {name: prep.sources[name] for name in names},
                                       config.generation.num_samples, prep.task_type)
         if missing:
