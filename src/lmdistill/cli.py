@@ -86,7 +86,8 @@ def run(
     general_csv_path: Optional[str] = _opt("general_csv_path", help="Source `general` from a CSV file."),
     medical_csv_path: Optional[str] = _opt("medical_csv_path", help="Source `domain` from a CSV file."),
     eval_csv_path: Optional[str] = _opt("eval_csv_path", help="Eval set `eval` from a CSV file."),
-    dataset: Optional[str] = _opt("dataset", help="The single training source, as in llm_kd.py; without a config file: one KD stage on it."),
+    dataset: Optional[str] = _opt("dataset", help="The single training source, as in llm_kd.py; without a config "
+                                                  "file: one KD stage on it."),
     num_samples: Optional[int] = _opt("num_samples", help="Cap rows per source."),
     task_type: Optional[str] = _opt("task_type", help="causal | seq2seq."),
     max_length: Optional[int] = _opt("max_length", help="Max tokens per example."),
@@ -290,8 +291,8 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `l
 def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every default answer without asking (scripts)."),
            answers: list[str] = typer.Option([], "--set", help="KEY=VALUE: the default answer to one question (its "
                                                                "key is shown after it), e.g. --set approach=distill.")):
-    """Guided set-up, as finetune_cli.py walks it: fine-tuning or distillation, models, data, settings; writes a config that
-    `lmdistill run` re-runs, then trains and prints ROUGE-L before and after."""
+    """Guided set-up, as finetune_cli.py walks it: fine-tuning or distillation, models, data, settings; writes a
+    config that `lmdistill run` re-runs, then trains and prints ROUGE-L before and after."""
     from lmdistill.wizard import run_wizard
 
     defaults = {}

@@ -40,6 +40,8 @@ def test_three_stage_command_line_without_a_config(tmp_path, teacher_dir, studen
     assert [s["status"] for s in state["stages"]] == ["done"] * 3
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"perplexity/general", "perplexity/domain"} <= set(metrics["student_after"])
+    assert "5% of the rows of each training source (general, domain), held out and never trained on" in \
+        (run_dir / "report.html").read_text()
 
 
 def test_one_stage_command_line_without_a_config(tmp_path, teacher_dir, student_dir, text_jsonl):

@@ -23,6 +23,7 @@ def test_changed_keys_name_what_changes_results_only(tmp_path):
     assert changed_keys(run_dir, _config(tmp_path), CONFIG_FILE) == []
     logging_only = _config(tmp_path).model_copy(deep=True)
     logging_only.training.logging_steps, logging_only.training.report_to = 1, []
+    logging_only.data.num_proc, logging_only.output_dir = 2, str(tmp_path / "moved")
     assert changed_keys(run_dir, logging_only, CONFIG_FILE) == []
     changed = _config(tmp_path, temperature=2.0, losses=[{"name": "reverse_kl"}])
     assert changed_keys(run_dir, changed, CONFIG_FILE) == [("stages[0].losses[0].name", "forward_kl", "reverse_kl"),

@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import yaml
+
 from lmdistill.eval.evaluate import KNOWN_ROLES
 from lmdistill.eval.plots import eval_curves, loss_curves, role_bars
 from lmdistill.eval.run_files import RunData, load_run
@@ -160,6 +162,18 @@ def _img(png: str | None, alt: str, absent: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
 
 
+def _eval_sets_note(config_yaml: str | None) -> str:
+    """Where the eval sets came from, when the run held them out of its training sources (no eval set given)."""
+    config = yaml.safe_load(config_yaml) if config_yaml else None
+    data = config.get("data", {}) if isinstance(config, dict) else {}
+    share = data.get("eval_holdout", 0)
+    if data.get("eval") or not share:
+        return ""
+    names = ", ".join(data.get("sources", {}))
+    return (f"<p>Eval sets: {share:.0%} of the rows of each training source ({html.escape(names)}), held out and "
+            "never trained on (data.eval_holdout).</p>")
+
+
 def render_report(run: RunData, headline_metric: str | None = None, max_samples: int = 6) -> str:
     """The whole report page as an HTML string."""
     metrics = run.metrics
@@ -173,6 +187,7 @@ def render_report(run: RunData, headline_metric: str | None = None, max_samples:
     if run.stages:
         parts += ["<h2>Stages</h2>", _stages_table(run.stages)]
     parts.append("<h2>Evaluation: teacher, student before, student after, baseline</h2>")
+    parts.append(_eval_sets_note(run.config_yaml))
     parts.append(metrics_table(metrics, quality) if quality else '<p class="missing">No quality metrics.</p>')
     parts.append(_img(role_bars(metrics, roles, quality[:9]), "quality metrics per model", ""))
     parts.append("<h2>Size and speed</h2>")

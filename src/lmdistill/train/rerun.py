@@ -15,9 +15,11 @@ from lmdistill.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Keys that cannot change what is trained or measured: logging, reporting, checkpoint rotation, where the run lives.
+# Keys that cannot change what is trained or measured: logging, reporting, checkpoint rotation, where the run lives,
+# how many workers tokenise or load the data and where tokenised data is cached.
 NEUTRAL_KEYS = {"output_dir", "training.logging_steps", "training.report_to", "training.save_total_limit",
-                "evaluation.report", "evaluation.num_samples"}
+                "training.dataloader_num_workers", "evaluation.report", "evaluation.num_samples", "data.num_proc",
+                "data.cache_dir", "data.tokenized_cache"}
 # What a run writes into its directory, besides one folder per stage. Teacher outputs (teacher_cache/, the
 # generations file) stay: they are costly, and the cache checks the teacher and data it was made from.
 RUN_FILES = ("pipeline_state.json", "metrics.json", "eval_metrics.json", "samples.jsonl", "report.html", "final",
