@@ -195,6 +195,10 @@ def data(path: str = typer.Argument(..., help="File, folder, datasets folder or 
 
 
 # ------------------------------------------------------------------------------------------------ teacher outputs
+_ENDPOINT_HELP = ("Base URL of a vLLM (OpenAI-compatible) server serving the teacher, e.g. http://127.0.0.1:8000/v1: "
+                  "asked instead of loading the teacher here (teacher.endpoint).")
+
+
 @app.command("cache-teacher")
 def cache_teacher(config: Path = typer.Argument(..., help="Pipeline config (YAML or JSON)."),
                   k: Optional[int] = typer.Option(None, "--k", min=1, help="Log-probs kept per token "
@@ -203,13 +207,15 @@ def cache_teacher(config: Path = typer.Argument(..., help="Pipeline config (YAML
                                                               help="Capture temperature (default: teacher_cache."
                                                                    "temperature, 1.0)."),
                   out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (default: teacher_cache.path "
-                                                                         "or OUTPUT_DIR/teacher_cache).")):
+                                                                         "or OUTPUT_DIR/teacher_cache)."),
+                  teacher_endpoint: Optional[str] = _opt("teacher_endpoint", help=_ENDPOINT_HELP)):
     """Run the teacher once over the data and store its top-k log-probs (stages with teacher_source: cache).
     Re-running continues after the last complete shard."""
     from lmdistill.config import load_config
-    from lmdistill.train.teacher_commands import cache_teacher as run_cache
+    from lmdistill.train.teacher_commands import cache_teacher as run_cache, with_endpoint
 
-    folder, manifest = run_cache(load_config(config), out=out, k=k, temperature=temperature)
+    folder, manifest = run_cache(with_endpoint(load_config(config), teacher_endpoint), out=out, k=k,
+                                 temperature=temperature)
     console.print(f"teacher cache: {folder} ({len(manifest.shards)} shards, k={manifest.k}, "
                   f"{manifest.bytes_per_token():.1f} bytes per token)")
 
@@ -221,16 +227,17 @@ def generate(config: Path = typer.Argument(..., help="Pipeline config (YAML or J
              max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "--max_new_tokens", min=1,
                                                           help="(default: generation.max_new_tokens)."),
              out: Optional[Path] = typer.Option(None, "--out", help="JSONL file (default: generation.path or "
-                                                                    "OUTPUT_DIR/generations.jsonl).")):
+                                                                    "OUTPUT_DIR/generations.jsonl)."),
+             teacher_endpoint: Optional[str] = _opt("teacher_endpoint", help=_ENDPOINT_HELP)):
     """Teacher generations for every prompt of the training sources (teacher_source: generations). Plain-text
     sources are continued from the first part of each text (generation.text_prompt_fraction); a file of prompts
     alone works too. Each line holds the full text, split at the exact boundary, and whether the teacher stopped.
     Re-running skips rows already written."""
     from lmdistill.config import load_config
-    from lmdistill.train.teacher_commands import generate as run_generate
+    from lmdistill.train.teacher_commands import generate as run_generate, with_endpoint
 
-    path, written = run_generate(load_config(config), num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                 out=out)
+    path, written = run_generate(with_endpoint(load_config(config), teacher_endpoint), num_samples=num_samples,
+                                 max_new_tokens=max_new_tokens, out=out)
     console.print(f"generations: {path} ({written} new lines)")
 
 

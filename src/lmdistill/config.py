@@ -66,6 +66,21 @@ class TeacherSettings(ModelSettings):
         "auto", description="Under several processes: 'auto' splits the teacher's weights over them when the student "
         "is sharded too (FSDP or DeepSpeed ZeRO-3), 'always' also next to a DDP student, 'never' keeps a whole copy "
         "per process (see docs/distributed.md).")
+    endpoint: str | None = Field(
+        None, description="Base URL of an OpenAI-compatible server (vLLM) serving this teacher, e.g. "
+        "http://127.0.0.1:8000/v1: `cache-teacher` and `generate` ask it instead of loading the teacher here (its "
+        "tokenizer and config still load from `name`). See docs/serving_teacher.md.")
+    endpoint_concurrency: int = Field(8, gt=0, description="Requests in flight to the endpoint at once.")
+    endpoint_timeout: float = Field(300.0, gt=0, description="Seconds one endpoint request may take.")
+    endpoint_retries: int = Field(4, ge=0, description="Retries of a failed endpoint request (server down, 5xx, "
+                                  "timeout), with doubling backoff, before the command stops.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000/v1, not {value!r}")
+        return value.rstrip("/") if value else value
 
 
 class StudentSettings(ModelSettings):

@@ -15,6 +15,7 @@ from lmdistill.errors import ConfigError
 # Flags -> where they land. "stages.*" sets the key on every stage; "training.*" on the shared defaults.
 FLAG_TARGETS: dict[str, str] = {
     "teacher_model": "teacher.name",
+    "teacher_endpoint": "teacher.endpoint",
     "student_model": "student.name",
     "output_dir": "output_dir",
     "general_dataset": "data.sources.general.path",

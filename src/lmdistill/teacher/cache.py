@@ -30,6 +30,7 @@ from lmdistill.config import TeacherCacheSettings
 from lmdistill.data.collate import DistillCollator
 from lmdistill.errors import CacheError
 from lmdistill.teacher.capture import capture_topk
+from lmdistill.teacher.endpoint import EndpointTeacher
 from lmdistill.teacher.fingerprint import examples_fingerprint, sha256_file
 from lmdistill.teacher.manifest import (Manifest, ShardEntry, SourceEntry, merge_parts, part_name, read_manifest,
                                         shard_name, write_manifest)
@@ -54,6 +55,8 @@ class CacheInputs:
     teacher_name: str
     teacher_config_hash: str
     tokenizer_hash: str
+    endpoint: str | None = None  # the server that answers for the teacher (endpoint.py), and the model it serves
+    served_model: str | None = None
 
 
 def payload_bytes_per_token(k: int, vocab_size: int, dtype: str) -> float:
@@ -85,7 +88,8 @@ def plan_manifest(inputs: CacheInputs, settings: TeacherCacheSettings) -> Manife
                     tokenizer_hash=inputs.tokenizer_hash, task_type=inputs.task_type, max_length=inputs.max_length,
                     k=settings.k, temperature=settings.temperature, dtype=settings.dtype,
                     vocab_size=inputs.vocab_size, id_bits=id_bits(inputs.vocab_size),
-                    shard_examples=settings.shard_examples, sources=sources)
+                    shard_examples=settings.shard_examples, sources=sources, endpoint=inputs.endpoint,
+                    served_model=inputs.served_model)
 
 
 def _resume_point(out: Path, planned: Manifest) -> Manifest:
@@ -101,7 +105,8 @@ def _resume_point(out: Path, planned: Manifest) -> Manifest:
                   if key == "sources" else f"{key}: cached {old.get(key)!r}, now {new[key]!r}")
         raise CacheError(f"{out} holds a teacher cache made with other settings ({detail}); "
                          "choose another --out, or delete that folder to rebuild it")
-    return existing
+    # Who answers for the teacher does not change the content: the same weights in-process or served.
+    return existing.model_copy(update={"endpoint": planned.endpoint, "served_model": planned.served_model})
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
@@ -121,9 +126,9 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     return size, digest
 
 
-def _shard_tensors(model, examples: list[dict], manifest: Manifest, batch_size: int,
-                   collator: DistillCollator) -> dict[str, torch.Tensor]:
-    """Capture one shard's examples (batched by length to save padding) and lay them out in example order."""
+def _capture_batches(model, examples: list[dict], manifest: Manifest, batch_size: int,
+                     collator: DistillCollator) -> dict[int, tuple]:
+    """A loaded teacher over the examples, batched by length to save padding: index -> (ids, logprobs, tail)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     parts: dict[int, tuple] = {}
     for start in range(0, len(order), batch_size):
@@ -134,6 +139,16 @@ def _shard_tensors(model, examples: list[dict], manifest: Manifest, batch_size: 
         for j, i in enumerate(chosen):
             a, b = bounds[j], bounds[j + 1]
             parts[i] = (got.ids[a:b], got.logprobs[a:b], got.tail[a:b])
+    return parts
+
+
+def _shard_tensors(model, examples: list[dict], manifest: Manifest, batch_size: int,
+                   collator: DistillCollator) -> dict[str, torch.Tensor]:
+    """Capture one shard's examples and lay them out in example order."""
+    if isinstance(model, EndpointTeacher):  # a served teacher: per example, concurrent requests
+        parts = dict(enumerate(model.capture(examples, manifest.k, manifest.temperature)))
+    else:
+        parts = _capture_batches(model, examples, manifest, batch_size, collator)
     counts = torch.tensor([len(parts[i][0]) for i in range(len(examples))], dtype=torch.int64)
     ids = torch.cat([parts[i][0] for i in range(len(examples))])  # [n, k]
     return {

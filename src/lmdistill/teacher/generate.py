@@ -4,13 +4,14 @@ One line per (source, row, sample):
     {"prompt": str, "completion": str, "text": str, "prompt_ids": [int], "completion_ids": [int], "finished": bool,
      "source": str, "row_id": int, "sample": int, "teacher": str, "tokenizer": hash, "seed": int,
      "settings": {"temperature", "top_p", "max_new_tokens", "do_sample"}, "thinking": bool | None}
-`thinking` is the row's mode (see thinking.py; None when generation.thinking_prob is unset), already applied to
-`prompt_ids`. `completion_ids` end with eos when the teacher stopped by itself (`finished`). `text` is the prompt and
-completion decoded together, `prompt` and `completion` its two parts split at the exact boundary (prompt + completion
-== text, a leading space of the completion kept), without the ids the tokenizer adds itself in front (BOS) or the
-completion's special tokens (its eos): a file the student can train on as it is. Lines are appended and flushed per
-batch; a rerun keeps the rows whose samples are all present (dropping a half-written last line or a row cut in the
-middle of its samples) and generates only the rest.
+A teacher on a server (endpoint.py) adds "served_by": {"endpoint", "model"}. `thinking` is the row's mode (see
+thinking.py; None when generation.thinking_prob is unset), already applied to `prompt_ids`. `completion_ids` end with
+eos when the teacher stopped by itself (`finished`). `text` is the prompt and completion decoded together, `prompt`
+and `completion` its two parts split at the exact boundary (prompt + completion == text, a leading space of the
+completion kept), without the ids the tokenizer adds itself in front (BOS) or the completion's special tokens (its
+eos): a file the student can train on as it is. Lines are appended and flushed per batch; a rerun keeps the rows
+whose samples are all present (dropping a half-written last line or a row cut in the middle of its samples) and
+generates only the rest.
 
 A teacher whose tokenizer differs from the student's reads prompts rendered with its own tokenizer and chat template;
 its lines also hold "messages" (the conversation without the answer), from which the student's examples are rendered
@@ -38,6 +39,7 @@ from lmdistill.data.collate import DistillCollator
 from lmdistill.data.completion import special_prefix
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError
+from lmdistill.teacher.endpoint import EndpointTeacher
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes, my_share
 from lmdistill.teacher.retokenize import student_examples
 from lmdistill.teacher.thinking import ThinkingModes
@@ -147,7 +149,8 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
         log.info("generations %s: %d rows already written, %d to go", out, len(done), len(todo))
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p,
                 "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
-    device = next(model.parameters()).device
+    served = isinstance(model, EndpointTeacher)  # a teacher on a server: the batch's prompts go out concurrently
+    device = None if served else next(model.parameters()).device
     special = set(tokenizer.all_special_ids)
     written = 0
     batches = my_share([todo[i:i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)],
@@ -158,19 +161,26 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
             if modes is not None:
                 batch = [(name, {**ex, "input_ids": p, "prompt_length": len(p)}) for (name, ex), mode in
                          zip(batch, thinking) for p in [modes.apply(ex["input_ids"][: ex["prompt_length"]], mode)]]
-            ids, mask = collator.collate_prompts([ex for _, ex in batch])
             batch_seed = _batch_seed(seed, batch[0][0], batch[0][1]["row_id"])
-            torch.manual_seed(batch_seed)
-            with torch.no_grad():
-                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                           num_return_sequences=settings.num_samples,
-                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                           **({"temperature": settings.temperature, "top_p": settings.top_p}
-                                              if settings.do_sample else {}),
-                                           max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample)
-            # causal: prompt then new tokens; seq2seq: decoder start token then new tokens
-            new = generated[:, ids.shape[1]:] if task_type == "causal" else generated[:, 1:]
-            for j, row in enumerate(new.tolist()):
+            if served:
+                answers = model.generate([ex["input_ids"][: ex["prompt_length"]] for _, ex in batch],
+                                         settings.num_samples, settings.max_new_tokens, settings.do_sample,
+                                         settings.temperature, settings.top_p, batch_seed)
+                new = [ids for samples in answers for ids, _ in samples]
+            else:
+                ids, mask = collator.collate_prompts([ex for _, ex in batch])
+                torch.manual_seed(batch_seed)
+                with torch.no_grad():
+                    generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                               num_return_sequences=settings.num_samples,
+                                               pad_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               **({"temperature": settings.temperature, "top_p": settings.top_p}
+                                                  if settings.do_sample else {}),
+                                               max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample)
+                # causal: prompt then new tokens; seq2seq: decoder start token then new tokens
+                new = (generated[:, ids.shape[1]:] if task_type == "causal" else generated[:, 1:]).tolist()
+            for j, row in enumerate(new):
                 name, ex = batch[j // settings.num_samples]
                 prompt_ids = ex["input_ids"][: ex["prompt_length"]] if task_type == "causal" else ex["input_ids"]
                 completion_ids, finished = _completion(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -182,6 +192,8 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
                     "row_id": ex["row_id"], "sample": j % settings.num_samples, "teacher": teacher_name,
                     "tokenizer": tokenizer_id, "seed": batch_seed, "settings": sampling,
                     "thinking": thinking[j // settings.num_samples]}
+                if served:
+                    line["served_by"] = {"endpoint": model.url, "model": model.served_model}
                 if "messages" in ex:  # the conversation, so another tokenizer's student can render it again
                     line["messages"] = ex["messages"]
                 f.write(json.dumps(line) + "\n")

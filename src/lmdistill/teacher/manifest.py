@@ -67,10 +67,12 @@ class Manifest(_Model):
     shard_examples: int
     sources: dict[str, SourceEntry]
     shards: list[ShardEntry] = []
+    endpoint: str | None = None  # the server that answered for the teacher (None: loaded in-process)
+    served_model: str | None = None
 
     def identity(self) -> dict:
-        """Everything that decides the cache's content (not which shards are done yet)."""
-        return self.model_dump(exclude={"shards", "teacher"})
+        """Everything that decides the cache's content (not which shards are done yet, nor who computed them)."""
+        return self.model_dump(exclude={"shards", "teacher", "endpoint", "served_model"})
 
     def shard(self, source: str, index: int) -> ShardEntry | None:
         return next((s for s in self.shards if s.source == source and s.index == index), None)

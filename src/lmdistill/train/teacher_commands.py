@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmdistill.config import PipelineConfig
+from lmdistill.config import PipelineConfig, TeacherSettings
 from lmdistill.data.cache import tokenizer_hash
 from lmdistill.errors import ConfigError
 from lmdistill.models.vocab import check_same_vocab
@@ -15,6 +15,15 @@ from lmdistill.teacher.generations import generation_sources, write_generations
 from lmdistill.teacher.manifest import Manifest
 from lmdistill.teacher.stage import cache_dir
 from lmdistill.train.pipeline import launched_processes, prepare
+from lmdistill.train.served import served_teacher
+
+
+def with_endpoint(config: PipelineConfig, endpoint: str | None) -> PipelineConfig:
+    """The config with teacher.endpoint set (--teacher-endpoint), validated as the config file would be."""
+    if endpoint is None:
+        return config
+    teacher = TeacherSettings.model_validate({**config.teacher.model_dump(), "endpoint": endpoint})
+    return config.model_copy(update={"teacher": teacher})
 
 
 def _prepare_with_teacher(config: PipelineConfig, command: str):
@@ -23,6 +32,9 @@ def _prepare_with_teacher(config: PipelineConfig, command: str):
     if not config.teacher.name:
         raise ConfigError(f"`lmdistill {command}` runs the teacher, but teacher.name is not set in the config")
     processes = launched_processes(config)
+    if config.teacher.endpoint:
+        return served_teacher(config, prepare(config, load_teacher=False), vocab_check=command != "generate"), \
+            processes
     # Generations are text: a teacher with another tokenizer is prompted in its own (see write_generations).
     prep = prepare(config, load_teacher=True, vocab_check=command != "generate")
     if prep.teacher is None:
@@ -51,6 +63,8 @@ def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int 
                          vocab_size=vocab, pad_token_id=prep.tokenizer.pad_token_id, teacher_name=config.teacher.name,
                          teacher_config_hash=model_config_hash(prep.teacher.config),
                          tokenizer_hash=tokenizer_hash(prep.tokenizer))
+    if config.teacher.endpoint:
+        inputs.endpoint, inputs.served_model = prep.teacher.url, prep.teacher.served_model
     out_dir = cache_dir(config, out)
     return out_dir, build_cache(prep.teacher, inputs, settings, out_dir, processes)
 
