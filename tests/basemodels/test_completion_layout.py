@@ -84,10 +84,9 @@ def test_a_stage_cannot_train_on_prompts_alone(base_tokenizer):
     prompts = encode([{"prompt": "The bank"}, {"prompt": "A trader"}], base_tokenizer)
     texts = encode([{"text": TEXT}], base_tokenizer)
     prep = SimpleNamespace(sources={"prompts": prompts, "general": texts + prompts[:1]})
-    distill, policy = StageSettings(name="kd"), StageSettings(name="gkd", kind="policy", onpolicy={})
+    distill = StageSettings(name="kd")
     with pytest.raises(ConfigError, match=r"stage 'kd' trains on the rows of source\(s\) \['prompts'\], but they hold "
                                           r"prompts only: let the teacher answer them \(`lmdistill generate CONFIG`"):
         stage_training_sources(None, prep, distill)
     prep.sources = {"general": texts + prompts[:1]}
     assert stage_training_sources(None, prep, distill) == {"general": texts}  # the prompt alone is left out
-    assert stage_training_sources(None, prep, policy) == prep.sources  # the student answers prompts itself

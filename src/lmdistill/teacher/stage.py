@@ -46,8 +46,6 @@ def needs_live_teacher(config: PipelineConfig, stages: list[StageSettings]) -> b
 def stage_training_sources(config: PipelineConfig, prep, stage: StageSettings) -> dict[str, list[dict]]:
     """The sources a stage draws from: the configured ones, or only the teacher's generations (teacher_source:
     generations, and every non_policy stage: seed 003's off-policy stage trains on the teacher's responses)."""
-    if stage.kind == "policy":
-        return prep.sources  # the student answers the prompts itself
     if stage.teacher_source != "generations" and stage.kind != "non_policy":
         return _with_targets(prep.sources, stage.name)
     if stage.mixture.weights or stage.mixture.schedule:
