@@ -90,3 +90,14 @@ def test_a_stage_cannot_train_on_prompts_alone(base_tokenizer):
         stage_training_sources(None, prep, distill)
     prep.sources = {"general": texts + prompts[:1]}
     assert stage_training_sources(None, prep, distill) == {"general": texts}  # the prompt alone is left out
+
+
+def test_answers_and_continuations_are_scored_apart():
+    from lmdistill.eval.evaluate import ANSWER, CONTINUATION, _generation_scores
+    from lmdistill.eval.metrics import rouge_l
+
+    predictions, references = ["a b c", "x y", "the cat sat", "dog"], ["a b c", "x z", "the cat", "a dog ran"]
+    scores = _generation_scores(predictions, references, [ANSWER, CONTINUATION, ANSWER, CONTINUATION], None)
+    assert scores == {"rouge_l": rouge_l(predictions[::2], references[::2]), "exact_match": 0.5,
+                      "rouge_l_continuation": rouge_l(predictions[1::2], references[1::2])}
+    assert "exact_match" not in _generation_scores(predictions, references, [CONTINUATION] * 4, None)
