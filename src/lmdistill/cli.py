@@ -77,6 +77,9 @@ def run(
                                                      "print a summary, train nothing)."),
     create_config: Optional[Path] = _opt("create_config", help="Write the `strong-to-weak` preset here and exit."),
     teacher_model: Optional[str] = _opt("teacher_model", help="Teacher: hub name or local folder."),
+    teacher_endpoint: Optional[str] = _opt("teacher_endpoint", help="Base URL of a vLLM (OpenAI-compatible) server "
+                                           "serving the teacher: non_policy stages get their generations from it, "
+                                           "the teacher is not loaded here (teacher.endpoint)."),
     student_model: Optional[str] = _opt("student_model", help="Student: hub name or local folder."),
     pretrained_student: Optional[str] = _opt("pretrained_student", help="Start from this student checkpoint."),
     output_dir: Optional[str] = _opt("output_dir", help="Run directory."),
@@ -146,8 +149,8 @@ def run(
 
 
 _FLAG_NAMES = {
-    "teacher_model", "student_model", "output_dir", "general_dataset", "domain_dataset", "general_csv_path",
-    "medical_csv_path", "eval_csv_path", "dataset", "num_samples", "task_type", "max_length", "batch_size",
+    "teacher_model", "teacher_endpoint", "student_model", "output_dir", "general_dataset", "domain_dataset",
+    "general_csv_path", "medical_csv_path", "eval_csv_path", "dataset", "num_samples", "task_type", "max_length", "batch_size",
     "gradient_accumulation_steps", "optimizer", "learning_rate", "weight_decay", "temperature", "epochs",
     "warmup_ratio", "lr_scheduler_type", "clip_grad_norm", "vocab_chunk_size", "save_every", "log_interval", "seed",
     "fp16", "bf16", "no_cuda", "use_lora", "use_wandb", "strict",

@@ -135,3 +135,28 @@ def test_malformed_answers_and_timeouts_stop_with_one_line(server):
 def test_endpoint_must_be_a_url(teacher_config, tmp_path):
     with pytest.raises(Exception, match="must be an http"):
         with_endpoint(_config(teacher_config, tmp_path), "localhost:8000")
+
+
+def test_run_with_endpoint_trains_non_policy_on_served_generations(server, teacher_config, tmp_path, monkeypatch):
+    from lmdistill.train import pipeline
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded in-process")
+
+    monkeypatch.setattr(pipeline, "load_model", no_teacher)
+    stages = [{"name": "off", "kind": "non_policy", "max_steps": 2, "losses": [{"name": "cross_entropy"}]}]
+    config = _config(teacher_config, tmp_path, server.url, stages=stages,
+                     generation={"sources": ["domain"], "max_new_tokens": 4, "do_sample": False})
+    run_dir = pipeline.run_pipeline(config)
+    lines = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert lines and all(line["served_by"]["endpoint"] == server.url for line in lines)
+    assert (run_dir / "off" / "final").is_dir()
+
+
+def test_run_with_endpoint_refuses_a_stage_that_needs_the_teacher_in_process(server, teacher_config, tmp_path):
+    from lmdistill.errors import ConfigError
+    from lmdistill.train.pipeline import run_pipeline
+
+    config = _config(teacher_config, tmp_path, server.url, stages=[{"name": "kd", "max_steps": 1}])
+    with pytest.raises(ConfigError, match="stage 'kd' \\(live logit KD: set teacher_source: cache"):
+        run_pipeline(config)

@@ -49,6 +49,7 @@ from lmdistill.train.feedback import STATE_FILE as FEEDBACK_FILE, EvalDrivenSamp
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
 from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
 from lmdistill.train.rerun import check_same_config, clear_run
+from lmdistill.train.served import served_run
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
                                    write_seed_aliases)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
@@ -409,7 +410,11 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
     _main_writes(processes, lambda: save_config(config, run_dir / CONFIG_FILE))
     stages = selected_stages(config, start_stage, end_stage, kinds)
     state = PipelineState.load(run_dir)
-    prep = prepare(config, load_teacher=loads_teacher(config, [s for _, s in stages]), shard_teacher=True)
+    served = bool(config.teacher.endpoint)  # the teacher answers from a server (served.py), never loaded here
+    prep = prepare(config, load_teacher=loads_teacher(config, [s for _, s in stages]) and not served,
+                   shard_teacher=True)
+    if served:
+        prep = served_run(config, prep, [s for _, s in stages], processes)
     prep.student = saved_student_init(config, prep, run_dir, processes)
     start_from = starting_student(config, state, stages[0], checkpoint_path, run_dir)
     if config.evaluation.enabled:

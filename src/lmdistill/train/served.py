@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from lmdistill.config import PipelineConfig
+from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, PipelineConfig, StageSettings
 from lmdistill.errors import ConfigError
 from lmdistill.models.load import load_tokenizer
 from lmdistill.models.vocab import check_same_vocab, same_vocab
@@ -39,3 +39,35 @@ def served_teacher(config: PipelineConfig, prep, vocab_check: bool = True):
         log.info("teacher and student tokenizers differ: the teacher reads the data in its own tokens")
     teacher = open_teacher(config.teacher, teacher_tokenizer, rows, teacher_config)
     return dataclasses.replace(prep, teacher=teacher, shared_vocab=shared_vocab, teacher_tokenizer=other_tokenizer)
+
+
+def _in_process_use(config: PipelineConfig, stages: list[StageSettings]) -> str | None:
+    """What in `stages` needs the teacher's weights in this process (a server gives log-probs and text only)."""
+    if config.student.from_teacher is not None:
+        return "student.from_teacher (the student is cut from the teacher's layers)"
+    for stage in stages:
+        if stage.kind == "finetune":
+            continue
+        if stage.kind == "policy":
+            return f"stage {stage.name!r} (kind: policy: the teacher scores the student's samples as it trains)"
+        if any(isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm)) for t in stage.losses):
+            return f"stage {stage.name!r} (its hidden-state / attention terms read the teacher's activations)"
+        if any(t.name != "cross_entropy" for t in stage.losses) and stage.teacher_source != "cache":
+            return f"stage {stage.name!r} (live logit KD: set teacher_source: cache and run `lmdistill cache-teacher`)"
+    return None
+
+
+def served_run(config: PipelineConfig, prep, stages: list[StageSettings], processes):
+    """A `run` with teacher.endpoint: the generations its non_policy stages train on are written (or finished)
+    through the server first; the stages then train without a teacher in this process. Returns `prep` unchanged
+    (no teacher loaded: evaluation reports the student alone)."""
+    from lmdistill.teacher.generations import write_generations
+
+    use = _in_process_use(config, stages)
+    if use is not None:
+        raise ConfigError(f"teacher.endpoint serves the teacher elsewhere, but {use} needs it in this process; "
+                          "remove teacher.endpoint, or change that stage")
+    if any(stage.kind == "non_policy" for stage in stages):
+        write_generations(config, served_teacher(config, prep, vocab_check=False), processes=processes)
+    log.info("teacher served at %s: the stages train without loading it", config.teacher.endpoint)
+    return prep
