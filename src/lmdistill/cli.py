@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="Distill a large language model (teacher) into a smaller one (student).")
 console = Console(stderr=True)
 PRESETS = {"multistage": "multistage.yaml", "strong-to-weak": "strong_to_weak.yaml", "simple": "simple.yaml",
-           "finetune": "finetune.yaml"}
+           "finetune": "finetune.yaml", "progressive": "progressive.yaml"}
 
 
 def _setup_logging(verbose: bool = False) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmdistill.data.columns import ROLES as COLUMN_ROLES
 from lmdistill.errors import ConfigError
@@ -81,6 +81,39 @@ class TeacherSettings(ModelSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000/v1, not {value!r}")
         return value.rstrip("/") if value else value
+
+
+class TeacherEntry(TeacherSettings):
+    """One of several teachers (`teachers:`): its distribution enters the stage's target at `weight`."""
+
+    weight: float = Field(1.0, gt=0, description="Share in the mixture target (weights are normalised to sum 1).")
+    sources: list[str] | None = Field(
+        None, description="Routing: examples of these training sources are scored by this teacher alone; examples "
+                          "of other sources get the weighted mixture of the teachers without sources.")
+
+
+class StageTeacher(Strict):
+    """A stage's own teacher in place of the run's: an earlier stage's student (chains, self-distillation) or an
+    exponential moving average of the student being trained."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)  # saved as written: self: ema
+    from_stage: str | None = Field(None, description="Name of an earlier stage whose best student is the teacher.")
+    self_: Literal["ema"] | None = Field(None, alias="self", description="ema: the teacher is an exponential moving "
+                                                                         "average of the student itself.")
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimizer step (ema = decay*ema + "
+                                                         "(1-decay)*student).")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.from_stage is None) == (self.self_ is None):
+            raise ValueError("give exactly one of from_stage (an earlier stage's student) or self: ema")
+        return self
+
+
+class StageStudent(Strict):
+    """A stage's own student: built by layer dropping from this stage's teacher (progressive compression)."""
+
+    from_teacher: FromTeacher
 
 
 class StudentSettings(ModelSettings):
@@ -198,6 +231,10 @@ class StageSettings(Strict):
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps; unset: "
                                                           "training.save_every, else at the end of each epoch.")
     metric_for_best: str = "eval_loss"
+    teacher: StageTeacher | None = Field(None, description="This stage's teacher instead of the run's (chains, "
+                                                          "self-distillation).")
+    student: StageStudent | None = Field(None, description="This stage's student built from its teacher instead of "
+                                                          "continuing the previous stage's.")
 
     @model_validator(mode="after")
     def _rules(self):
@@ -339,6 +376,9 @@ class EvaluationSettings(Strict):
 class PipelineConfig(Strict):
     task_type: Literal["auto", "causal", "seq2seq"] = "auto"
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    teachers: list[TeacherEntry] | None = Field(
+        None, description="Several teachers in place of `teacher`: the target is their weighted mixture (or one per "
+                          "example by source routing); the first is also the teacher scored in evaluation.")
     student: StudentSettings = Field(default_factory=StudentSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     stages: list[StageSettings]
@@ -366,6 +406,16 @@ class PipelineConfig(Strict):
             for src in list(stage.mixture.weights) + ([stage.mixture.schedule.source] if stage.mixture.schedule else []):
                 if src not in known:
                     raise ValueError(f"stages[{i}].mixture names source {src!r}, but data.sources has {sorted(known)}")
+        return self
+
+    @model_validator(mode="after")
+    def _teachers(self):
+        from lmdistill.teacher.chain_rules import check_teachers
+
+        primary = check_teachers(self)
+        if primary is not None and self.teacher.name is None:
+            # The first teacher stands for `teacher` wherever one model is meant (vocabulary, evaluation, samples).
+            self.teacher = primary
         return self
 
     @model_validator(mode="after")

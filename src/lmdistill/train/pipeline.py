@@ -34,7 +34,6 @@ from lmdistill.errors import ConfigError
 from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_model, load_student, load_tokenizer,
                                    resolve_device)
 from lmdistill.models.sharding import is_sharded, local_parameter_count, teacher_shard_size
-from lmdistill.models.student_init import student_from_teacher
 from lmdistill.models.vocab import check_same_vocab, same_vocab
 from lmdistill.teacher.generations import ensure_generations
 from lmdistill.teacher.retokenize import needs_shared_vocab
@@ -52,6 +51,9 @@ from lmdistill.train.rerun import check_same_config, clear_run
 from lmdistill.train.served import served_run
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
                                    write_seed_aliases)
+from lmdistill.train.ema import EMA_FILE, EmaTeacher
+from lmdistill.train.stage_models import (STUDENT_INIT_DIR, TeacherPool, build_student_init, log_resident,
+                                          route_sources, stage_student, stage_teacher)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
 from lmdistill.train.trainer import DistillationTrainer
 from lmdistill.train.warm_start import warn_if_cold_start
@@ -59,7 +61,6 @@ from lmdistill.train.warm_start import warn_if_cold_start
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "lmdistill_config.yaml"
-STUDENT_INIT_DIR = "student_init"
 STAGE_KINDS = {"all": None, "non_policy": {"non_policy"}, "policy": {"policy"}}
 
 
@@ -103,6 +104,7 @@ class Prepared:
     student: StudentSettings | None = None  # how this run loads its student (see saved_student_init)
     # The teacher's own tokenizer when its vocabulary differs from the student's (None: they share one).
     teacher_tokenizer: object | None = None
+    pool: TeacherPool = field(default_factory=TeacherPool)  # teachers besides `teacher` (train/stage_models.py)
 
     @property
     def scoring_teacher(self) -> torch.nn.Module | None:
@@ -206,15 +208,9 @@ def saved_student_init(config: PipelineConfig, prep: Prepared, run_dir: Path, pr
     folder = run_dir / STUDENT_INIT_DIR
 
     def write():
-        if (folder / "config.json").exists():
-            return  # an earlier run of this directory built it: its adapters and checkpoints refer to it
-        if prep.teacher is None:
+        if prep.teacher is None and not (folder / "config.json").exists():
             raise ConfigError("student.from_teacher builds the student from the teacher; set teacher.name")
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        student_from_teacher(prep.teacher, config.student.from_teacher).save_pretrained(tmp)
-        prep.tokenizer.save_pretrained(tmp)
-        replace_dir_atomic(tmp, folder)
+        build_student_init(prep.teacher, config.student.from_teacher, prep.tokenizer, folder)
 
     _main_writes(processes, write)
     return config.student.model_copy(update={"name": str(folder.resolve()), "from_teacher": None})
@@ -258,7 +254,7 @@ def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     # Training state, not the model: Trainer's, ours, and DeepSpeed's (global_stepN/ shards, `latest`, its script).
     skip = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", BALANCER_FILE, FEEDBACK_FILE,
-            ADALORA_FILE, "latest", "zero_to_fp32.py"}
+            ADALORA_FILE, EMA_FILE, "latest", "zero_to_fp32.py"}
     skip_prefixes = ("rng_state", "replay_buffer_", "global_step")
     shutil.copytree(checkpoint, tmp,
                     ignore=lambda d, names: [n for n in names if n in skip or n.startswith(skip_prefixes)])
@@ -295,15 +291,20 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     """Train one stage; returns (best_path, final_path, best_metric)."""
     stage_dir = run_dir / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
-    teacher = prep.teacher if stage.kind != "finetune" else None
-    student = load_student(prep.student, prep.task_type, device=prep.device, teacher=prep.teacher,
+    processes = launched_processes(config)
+    teacher = stage_teacher(config, prep, stage, run_dir)
+    student_settings, start_from = stage_student(prep, stage, teacher, run_dir, start_from,
+                                                 lambda write: _main_writes(processes, write))
+    student = load_student(student_settings, prep.task_type, device=prep.device, teacher=prep.teacher,
                            checkpoint=start_from)
     if config.student.lora is not None:
         student = apply_lora(student, config.student.lora, prep.task_type,
                              total_steps=stage.max_steps or None)
+    ema = EmaTeacher(student, stage.teacher.decay) if stage.teacher and stage.teacher.self_ == "ema" else None
+    teacher = ema.model if ema is not None else teacher
+    log_resident(stage, prep, teacher, ema is not None)
     objective = build_objective(stage)
     aux = build_aux(stage, student, teacher, seed=config.training.seed)
-    processes = launched_processes(config)
     if stage.kind == "non_policy":
         # Seed 003's off-policy stage trains on the teacher's responses: written (or finished) here when
         # `lmdistill generate` has not, each process taking its share; a complete file is left as it is.
@@ -319,6 +320,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         sources, eval_examples, collator, cross_vocab = cross
     # Trainer splits each global batch over the processes: draw enough examples for all of them.
     train_dataset = build_train_dataset(config, stage, sources, world_size=processes.num_processes)
+    route_sources(teacher, train_dataset.names)
     teacher_cache, shared_vocab = None, prep.shared_vocab
     if stage.teacher_source == "cache" and objective.needs_teacher:
         # Offline teacher: logits come from the cache by example id; eval examples get ids in the same space.
@@ -342,6 +344,10 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     resume = _last_checkpoint(stage_dir)
     if resume:
         log.info("stage %s: resuming from %s", stage.name, resume)
+    if ema is not None:
+        trainer.add_callback(ema)
+        if resume and not ema.load(resume):
+            log.warning("stage %s: %s holds no EMA teacher; the average restarts from the student", stage.name, resume)
     log.info("stage %d/%d %s: %d draws from %s, losses %s, T=%s", index, len(config.stages), stage.name,
              len(train_dataset), train_dataset.names,
              [(t.name, t.weight) for t in objective.terms], stage.temperature)

@@ -215,14 +215,16 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
     def _teacher_outputs(self, inputs: dict, labels: torch.Tensor):
         """The teacher's forward pass, on the teacher's own device (teacher.device); outputs come back to the
         student's device, in the teacher's dtype (the losses upcast to float32)."""
+        # Several teachers (teacher/ensemble.py) route each example by its source id.
+        teacher = self.teacher.for_batch(inputs) if hasattr(self.teacher, "for_batch") else self.teacher
         here = labels.device
-        there = next(self.teacher.parameters()).device
+        there = next(teacher.parameters()).device
         if there != here:
             inputs = {key: inputs[key].to(there) for key in ("input_ids", "attention_mask")}
             labels = labels.to(there)
         with torch.no_grad():
             # Logits only where the logit terms read them (not fused, no cache): hidden-state terms need none.
-            out = self._forward(self.teacher, inputs, labels, body_only=self.fused or not self._teacher_logits_needed)
+            out = self._forward(teacher, inputs, labels, body_only=self.fused or not self._teacher_logits_needed)
         if self._teacher_sharded:
             release_gathered(self.teacher)
         if there == here:
