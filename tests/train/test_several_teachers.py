@@ -109,7 +109,8 @@ def test_routing_names_known_sources_once(tiny_pipeline, teacher_dir):
     for teachers, match in [([{"name": "a", "sources": ["nope"]}], "routed source 'nope'"),
                             ([{"name": "a", "sources": ["domain"]}, {"name": "b", "sources": ["domain"]}],
                              "routed to two teachers"),
-                            ([{"name": "a"}, {"dtype": "float32"}], "needs a name")]:
+                            ([{"name": "a"}, {"dtype": "float32"}], "needs a name"),
+                            ([{"name": "a"}, {"name": "b", "endpoint": "http://localhost:8000"}], "endpoint teacher")]:
         data = tiny_pipeline([{"name": "s"}], teachers=teachers)
         del data["teacher"]
         with pytest.raises(ConfigError, match=match):
