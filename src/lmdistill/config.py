@@ -185,6 +185,24 @@ class EvalDrivenSettings(Strict):
     min_weight: float = Field(0.05, ge=0, lt=1)
 
 
+class AdaptiveOffPolicySettings(Strict):
+    """DistiLLM's adaptive off-policy schedule: the share of student-generated batches starts at `start` and rises by
+    `step` (up to `max`) after each evaluation whose `metric` did not fall below the best so far by `min_delta`."""
+
+    start: float = Field(0.0, ge=0, le=1, description="Share of student-sampled batches before any evaluation.")
+    step: float = Field(0.1, gt=0, le=1, description="Added to the share after an evaluation that did not improve.")
+    max: float = Field(1.0, gt=0, le=1, description="The share never rises above this.")
+    min_delta: float = Field(0.0, ge=0, description="An evaluation improves when it beats the best by more than this.")
+    metric: str = Field("eval_loss", description="The evaluation loss watched (a lower-is-better metric).")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.start > self.max:
+            raise ValueError(f"adaptive.start ({self.start}) is above adaptive.max ({self.max}); lower start or raise "
+                             "max")
+        return self
+
+
 class OnPolicySettings(Strict):
     """A `kind: policy` stage (GKD). Sampling settings (temperature, top_p, max_new_tokens) come from `generation:`."""
 
@@ -195,6 +213,9 @@ class OnPolicySettings(Strict):
                                                   "(0: no replay).")
     replay_ratio: float = Field(0.5, ge=0, lt=1, description="Share of on-policy batches taken from the replay "
                                                              "buffer instead of sampled anew (when it is not empty).")
+    adaptive: AdaptiveOffPolicySettings | None = Field(
+        None, description="DistiLLM: replace the fixed lmbda by a share that rises when validation loss stops "
+        "falling (needs eval data and eval_steps on the stage).")
 
 
 class StageSettings(Strict):
@@ -251,6 +272,10 @@ class StageSettings(Strict):
             raise ValueError("alpha alone is ambiguous in a non_policy/policy stage (the CE weight in finetune_cli.py, "
                              "the KD weight in main_distillation.py): add beta (then alpha=KD, beta=CE, as in "
                              "main_distillation.py) or use named loss weights")
+        if self.onpolicy is not None and self.onpolicy.adaptive is not None and (
+                self.kind != "policy" or self.eval_steps is None):
+            raise ValueError("onpolicy.adaptive raises the student-sample share at each evaluation: it needs kind: "
+                             "policy and eval_steps on the stage (and data.eval)")
         if self.kind == "policy" and self.teacher_source != "live":
             raise ValueError("a policy stage scores the student's own samples, so it needs teacher_source: live")
         if self.kind == "non_policy" and self.teacher_source == "cache":
@@ -406,6 +431,9 @@ class PipelineConfig(Strict):
             for src in list(stage.mixture.weights) + ([stage.mixture.schedule.source] if stage.mixture.schedule else []):
                 if src not in known:
                     raise ValueError(f"stages[{i}].mixture names source {src!r}, but data.sources has {sorted(known)}")
+            if stage.onpolicy is not None and stage.onpolicy.adaptive is not None and not self.data.eval:
+                raise ValueError(f"stages[{i}].onpolicy.adaptive watches the validation loss, but data.eval is empty; "
+                                 "give data.eval a held-out set")
         return self
 
     @model_validator(mode="after")

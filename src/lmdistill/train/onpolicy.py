@@ -35,6 +35,7 @@ from lmdistill.data.collate import DistillCollator
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError, TrainingError
 from lmdistill.teacher.thinking import ThinkingModes, thinking_modes
+from lmdistill.train.offpolicy_schedule import AdaptiveShare
 from lmdistill.train.trainer import DistillationTrainer
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,11 @@ class OnPolicyTrainer(DistillationTrainer):
         self.modes = modes
         self.seed = seed
         self.replay = ReplayBuffer(onpolicy.replay_size) if onpolicy.replay_size else None
+        # The student-sample share: fixed, or moved by DistiLLM's schedule at every evaluation.
+        self.lmbda = onpolicy.lmbda
+        if onpolicy.adaptive is not None:
+            self.lmbda = onpolicy.adaptive.start
+            self.add_callback(AdaptiveShare(self, onpolicy.adaptive))
         self._collator = DistillCollator(self.processing_class.pad_token_id, task_type="causal")
         self._counts = {"student": 0, "replayed": 0, "teacher": 0, "dataset": 0}
         self._sample_tokens, self._sample_seconds = 0, 0.0
@@ -218,7 +224,7 @@ class OnPolicyTrainer(DistillationTrainer):
     def policy_batch(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
         """One micro-batch as trained: student samples (fresh or replayed), teacher samples, or the batch itself."""
         step = self.state.global_step
-        if _uniform(self.seed, "lmbda", step, index) < self.onpolicy.lmbda:
+        if _uniform(self.seed, "lmbda", step, index) < self.lmbda:
             if self.replay and _uniform(self.seed, "replay", step, index) < self.onpolicy.replay_ratio:
                 self._counts["replayed"] += 1
                 return self.replay.draw(_uniform(self.seed, "draw", step, index), batch["input_ids"].device)
@@ -251,6 +257,7 @@ class OnPolicyTrainer(DistillationTrainer):
             total = max(1, sum(self._counts.values()))
             for name, count in self._counts.items():
                 logs[f"onpolicy/{name}_share"] = round(count / total, 4)
+            logs["onpolicy/lmbda"] = self.lmbda
             if self._sample_seconds:
                 logs["onpolicy/sample_tokens_per_s"] = round(self._sample_tokens / self._sample_seconds, 1)
             self._counts = dict.fromkeys(self._counts, 0)
