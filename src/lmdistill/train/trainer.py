@@ -17,9 +17,7 @@ tokens and are normalised alike (`hidden_terms.py`).
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections import defaultdict
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -98,8 +96,9 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._loss_shifts_labels = task_type == "causal"
-        self._term_sums: dict[str, float] = defaultdict(float)
-        self._term_counts: dict[str, int] = defaultdict(int)
+        # Per-term sums and counts stay on the device until log(): reading them each step would stop the host.
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_counts: dict[str, torch.Tensor] = {}
         self._nonfinite_in_a_row = 0
         self._skip_optimizer_step = False
         self._nonfinite_terms: set[str] = set()
@@ -320,9 +319,11 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
 
     # ------------------------------------------------------------------ non-finite guard and per-term logging
     def _guard_nonfinite(self, model: nn.Module, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
-        if not bad and torch.isfinite(total.detach()):
+        # One host sync for all terms and the total, not one per term.
+        finite = torch.isfinite(torch.stack([v.detach().float().sum() for v in (*terms.values(), total)]))
+        if finite.all():
             return total
+        bad = [name for name, ok in zip(terms, finite.tolist()) if not ok]
         self._nonfinite_terms.update(bad or ["total"])
         log.warning("step %d: non-finite loss term(s) %s; skipping this step", self.state.global_step,
                     ", ".join(bad) or "total")
@@ -349,18 +350,21 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
 
     def _record(self, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> None:
         for name, value in terms.items():
-            value = float(value.detach())
-            if math.isfinite(value):
-                self._term_sums[name] += value
-                self._term_counts[name] += 1
+            value = value.detach().float().sum()
+            finite = torch.isfinite(value)
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + torch.where(finite, value, 0.0)
+            self._term_counts[name] = self._term_counts.get(name, 0) + finite.long()
         self._weights = weights
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_counts:
             ga = max(1, self.args.gradient_accumulation_steps)
             for name, total in self._term_sums.items():
+                count = int(self._term_counts[name])
+                if not count:  # non-finite at every step since the last log
+                    continue
                 # Terms are recorded per micro-batch as parts of an accumulated mean: rescale to a per-step value.
-                logs[f"loss/{name}"] = round(total * ga / self._term_counts[name], 6)
+                logs[f"loss/{name}"] = round(float(total) * ga / count, 6)
                 logs[f"weight/{name}"] = self._weights.get(name, 0.0)
             self._term_sums.clear()
             self._term_counts.clear()
