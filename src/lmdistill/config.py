@@ -204,7 +204,7 @@ class AdaptiveOffPolicySettings(Strict):
 
 
 class OnPolicySettings(Strict):
-    """A `kind: policy` stage (GKD). Sampling settings (temperature, top_p, max_new_tokens) come from `generation:`."""
+    """A `kind: policy` stage (GKD). Sampling settings (temperature, top_k, top_p, max_new_tokens) come from `generation:`."""
 
     lmbda: float = Field(0.5, ge=0, le=1, description="Probability per batch that the student samples completions.")
     seq_kd: bool = Field(False, description="When not on-policy, the teacher samples the completions instead of the "
@@ -352,7 +352,10 @@ class TrainingSettings(Strict):
 
 class GenerationSettings(Strict):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (not the KD temperature).")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only; 0: no top-k truncation (not "
+                                             "transformers' default of 50, nor the model's generation_config).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens holding this "
+                                                       "probability; 1.0: no truncation.")
     max_new_tokens: int = Field(64, gt=0)
     do_sample: bool = True
     thinking_prob: float | None = Field(

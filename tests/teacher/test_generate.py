@@ -30,7 +30,7 @@ def test_generate_writes_provenance_and_resumes(teacher_config, tmp_path, tokeni
     assert sorted((l["row_id"], l["sample"]) for l in lines) == [(r, s) for r in range(6) for s in range(2)]
     first = lines[0]
     assert first["teacher"] == config.teacher.name and first["source"] == "domain"
-    assert first["settings"] == {"temperature": 0.8, "top_p": 1.0, "max_new_tokens": 6, "do_sample": True}
+    assert first["settings"] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6, "do_sample": True}
     assert isinstance(first["seed"], int) and first["tokenizer"] == tokenizer_hash(tokenizer)
     for line in lines:
         assert 0 < len(line["completion_ids"]) <= 6

@@ -16,7 +16,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from lmdistill.config import GenerationSettings
 from lmdistill.errors import DataError, ModelError
+from lmdistill.teacher.sampling import generate_kwargs
 
 IGNORE_INDEX = -100
 # Elements of one float32 [tokens, vocab] chunk: 2**26 floats = 256 MB, so a 150k vocab is upcast ~440 tokens at
@@ -203,15 +205,15 @@ def generate_continuations(model: torch.nn.Module, tokenizer, prompts: Sequence[
     device = next(model.parameters()).device
     all_ids = [_prompt_ids(tokenizer, p, i) for i, p in enumerate(prompts)]
     outputs: list[str] = []
+    greedy = generate_kwargs(GenerationSettings(do_sample=False, max_new_tokens=max_new_tokens))
     with eval_mode(model), torch.no_grad():
         for batch in _batches(all_ids, batch_size):
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch],
                                           device=device)
-            # Explicit greedy settings: a checkpoint's generation_config may ask for sampling.
-            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            # Plain greedy decoding: a checkpoint's generation_config may ask for sampling or penalties.
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **greedy,
                                        pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
             new_tokens = generated if encoder_decoder else generated[:, width:]  # [B, <= max_new_tokens]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

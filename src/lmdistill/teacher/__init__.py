@@ -1,10 +1,11 @@
 """Recorded teacher outputs, so stages can train without the teacher in memory.
 
-    cache-teacher   commands.cache_teacher -> cache.build_cache: top-k log-probs per counted token in checksummed,
-                    resumable safetensors shards + manifest.json (capture.py, packing.py, manifest.py)
+    cache-teacher   train/teacher_commands.cache_teacher -> cache.build_cache: top-k log-probs per counted token in
+                    checksummed, resumable safetensors shards + manifest.json (capture.py, packing.py, manifest.py)
     teacher: cache  stage.open_stage_cache -> reader.CacheLookup (checks tokenizer, max_length, data fingerprints;
                     looks rows up by example id)
-    generate        commands.generate -> generate.generate_responses: resumable JSONL with provenance
+    generate        train/teacher_commands.generate -> generate.generate_responses (sampling.py: exactly the
+                    configured sampling settings): resumable JSONL with provenance
     teacher: generations
                     stage.stage_training_sources -> generate.load_generations (CE on the teacher's text, plus logit
                     KD from a live teacher)

@@ -171,10 +171,10 @@ class EndpointTeacher:
         return self.endpoint.map(one, examples)
 
     # ---------------------------------------------------------------------------------------------- generation
-    def generate(self, prompts: list[list[int]], num_samples: int, max_new_tokens: int, do_sample: bool,
-                 temperature: float, top_p: float, seed: int) -> list[list[tuple[list[int], str]]]:
-        """Per prompt, `num_samples` (generated ids, finish reason), from concurrent requests."""
-        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {"temperature": 0.0}
+    def generate(self, prompts: list[list[int]], num_samples: int, max_new_tokens: int, sampling: dict,
+                 seed: int) -> list[list[tuple[list[int], str]]]:
+        """Per prompt, `num_samples` (generated ids, finish reason), from concurrent requests; `sampling`: the
+        request's sampling fields (sampling.server_sampling)."""
 
         def one(prompt: list[int]) -> list[tuple[list[int], str]]:
             answer = self._complete({"prompt": prompt, "max_tokens": max_new_tokens, "n": num_samples, "seed": seed,

@@ -3,7 +3,7 @@
 One line per (source, row, sample):
     {"prompt": str, "completion": str, "text": str, "prompt_ids": [int], "completion_ids": [int], "finished": bool,
      "source": str, "row_id": int, "sample": int, "teacher": str, "tokenizer": hash, "seed": int,
-     "settings": {"temperature", "top_p", "max_new_tokens", "do_sample"}, "thinking": bool | None}
+     "settings": {"temperature", "top_k", "top_p", "max_new_tokens", "do_sample"}, "thinking": bool | None}
 A teacher on a server (endpoint.py) adds "served_by": {"endpoint", "model"}. `thinking` is the row's mode (see
 thinking.py; None when generation.thinking_prob is unset), already applied to `prompt_ids`. `completion_ids` end with
 eos when the teacher stopped by itself (`finished`). `text` is the prompt and completion decoded together, `prompt`
@@ -42,6 +42,7 @@ from lmdistill.errors import DataError
 from lmdistill.teacher.endpoint import EndpointTeacher
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes, my_share
 from lmdistill.teacher.retokenize import student_examples
+from lmdistill.teacher.sampling import generate_kwargs, recorded, server_sampling
 from lmdistill.teacher.thinking import ThinkingModes
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,7 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
     todo = _rows_to_generate(sources, done, task_type)
     if done:
         log.info("generations %s: %d rows already written, %d to go", out, len(done), len(todo))
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p,
-                "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
+    sampling = recorded(settings)
     served = isinstance(model, EndpointTeacher)  # a teacher on a server: the batch's prompts go out concurrently
     device = None if served else next(model.parameters()).device
     special = set(tokenizer.all_special_ids)
@@ -164,8 +164,8 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
             batch_seed = _batch_seed(seed, batch[0][0], batch[0][1]["row_id"])
             if served:
                 answers = model.generate([ex["input_ids"][: ex["prompt_length"]] for _, ex in batch],
-                                         settings.num_samples, settings.max_new_tokens, settings.do_sample,
-                                         settings.temperature, settings.top_p, batch_seed)
+                                         settings.num_samples, settings.max_new_tokens,
+                                         server_sampling(settings), batch_seed)
                 new = [ids for samples in answers for ids, _ in samples]
             else:
                 ids, mask = collator.collate_prompts([ex for _, ex in batch])
@@ -174,10 +174,7 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
                     generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                                num_return_sequences=settings.num_samples,
                                                pad_token_id=tokenizer.pad_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               **({"temperature": settings.temperature, "top_p": settings.top_p}
-                                                  if settings.do_sample else {}),
-                                               max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample)
+                                               eos_token_id=tokenizer.eos_token_id, **generate_kwargs(settings))
                 # causal: prompt then new tokens; seq2seq: decoder start token then new tokens
                 new = (generated[:, ids.shape[1]:] if task_type == "causal" else generated[:, 1:]).tolist()
             for j, row in enumerate(new):

@@ -34,6 +34,7 @@ from lmdistill.config import GenerationSettings, OnPolicySettings, PipelineConfi
 from lmdistill.data.collate import DistillCollator
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError, TrainingError
+from lmdistill.teacher.sampling import generate_kwargs
 from lmdistill.teacher.thinking import ThinkingModes, thinking_modes
 from lmdistill.train.offpolicy_schedule import AdaptiveShare
 from lmdistill.train.trainer import DistillationTrainer
@@ -80,15 +81,13 @@ def sample_batch(model: nn.Module, prompts: list[list[int]], collator: DistillCo
     """
     device = next(model.parameters()).device
     ids, mask = collator.collate_prompts([{"input_ids": p, "prompt_length": len(p)} for p in prompts])
-    # top_k=0: only top_p truncates; transformers' default top_k=50 would otherwise cut the policy's tail unasked.
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if settings.do_sample else {}
     was_training = model.training
     model.eval()  # no dropout while sampling: the samples are the policy's own
     try:
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
-                                 do_sample=settings.do_sample, max_new_tokens=settings.max_new_tokens,
-                                 pad_token_id=collator.pad_token_id, eos_token_id=eos_token_id, **sampling)
+                                 pad_token_id=collator.pad_token_id, eos_token_id=eos_token_id,
+                                 **generate_kwargs(settings))
     finally:
         model.train(was_training)
     new = out[:, ids.shape[1]:].tolist()  # [B, C]
