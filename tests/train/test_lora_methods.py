@@ -37,6 +37,17 @@ def _config(tiny_pipeline, stages, lora, **student):
     return data
 
 
+def _as_if_killed_after_step_2(run_dir: Path) -> None:
+    """Stage `a` of a finished 4-step run back to its state after the step-2 checkpoint: running, later outputs gone."""
+    state = json.loads((run_dir / "pipeline_state.json").read_text())
+    state["stages"][0]["status"] = "running"
+    (run_dir / "pipeline_state.json").write_text(json.dumps(state))
+    for gone in ("checkpoint-4", "best", "final", "log_history.json"):
+        path = run_dir / "a" / gone
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(run_dir / "final")
+
+
 @pytest.fixture
 def qlora_run(tiny_pipeline):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes (the `gpu` extra) is not installed")
@@ -89,14 +100,7 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_exports_them_merged_into_the_d
 def test_qlora_stage_resumes_from_its_checkpoint_with_the_same_loss_curve(qlora_run):
     data, run_dir = qlora_run
     uninterrupted = [h["loss"] for h in _history(run_dir / "a")]
-    # As if killed after the step-2 checkpoint: stage not done, later outputs gone.
-    state = json.loads((run_dir / "pipeline_state.json").read_text())
-    state["stages"][0]["status"] = "running"
-    (run_dir / "pipeline_state.json").write_text(json.dumps(state))
-    for gone in ("checkpoint-4", "best", "final", "log_history.json"):
-        path = run_dir / "a" / gone
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(run_dir / "final")
+    _as_if_killed_after_step_2(run_dir)
     run_pipeline(config_from_dict(data))
     resumed = _history(run_dir / "a")
     assert [h["step"] for h in resumed] == [1, 2, 3, 4]
@@ -203,13 +207,7 @@ def test_adalora_stage_resumes_with_its_rank_budget_and_the_same_loss_curve(tiny
     pattern = json.loads((run_dir / "final" / "adapter_config.json").read_text())["rank_pattern"]
     adapters = _adapters(run_dir / "final")
     assert (run_dir / "a" / "checkpoint-2" / ADALORA_FILE).exists()
-    state = json.loads((run_dir / "pipeline_state.json").read_text())
-    state["stages"][0]["status"] = "running"
-    (run_dir / "pipeline_state.json").write_text(json.dumps(state))
-    for gone in ("checkpoint-4", "best", "final", "log_history.json"):
-        path = run_dir / "a" / gone
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(run_dir / "final")
+    _as_if_killed_after_step_2(run_dir)
     run_pipeline(config_from_dict(data))
     resumed = _history(run_dir / "a")
     assert [h["step"] for h in resumed] == [1, 2, 3, 4]
