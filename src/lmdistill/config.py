@@ -460,7 +460,8 @@ class PipelineConfig(Strict):
 
     @property
     def needs_teacher(self) -> bool:
-        return any(stage.kind != "finetune" for stage in self.stages)
+        # A stage with a teacher of its own (an earlier stage's student, an EMA of the student) needs no run teacher.
+        return any(stage.kind != "finetune" and stage.teacher is None for stage in self.stages)
 
     def stage_value(self, stage: StageSettings, key: str) -> Any:
         """A stage's own value, or the training default when the stage leaves it unset."""

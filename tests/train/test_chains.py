@@ -2,6 +2,7 @@
 self-distillation from an EMA of the student, through `lmdistill run` and the pipeline."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -59,15 +60,18 @@ def test_a_chain_names_earlier_stages_only(tiny_pipeline):
         config_from_dict(tiny_pipeline([{"name": "a", "fused": True, "teacher": {"self": "ema"}}]))
 
 
-def test_ema_self_distillation_resumes_with_the_same_average(tiny_pipeline, tmp_path, monkeypatch):
+def test_ema_self_distillation_resumes_with_the_same_average(tiny_pipeline, tmp_path, monkeypatch, caplog):
     stages = [{"name": "self", "max_steps": 4, "save_steps": 2, "losses": KD,
                "teacher": {"self": "ema", "decay": 0.5}}]
 
     def run(out):
-        return run_pipeline(config_from_dict(tiny_pipeline(stages, output_dir=str(out),
-                                                           evaluation={"enabled": False})))
+        data = tiny_pipeline(stages, output_dir=str(out), evaluation={"enabled": False})
+        del data["teacher"]  # self-distillation needs no other model
+        return run_pipeline(config_from_dict(data))
 
-    whole = run(tmp_path / "whole")
+    with caplog.at_level(logging.INFO):
+        whole = run(tmp_path / "whole")
+    assert "stage self: teachers resident: none; this stage distils from an EMA of the student" in caplog.text
     saved_at_4 = load_file(whole / "self" / "checkpoint-4" / EMA_FILE)
     student = load_file(whole / "self" / "checkpoint-4" / "model.safetensors")
     name = next(k for k in saved_at_4 if k.endswith("mlp.up_proj.weight"))

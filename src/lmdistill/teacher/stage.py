@@ -32,8 +32,8 @@ def needs_live_teacher(config: PipelineConfig, stages: list[StageSettings]) -> b
     if config.student.from_teacher is not None:
         return True  # the student is built from the teacher's layers
     for stage in stages:
-        if stage.kind == "finetune":
-            continue
+        if stage.kind == "finetune" or stage.teacher is not None:
+            continue  # no teacher, or one of the stage's own (train/stage_models.py)
         if stage.kind == "non_policy" and not generations_path(config).exists():
             return True  # its generations are written on the fly, by the teacher
         hidden = any(isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm)) for t in stage.losses)
