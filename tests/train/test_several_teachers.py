@@ -13,6 +13,7 @@ from lmdistill.losses import DistillObjective, LossTerm
 from lmdistill.losses.mixture import mixture_logits
 from lmdistill.teacher.ensemble import TeacherEnsemble
 from lmdistill.train.pipeline import run_pipeline
+from lmdistill.train.stage_models import route_sources
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,16 @@ def test_routing_sends_each_source_to_its_teacher(teacher_dir, student_dir):
     with torch.no_grad():
         plain = ensemble.for_batch({})(input_ids=ids, attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(plain, own[0])
+
+
+def test_eval_sets_are_routed_like_their_source(two_teachers):
+    ensemble = TeacherEnsemble(two_teachers, [1.0, 1.0], {"domain": 1}, temperature=1.0)
+    eval_sets = {"domain": [{"row_id": 5}, {"row_id": 6}], "other": [{"row_id": 0}]}
+    examples = route_sources(ensemble, ["general", "domain"], eval_sets, [])
+    ensemble.for_batch({"example_id": torch.tensor([ex["example_id"] for ex in examples])})
+    assert ensemble.assignment(3) == [1, 1, None]  # domain's teacher; a set of no source: the mixture
+    alone = [{"row_id": 0}]
+    assert route_sources(two_teachers[0], ["general"], {"x": alone}, alone) is alone  # one teacher: untouched
 
 
 def test_mixture_without_routing_runs_every_teacher(two_teachers):

@@ -320,7 +320,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         sources, eval_examples, collator, cross_vocab = cross
     # Trainer splits each global batch over the processes: draw enough examples for all of them.
     train_dataset = build_train_dataset(config, stage, sources, world_size=processes.num_processes)
-    route_sources(teacher, train_dataset.names)
+    eval_examples = route_sources(teacher, train_dataset.names, prep.eval_sets, eval_examples)
     teacher_cache, shared_vocab = None, prep.shared_vocab
     if stage.teacher_source == "cache" and objective.needs_teacher:
         # Offline teacher: logits come from the cache by example id; eval examples get ids in the same space.

@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from lmdistill.config import FromTeacher, PipelineConfig, StageSettings, StudentSettings, TeacherEntry
+from lmdistill.data.mixture import ID_STRIDE
 from lmdistill.errors import ConfigError
 from lmdistill.models.load import freeze, load_model, load_student, resolve_device
 from lmdistill.models.student_init import student_from_teacher
@@ -78,10 +79,19 @@ def stage_teacher(config: PipelineConfig, prep, stage: StageSettings, run_dir: P
     return TeacherEnsemble([prep.teacher, *others], [e.weight for e in config.teachers], routes, stage.temperature)
 
 
-def route_sources(teacher: nn.Module | None, source_names: list[str]) -> None:
-    """Tell an ensemble how the stage's dataset numbers its sources (routing reads example ids)."""
-    if isinstance(teacher, TeacherEnsemble):
-        teacher.use_source_order(source_names)
+def route_sources(teacher: nn.Module | None, source_names: list[str], eval_sets: dict[str, list[dict]],
+                  eval_examples: list[dict]) -> list[dict]:
+    """Tell an ensemble how the stage's dataset numbers its sources (routing reads example ids). With routing, the
+    eval examples get ids in the same space, so an eval set held out of (or named like) a routed source is scored
+    against that source's teacher, as in training; other sets get ids past the sources (the mixture)."""
+    if not isinstance(teacher, TeacherEnsemble):
+        return eval_examples
+    teacher.use_source_order(source_names)
+    if not teacher.routes:
+        return eval_examples
+    index = {name: i for i, name in enumerate(source_names)}
+    return [{**ex, "example_id": index.get(name, len(source_names) + j) * ID_STRIDE + ex.get("row_id", k)}
+            for j, (name, rows) in enumerate(eval_sets.items()) for k, ex in enumerate(rows)]
 
 
 def stage_student(prep, stage: StageSettings, teacher: nn.Module | None, run_dir: Path, start_from: str | None,
