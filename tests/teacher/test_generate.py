@@ -98,3 +98,25 @@ def test_a_sharded_teacher_needs_complete_generations(teacher_config, tmp_path):
     path.write_text("".join(lines[:-2]))
     with pytest.raises(ConfigError, match=r"gen.jsonl lacks 2 rows and the teacher is sharded.*lmdistill generate"):
         ensure_generations(config, prep)
+
+
+def test_finishing_a_file_with_other_sampling_settings_stops_naming_them(teacher_config, tmp_path, caplog):
+    path = tmp_path / "gen.jsonl"
+
+    def config(**generation):
+        return config_from_dict(teacher_config(generation={**GENERATION, "num_samples": 1, "path": str(path),
+                                                           **generation}))
+
+    generate(config())
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]))  # killed after two rows
+    with pytest.raises(DataError, match=r"^\S+gen.jsonl holds generations made with other settings \(temperature 0.8 "
+                                        r"-> 0.3, top_k 0 -> 5\); delete it to generate again with these, or write "
+                                        r"to another file \(--out, generation.path\)$"):
+        generate(config(temperature=0.3, top_k=5))
+    assert path.read_text() == "".join(lines[:2])  # nothing mixed in
+    generate(config())  # the file's own settings finish it
+    assert len(path.read_text().splitlines()) == len(lines)
+    caplog.set_level("WARNING")
+    assert generate(config(temperature=0.3))[1] == 0  # a finished file is used as it is, with a warning
+    assert "made with other settings (temperature 0.8 -> 0.3)" in caplog.text

@@ -11,7 +11,8 @@ and `completion` its two parts split at the exact boundary (prompt + completion 
 completion kept), without the ids the tokenizer adds itself in front (BOS) or the completion's special tokens (its
 eos): a file the student can train on as it is. Lines are appended and flushed per batch; a rerun keeps the rows
 whose samples are all present (dropping a half-written last line or a row cut in the middle of its samples) and
-generates only the rest.
+generates only the rest, if its teacher and sampling settings are the file's (else it stops, naming what differs;
+a finished file made with other settings is used as it is, with a warning).
 
 A teacher whose tokenizer differs from the student's reads prompts rendered with its own tokenizer and chat template;
 its lines also hold "messages" (the conversation without the answer), from which the student's examples are rendered
@@ -67,6 +68,24 @@ def _read_complete(path: Path, num_samples: int) -> tuple[list[dict], set[tuple[
         samples[key] = samples.get(key, 0) + 1
     done = {key for key, n in samples.items() if n >= num_samples}
     return [line for line in lines if (line["source"], line["row_id"]) in done], done
+
+
+def _check_same_settings(path: Path, lines: list[dict], teacher_name: str, settings: dict, finished: bool) -> None:
+    """Rows of another teacher or other sampling settings are never mixed into a file: finishing it with these stops
+    (every process reads the same merged file, so all stop alike); a finished file is used as it is, with a warning."""
+    ours = {"teacher": teacher_name, **settings}
+    for line in lines:
+        theirs = {"teacher": line.get("teacher"), **line.get("settings", {})}
+        changed = ", ".join(f"{key} {theirs.get(key)} -> {value}" for key, value in ours.items()
+                            if theirs.get(key) != value)
+        if not changed:
+            continue
+        if not finished:
+            raise DataError(f"{path} holds generations made with other settings ({changed}); delete it to generate "
+                            "again with these, or write to another file (--out, generation.path)")
+        log.warning("generations %s were made with other settings (%s) and are used as they are; delete the file to "
+                    "generate them again with these", path, changed)
+        return
 
 
 def _rows_to_generate(sources: dict[str, list[dict]], done: set[tuple[str, int]],
@@ -143,9 +162,10 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
     if processes.is_main_process:
         _merge_parts(out, settings.num_samples)
     processes.wait_for_everyone()
-    _, done = _read_complete(out, settings.num_samples)
+    kept, done = _read_complete(out, settings.num_samples)
     collator = DistillCollator(tokenizer.pad_token_id, task_type=task_type)
     todo = _rows_to_generate(sources, done, task_type)
+    _check_same_settings(out, kept, teacher_name, recorded(settings), finished=not todo)
     if done:
         log.info("generations %s: %d rows already written, %d to go", out, len(done), len(todo))
     sampling = recorded(settings)
