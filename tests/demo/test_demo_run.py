@@ -1,4 +1,6 @@
-"""`lmdistill demo --quick` end to end through the console script: report written, every number finite."""
+"""`lmdistill demo --quick` end to end through the console script: report written, every number finite, and the
+distilled student ahead of the CE-only baseline on held-out domain questions, what the demo is there to show (by
+perplexity, about 1.6 against 26; its exact-match lead is one question in 150, too thin to assert)."""
 
 import json
 import math
@@ -25,3 +27,5 @@ def test_quick_demo_writes_a_report_with_finite_numbers(tmp_path):
         for key, value in values.items():
             assert math.isfinite(value), (role, key, value)
     assert "exact_match" in metrics["student_after"] and "perplexity/domain" in metrics["baseline"]
+    distilled, baseline = metrics["student_after"], metrics["baseline"]
+    assert distilled["perplexity/domain"] < baseline["perplexity/domain"], (distilled, baseline)
