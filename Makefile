@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not multiprocess" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not multiprocess and not engine" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/lmdistill demo $(DEMO_ARGS)

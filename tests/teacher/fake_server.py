@@ -125,10 +125,3 @@ class FakeServer:
 
         return Handler
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from fake_server import FakeServer, free_port
+from fake_server import FakeServer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from lmdistill.cli import app
 from lmdistill.config import config_from_dict, save_config
 from lmdistill.teacher.endpoint import Endpoint, EndpointError, EndpointTeacher
+from lmdistill.teacher.local_server import free_port
 from lmdistill.teacher.manifest import read_manifest, write_manifest
 from lmdistill.train.teacher_commands import cache_teacher, generate, with_endpoint
 
