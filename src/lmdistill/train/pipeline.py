@@ -165,11 +165,13 @@ def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bo
     check_reporting(config)
     device = resolve_device("auto", no_cuda=config.training.no_cuda)
     student_name = student_tokenizer_name(config)
-    task_type = config.task_type if config.task_type != "auto" else detect_task_type(student_name)
-    tokenizer = load_tokenizer(student_name)
+    # trust_remote_code covers a model's tokenizer and config as well as its weights
+    trust = (config.student if config.student.name else config.teacher).trust_remote_code
+    task_type = config.task_type if config.task_type != "auto" else detect_task_type(student_name, trust)
+    tokenizer = load_tokenizer(student_name, trust)
     teacher, shared_vocab, other_tokenizer = None, None, None
     if load_teacher and config.teacher.name:
-        teacher_tokenizer = load_tokenizer(config.teacher.name)
+        teacher_tokenizer = load_tokenizer(config.teacher.name, config.teacher.trust_remote_code)
         teacher_device = resolve_device(config.teacher.device, no_cuda=config.training.no_cuda)
         shard_over = teacher_shard_size(config.teacher.shard, launched_processes(config).num_processes) \
             if shard_teacher else 1
@@ -184,7 +186,8 @@ def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bo
             if config.student.name:
                 from transformers import AutoConfig
 
-                student_rows = AutoConfig.from_pretrained(config.student.name).vocab_size
+                student_rows = AutoConfig.from_pretrained(
+                    config.student.name, trust_remote_code=config.student.trust_remote_code).vocab_size
             shared_vocab = check_same_vocab(teacher_tokenizer, tokenizer,
                                             teacher.get_output_embeddings().weight.shape[0], student_rows,
                                             needed_by=needed_by or "logit distillation")
