@@ -175,7 +175,8 @@ class ScheduleSettings(Strict):
 
 
 class MixtureSettings(Strict):
-    weights: dict[str, float] = Field(default_factory=dict, description="Source name -> relative weight.")
+    weights: dict[str, float] = Field(default_factory=dict, description="Source name -> relative weight; none: "
+                                      "every source in proportion to its rows (an epoch reads every row once).")
     schedule: ScheduleSettings | None = None
 
 

@@ -218,3 +218,18 @@ def test_feedback_applies_from_the_next_unread_round_and_resume_replays_it():
     assert [resumed[i] for i in range(2000, 3000)] == rest[997:]
     again = fresh()
     assert [again[i] for i in range(1003)] == first  # same seed, same items
+
+
+@pytest.mark.parametrize("sizes", [(30, 10), (37, 11, 5)])
+def test_sources_without_weights_are_read_every_row_once_per_epoch(sizes):
+    from lmdistill.config import config_from_dict
+    from lmdistill.train.stage import build_train_dataset
+
+    names = [f"s{i}" for i in range(len(sizes))]
+    config = config_from_dict({"data": {"sources": {n: {"path": f"{n}.jsonl"} for n in names}},
+                               "training": {"batch_size": 4}, "stages": [{"name": "a", "epochs": 2}]})
+    sources = {n: [{"input_ids": [i], "row_id": i} for i in range(size)] for n, size in zip(names, sizes)}
+    ds = build_train_dataset(config, config.stages[0], sources)
+    drawn = _rows_by_source(ds, range(len(ds)))
+    for name, size in zip(names, sizes):  # two epochs: every row of every source twice (not each source alike)
+        assert sorted(drawn[name]) == sorted(2 * list(range(size))), name

@@ -127,13 +127,15 @@ def stage_draws(config: PipelineConfig, stage: StageSettings, sources: dict[str,
 
 
 def stage_sources(stage: StageSettings, sources: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], dict[str, float]]:
-    """The sources a stage reads and their weights (all sources, equally, when the stage names none)."""
+    """The sources a stage reads and their weights (all sources, in proportion to their rows, when the stage names
+    none: a pass over them, an epoch, then reads every row once)."""
     weights = dict(stage.mixture.weights)
     if stage.mixture.schedule and stage.mixture.schedule.source not in weights:
         weights[stage.mixture.schedule.source] = 1.0
-    if not weights:
-        weights = {name: 1.0 for name in sources}
-    used = {name: sources[name] for name in weights if weights[name] > 0 or (
+    by_size = not weights
+    if by_size:
+        weights = {name: float(len(rows)) for name, rows in sources.items()}
+    used = {name: sources[name] for name in weights if by_size or weights[name] > 0 or (
         stage.mixture.schedule and stage.mixture.schedule.source == name)}
     empty = [name for name, rows in used.items() if not rows]
     if empty:
