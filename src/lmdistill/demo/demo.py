@@ -73,10 +73,11 @@ def _stages(recipe: DemoRecipe, distill: bool) -> list[dict]:
     return stages
 
 
-def run_demo(out_dir: str | Path = "demo_out", quick: bool = False) -> Path:
-    start = time.perf_counter()
+def build_demo_teacher(out: Path, quick: bool) -> tuple[DemoRecipe, dict[str, Path], dict[str, Path], Path]:
+    """The demo's data, initial models (teacher, student: same tokenizer) and trained teacher, written under `out`.
+
+    Returns (recipe, data files, initial model folders by role, trained teacher folder)."""
     recipe = demo_recipe(quick)
-    out = Path(out_dir)
     files = write_demo_data(out / "data", quick=quick)
     torch.manual_seed(0)
     texts = _texts(files["general_train"]) + _texts(files["domain_docs"]) + _texts(files["domain_qa_teacher"])
@@ -98,6 +99,13 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False) -> Path:
     teacher_cfg["evaluation"] = {"enabled": False, "report": False}
     # Every demo starts over (its models and data are written anew above; --quick and the full demo differ).
     teacher_dir = run_pipeline(config_from_dict(teacher_cfg, "demo teacher"), restart=True) / "final"
+    return recipe, files, inits, teacher_dir
+
+
+def run_demo(out_dir: str | Path = "demo_out", quick: bool = False) -> Path:
+    start = time.perf_counter()
+    out = Path(out_dir)
+    recipe, files, inits, teacher_dir = build_demo_teacher(out, quick)
 
     log.info("demo 2/4: the teacher answers the unlabelled companies' questions")
     answers = _teacher_answers(teacher_dir, files["domain_prompts_unlabelled"], recipe.max_new_tokens)
@@ -124,20 +132,25 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False) -> Path:
     return run_dir
 
 
-def _teacher_answers(teacher_dir: Path, prompts_file: Path, max_new_tokens: int) -> str:
-    """Greedy teacher answers to the unlabelled prompts, as prompt/completion JSONL lines."""
+def greedy_answers(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The model's greedy answers to user `prompts` (chat template, cut at <|im_end|>, stripped)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmdistill.eval.metrics import generate_continuations
 
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     chat = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts]
     answers = generate_continuations(model, tokenizer, chat, max_new_tokens=max_new_tokens, batch_size=64)
-    return "".join(json.dumps({"prompt": p, "completion": a.split("<|im_end|>")[0].strip()}) + "\n"
-                   for p, a in zip(prompts, answers) if a.split("<|im_end|>")[0].strip())
+    return [a.split("<|im_end|>")[0].strip() for a in answers]
+
+
+def _teacher_answers(teacher_dir: Path, prompts_file: Path, max_new_tokens: int) -> str:
+    """Greedy teacher answers to the unlabelled prompts, as prompt/completion JSONL lines."""
+    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
+    answers = greedy_answers(teacher_dir, prompts, max_new_tokens)
+    return "".join(json.dumps({"prompt": p, "completion": a}) + "\n" for p, a in zip(prompts, answers) if a)
 
 
 def _merge_baseline(run_dir: Path, baseline_dir: Path) -> None:
