@@ -1,7 +1,7 @@
 """Which objective wins: one student per distillation method, same start, data order, steps and learning rate.
 
     python bench/ordering.py [--teacher DIR --train FILE --eval FILE] [--student-layers N | --student DIR]
-                             [--seeds 3] [--steps S] [--out DIR] [--quick]
+                             [--seeds 3] [--steps S] [--out DIR] [--demo-size full|quick] [--quick]
 
 With no paths it runs on the embedded demo task (`lmdistill demo`'s data, its teacher trained here first, its student
 size; held-out question phrasings as the eval set). With paths: a causal teacher folder whose tokenizer has a chat
@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from matplotlib.figure import Figure
 
 from lmdistill.config import config_from_dict
@@ -138,9 +139,10 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
     return summary
 
 
-def markdown(summary: dict, per_seed: dict, teacher: dict[str, float], command: str) -> str:
+def markdown(summary: dict, per_seed: dict, teacher: dict[str, float], command: str, warm_steps: int) -> str:
     head = "| method | ROUGE-L (gold) | exact match (gold) | ROUGE-L (teacher) | seconds |\n|---|---|---|---|---|\n"
-    lines = [f"Command: `{command}`", f"Seeds: {len(per_seed)}", "", "Mean +- std over seeds:", "", head.rstrip()]
+    start = f"an SFT student ({warm_steps} CE steps on gold)" if warm_steps else "the initial student"
+    lines = [f"Command: `{command}`", f"Seeds: {len(per_seed)}; every method starts from {start}", "", "Mean +- std over seeds:", "", head.rstrip()]
     for method, row in summary.items():
         lines.append(f"| {method} | " + " | ".join(f"{row[k]:.3f} +- {row[k + '_std']:.3f}" for k in SCORES)
                      + f" | {row['seconds']:.0f} |")
@@ -185,9 +187,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=96, help="tokens per training row")
     parser.add_argument("--eval-rows", type=int, default=300, help="eval prompts scored")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    parser.add_argument("--warm-steps", type=int, default=0,
+                        help="first fine-tune the student on the gold answers (CE) for this many steps and start every "
+                             "method from it, as MiniLLM and DistiLLM start from an SFT student (mode-seeking losses "
+                             "collapse from a random one); 0: every method starts from the initial student")
+    parser.add_argument("--demo-size", choices=("full", "quick"), default="full",
+                        help="the embedded task's size: `lmdistill demo`'s full or --quick data and teacher")
     parser.add_argument("--out", type=Path, default=Path("ordering_out"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps, batch 4, 8 eval prompts "
-                                                             "(with the demo: its quick teacher)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps (2 warm at most), batch 4, 8 eval "
+                                                             "prompts (with the demo: its quick teacher)")
     args = parser.parse_args(argv)
     paths = [args.teacher, args.train, args.eval]
     if any(paths) and not all(paths):
@@ -197,14 +206,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
     if args.quick:
         args.seeds, args.steps, args.batch_size, args.eval_rows = 1, 4, 4, 8
+        args.warm_steps = min(args.warm_steps, 2)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.teacher is None:
-        recipe, demo_files, inits, args.teacher = build_demo_teacher(args.out / "demo", args.quick)
+        recipe, demo_files, inits, args.teacher = build_demo_teacher(args.out / "demo",
+                                                                         args.quick or args.demo_size == "quick")
         args.train, args.eval = demo_files["domain_qa_teacher"], demo_files["domain_eval"]
         if not args.student_layers and not args.student:
             args.student = inits["student"]
@@ -215,6 +228,12 @@ def main(argv: list[str] | None = None) -> dict:
     files = prepare_files(args.train, args.eval, args.teacher, args.out, valid_rows=8 if args.quick else 64,
                           eval_rows=args.eval_rows, max_new_tokens=args.max_new_tokens)
     teacher = score(files["teacher_eval"], files["eval"], files["teacher_eval"])
+    if args.warm_steps:
+        warm = method_config("sft", files, args, seed=0, out=args.out)
+        warm["stages"][0].update(name="warm", max_steps=args.warm_steps)
+        warm["output_dir"] = str(args.out / "warm")
+        args.student = run_pipeline(config_from_dict(warm, "bench warm start"), restart=True) / "final"
+        args.student_layers = None
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
     for seed in range(args.seeds):
         per_seed[seed] = {}
@@ -223,10 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
             log.info("seed %d %s: %s", seed, method, per_seed[seed][method])
     summary = summarise(per_seed)
     command = "python bench/ordering.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command, "seeds": args.seeds, "steps": args.steps, "teacher": teacher,
+    results = {"command": command, "seeds": args.seeds, "steps": args.steps, "warm_steps": args.warm_steps,
+               "teacher": teacher,
                "summary": summary, "per_seed": per_seed}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(markdown(summary, per_seed, teacher, command))
+    (args.out / "results.md").write_text(markdown(summary, per_seed, teacher, command, args.warm_steps))
     bar_chart(summary, teacher, args.out / "results.png")
     return results
 
