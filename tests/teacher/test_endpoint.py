@@ -133,6 +133,15 @@ def test_malformed_answers_and_timeouts_stop_with_one_line(server):
         _teacher(server, timeout=0.2, retries=0).prompt_topk([5, 6, 7], 4)
 
 
+def test_served_cache_at_another_temperature_is_refused_before_any_work(server, teacher_config, tmp_path):
+    from lmdistill.errors import ConfigError
+
+    before = server.requests
+    with pytest.raises(ConfigError, match="returns log-probs at temperature 1: capture with --temperature 1"):
+        cache_teacher(_config(teacher_config, tmp_path, server.url), temperature=2.0)
+    assert server.requests == before
+
+
 def test_endpoint_must_be_a_url(teacher_config, tmp_path):
     with pytest.raises(Exception, match="must be an http"):
         with_endpoint(_config(teacher_config, tmp_path), "localhost:8000")

@@ -146,7 +146,7 @@ def _shard_tensors(model, examples: list[dict], manifest: Manifest, batch_size: 
                    collator: DistillCollator) -> dict[str, torch.Tensor]:
     """Capture one shard's examples and lay them out in example order."""
     if isinstance(model, EndpointTeacher):  # a served teacher: per example, concurrent requests
-        parts = dict(enumerate(model.capture(examples, manifest.k, manifest.temperature)))
+        parts = dict(enumerate(model.capture(examples, manifest.k)))
     else:
         parts = _capture_batches(model, examples, manifest, batch_size, collator)
     counts = torch.tensor([len(parts[i][0]) for i in range(len(examples))], dtype=torch.int64)

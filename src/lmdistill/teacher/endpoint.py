@@ -149,13 +149,9 @@ class EndpointTeacher:
             out.append(dict(list(top.items())[:k]))
         return out
 
-    def capture(self, examples: list[dict], k: int, temperature: float) -> list[tuple[torch.Tensor, ...]]:
-        """Per example (causal layout, as capture.py counts tokens): (ids [n, k], log-probs [n, k] most likely
-        first, tail mass [n]) at its counted tokens, from concurrent requests."""
-        if temperature != 1.0:
-            raise EndpointError(f"teacher_cache.temperature is {temperature}, but a server returns log-probs at "
-                                "temperature 1: capture with --temperature 1 (a stage re-tempers the cached top-k)")
-
+    def capture(self, examples: list[dict], k: int) -> list[tuple[torch.Tensor, ...]]:
+        """Per example (causal layout, as capture.py counts tokens): (ids [n, k], log-probs [n, k] at temperature 1,
+        most likely first, tail mass [n]) at its counted tokens, from concurrent requests."""
         def one(example: dict) -> tuple[torch.Tensor, ...]:
             top = self.prompt_topk(example["input_ids"], k)
             rows = [top[t + 1] for t, label in enumerate(example["labels"][1:]) if label != -100]

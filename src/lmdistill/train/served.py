@@ -45,9 +45,13 @@ def _in_process_use(config: PipelineConfig, stages: list[StageSettings]) -> str 
     """What in `stages` needs the teacher's weights in this process (a server gives log-probs and text only)."""
     if config.student.from_teacher is not None:
         return "student.from_teacher (the student is cut from the teacher's layers)"
+    if config.teachers:
+        return "teachers: (a mixture of teachers, loaded here)"
     for stage in stages:
         if stage.kind == "finetune":
             continue
+        if stage.teacher is not None:
+            return f"stage {stage.name!r}'s own teacher (stage teacher:, loaded here)"
         if stage.kind == "policy":
             return f"stage {stage.name!r} (kind: policy: the teacher scores the student's samples as it trains)"
         if any(isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm)) for t in stage.losses):

@@ -52,6 +52,10 @@ def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int 
         settings.k = k
     if temperature is not None:
         settings.temperature = temperature
+    if config.teacher.endpoint and settings.temperature != 1.0:
+        raise ConfigError(f"teacher_cache.temperature is {settings.temperature}, but a teacher server returns "
+                          "log-probs at temperature 1: capture with --temperature 1 (stages re-temper the kept "
+                          "log-probs)")
     prep, processes = _prepare_with_teacher(config, "cache-teacher")
     if prep.teacher_tokenizer is not None:  # raises, naming the paths that work across tokenizers
         check_same_vocab(prep.teacher_tokenizer, prep.tokenizer, 0, 0, needed_by="`lmdistill cache-teacher` (it "
