@@ -26,12 +26,14 @@ def served_teacher(config: PipelineConfig, prep, vocab_check: bool = True):
                           f"{prep.task_type}: remove teacher.endpoint to run the teacher in-process")
     trust = config.teacher.trust_remote_code
     teacher_config = AutoConfig.from_pretrained(config.teacher.name, trust_remote_code=trust)
-    teacher_tokenizer = load_tokenizer(config.teacher.name)
+    teacher_tokenizer = load_tokenizer(config.teacher.name, trust)
     rows = teacher_config.vocab_size
     shared_vocab, other_tokenizer = None, None
     needed_by = needs_shared_vocab(config) if vocab_check else None
     if same_vocab(teacher_tokenizer, prep.tokenizer) or needed_by:
-        student_rows = AutoConfig.from_pretrained(config.student.name).vocab_size if config.student.name else rows
+        student = config.student
+        student_rows = rows if not student.name else \
+            AutoConfig.from_pretrained(student.name, trust_remote_code=student.trust_remote_code).vocab_size
         shared_vocab = check_same_vocab(teacher_tokenizer, prep.tokenizer, rows, student_rows,
                                         needed_by=needed_by or "logit distillation")
     else:
