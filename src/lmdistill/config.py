@@ -91,6 +91,13 @@ class TeacherEntry(TeacherSettings):
         None, description="Routing: examples of these training sources are scored by this teacher alone; examples "
                           "of other sources get the weighted mixture of the teachers without sources.")
 
+    @model_validator(mode="after")
+    def _loaded_here(self):
+        if self.endpoint:
+            raise ValueError("the teachers of a mixture are loaded in-process; only the run's teacher can be served "
+                             "(teacher.endpoint)")
+        return self
+
 
 class StageTeacher(Strict):
     """A stage's own teacher in place of the run's: an earlier stage's student (chains, self-distillation) or an

@@ -142,6 +142,12 @@ def test_served_cache_at_another_temperature_is_refused_before_any_work(server, 
     assert server.requests == before
 
 
+def test_a_mixture_teacher_cannot_be_served(teacher_config, fixture_paths):
+    with pytest.raises(Exception, match="only the run's teacher can be served"):
+        config_from_dict(teacher_config(teachers=[{"name": str(fixture_paths["teacher"]),
+                                                   "endpoint": "http://127.0.0.1:8000/v1"}]))
+
+
 def test_endpoint_must_be_a_url(teacher_config, tmp_path):
     with pytest.raises(Exception, match="must be an http"):
         with_endpoint(_config(teacher_config, tmp_path), "localhost:8000")
