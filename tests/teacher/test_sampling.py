@@ -77,4 +77,5 @@ def test_server_requests_name_every_sampling_setting():
         "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
         "presence_penalty": 0.0, "frequency_penalty": 0.0}
     assert server_sampling(GenerationSettings(top_k=5))["top_k"] == 5
-    assert server_sampling(GenerationSettings(do_sample=False)) == {"temperature": 0.0}
+    assert server_sampling(GenerationSettings(do_sample=False)) == {
+        "temperature": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}

@@ -30,11 +30,13 @@ def generate_kwargs(settings: GenerationSettings) -> dict:
 
 
 def server_sampling(settings: GenerationSettings) -> dict:
-    """The sampling fields of an OpenAI-compatible /v1/completions request (vLLM's extra fields included)."""
+    """The sampling fields of an OpenAI-compatible /v1/completions request (vLLM's extra fields included); the
+    penalties are off in greedy decoding too."""
+    penalties = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
     if not settings.do_sample:
-        return {"temperature": 0.0}
+        return {"temperature": 0.0, **penalties}
     return {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k or -1,
-            "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+            "min_p": 0.0, **penalties}
 
 
 def recorded(settings: GenerationSettings) -> dict:
