@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmdistill.losses import DistillObjective, LossTerm
-from lmdistill.losses.errors import LossConfigError
+from lmdistill.losses.errors import LossConfigError, LossInputError
 from lmdistill.losses.mixture import mixture_log_probs, mixture_logits
 
 
@@ -64,3 +64,39 @@ def test_masked_tokens_and_padded_heads():
 def test_bad_weights_are_errors(weights):
     with pytest.raises(LossConfigError, match="mixture"):
         mixture_log_probs([torch.randn(2, 5)] * 2, weights)
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "jsd"])
+def test_fused_mixture_equals_the_logits_path(loss):
+    """Two teachers at unequal weights, mixed per chunk from their hidden states and heads (one with a bias and a
+    soft-cap): loss and gradients equal the logits path on the mixture of their full logits."""
+    torch.manual_seed(3)
+    hs, ws = torch.randn(2, 9, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    hidden = [torch.randn(2, 9, 6), torch.randn(2, 9, 12)]
+    heads = [(torch.randn(40, 6), torch.randn(40), 20.0), (torch.randn(40, 12), None, None)]
+    labels = torch.randint(0, 40, (2, 9))
+    labels[0, :3] = -100
+    weights = [0.25, 1.0]
+    objective = DistillObjective([LossTerm(loss, 0.7), LossTerm("cross_entropy", 0.3)], temperature=2.0,
+                                 chunk_size=5)
+    fused = objective.fused(hs, ws, None, hidden, [w for w, _, _ in heads], [b for _, b, _ in heads], labels,
+                            teacher_softcap=[c for _, _, c in heads], teacher_logit_scale=[1.0, 1.0],
+                            mixture=weights)
+
+    def logits(h, w, b, cap):
+        z = h @ w.T + (b if b is not None else 0)
+        return cap * torch.tanh(z / cap) if cap else z
+
+    teacher = mixture_logits([logits(h, *head) for h, head in zip(hidden, heads)], weights, 2.0)
+    plain = objective(logits(hs, ws, None, None), teacher, labels)
+    torch.testing.assert_close(fused.total, plain.total, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(fused.total, (hs, ws)), torch.autograd.grad(plain.total, (hs, ws))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_mixture_needs_one_weight_per_teacher():
+    objective = DistillObjective([LossTerm("forward_kl")])
+    h, w = torch.randn(1, 3, 4), torch.randn(10, 4)
+    with pytest.raises(LossInputError, match="2 teacher heads need as many mixture weights, got \\[1.0\\]"):
+        objective.fused(h, w, None, [h, h], [w, w], [None, None], None, teacher_softcap=[None, None],
+                        teacher_logit_scale=[1.0, 1.0], mixture=[1.0])

@@ -8,13 +8,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerState
 from typer.testing import CliRunner
 
 from lmdistill.cli import app, preset_text
 from lmdistill.config import config_from_dict
 from lmdistill.errors import ConfigError
-from lmdistill.train.ema import EMA_FILE, EmaTeacher
+from lmdistill.train.ema import EMA_FILE
 from lmdistill.train.pipeline import run_pipeline
 
 KD = [{"name": "forward_kl", "weight": 0.9}, {"name": "cross_entropy", "weight": 0.1}]
@@ -78,18 +78,22 @@ def test_ema_self_distillation_resumes_with_the_same_average(tiny_pipeline, tmp_
     first = load_file(whole / "self" / "checkpoint-2" / EMA_FILE)
     assert not torch.equal(saved_at_4[name], first[name]) and not torch.equal(saved_at_4[name], student[name])
 
-    save = EmaTeacher.on_save
+    # Killed the moment checkpoint-2 counts as complete for resume (its trainer_state.json written), as a SIGKILL
+    # that waits for a complete checkpoint lands: the average must already be in it.
+    save = TrainerState.save_to_json
 
-    def save_then_die(self, args, state, control, **kwargs):
-        save(self, args, state, control, **kwargs)
-        if state.global_step == 2:
-            raise KeyboardInterrupt("interrupted after the step-2 checkpoint")
+    def save_then_die(self, path):
+        save(self, path)
+        if self.global_step == 2:
+            raise KeyboardInterrupt("killed once the step-2 checkpoint is complete")
 
-    monkeypatch.setattr(EmaTeacher, "on_save", save_then_die)
+    monkeypatch.setattr(TrainerState, "save_to_json", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
-    monkeypatch.setattr(EmaTeacher, "on_save", save)
-    resumed = run(tmp_path / "cut")
+    monkeypatch.setattr(TrainerState, "save_to_json", save)
+    with caplog.at_level(logging.INFO):
+        resumed = run(tmp_path / "cut")
+    assert "resuming from" in caplog.text and "holds no EMA teacher" not in caplog.text
     again = load_file(resumed / "self" / "checkpoint-4" / EMA_FILE)
     assert again.keys() == saved_at_4.keys()
     for key in saved_at_4:

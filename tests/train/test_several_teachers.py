@@ -4,9 +4,10 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 from lmdistill.config import config_from_dict
+from lmdistill.data.collate import DistillCollator
 from lmdistill.data.mixture import ID_STRIDE
 from lmdistill.errors import ConfigError
 from lmdistill.losses import DistillObjective, LossTerm
@@ -14,6 +15,7 @@ from lmdistill.losses.mixture import mixture_logits
 from lmdistill.teacher.ensemble import TeacherEnsemble
 from lmdistill.train.pipeline import run_pipeline
 from lmdistill.train.stage_models import route_sources
+from lmdistill.train.trainer import DistillationTrainer
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,6 @@ def test_several_teachers_in_a_pipeline(tiny_pipeline, teacher_dir, student_dir,
 
 
 @pytest.mark.parametrize("stage,match", [
-    ({"fused": True}, "set fused: false"),
     ({"teacher_source": "cache"}, "use teacher_source: live"),
     ({"losses": [{"name": "forward_kl"}, {"name": "feature"}]}, "keep logit losses only"),
 ])
@@ -128,3 +129,38 @@ def test_routing_names_known_sources_once(tiny_pipeline, teacher_dir):
             config_from_dict(data)
     with pytest.raises(ConfigError, match="either as teacher"):
         config_from_dict(tiny_pipeline([{"name": "s"}], teachers=[{"name": "other"}]))
+
+
+def test_fused_mixture_in_the_trainer_equals_the_logits_path(two_teachers, student_dir, tmp_path):
+    """fused: true with two teachers at unequal weights: the trainer mixes their heads per chunk, with loss and
+    student gradients equal to the logits path on the ensemble's mixed logits."""
+    ensemble = TeacherEnsemble(two_teachers, [1.0, 3.0], {}, temperature=2.0)
+    objective = DistillObjective([LossTerm("forward_kl", 0.7), LossTerm("cross_entropy", 0.3)], temperature=2.0,
+                                 chunk_size=7)
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    ids = torch.randint(5, 400, (3, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no")
+    results = []
+    for fused in (False, True):
+        trainer = DistillationTrainer(model=student, args=args, data_collator=DistillCollator(0), objective=objective,
+                                      teacher=ensemble, fused=fused)
+        student.zero_grad()
+        loss = trainer.compute_loss(student, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), student.lm_head.weight.grad.clone(),
+                        student.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_several_teachers_run_and_refuse_routing(tiny_pipeline, teacher_dir, student_dir):
+    teachers = [{"name": str(teacher_dir), "weight": 2.0}, {"name": str(student_dir)}]
+    data = tiny_pipeline([{"name": "mix", "max_steps": 2, "fused": True, "losses": [{"name": "jsd"}]}],
+                         teachers=teachers, evaluation={"enabled": False})
+    del data["teacher"]
+    assert (run_pipeline(config_from_dict(data)) / "mix" / "final" / "model.safetensors").exists()
+    teachers[1]["sources"] = ["domain"]
+    with pytest.raises(ConfigError, match="per-source routing .sources:. needs fused: false"):
+        config_from_dict(data)

@@ -7,7 +7,8 @@ adds the gradient into the shared parameter), an lm_head bias, a logit scale (Co
 applied first) and final-logit soft-capping (Gemma's `final_logit_softcapping`, applied after). Student
 and teacher vocabularies that differ only by padding rows are compared on the shared prefix. In place of a
 teacher, a top-k teacher cache (ids, log-probs, tail mass per token) can be passed: its rows are sliced with the
-student's, so the cached KD terms too see only one chunk of student logits at a time.
+student's, so the cached KD terms too see only one chunk of student logits at a time. Several teachers' heads
+are mixed per chunk (`losses.mixture`), so no teacher's full logits exist either.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lmdistill.losses.divergences import TermSpec, check_params, check_temperatu
 from lmdistill.losses.engine import Head, reduce_rows
 from lmdistill.losses.errors import LossInputError
 from lmdistill.losses.functional import backward_coeffs, cache_rows, counted_rows, finish
+from lmdistill.losses.mixture import mixture_logits
 
 
 BLOCK_ELEMENTS = 2**24  # per [chunk, V] float32 block: 64 MiB, whatever the vocabulary
@@ -59,38 +61,51 @@ def _check_head(hidden: Tensor, head: LMHead, who: str) -> None:
 
 
 def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head: LMHead,
-                teacher_hidden: Tensor | None, teacher_head: LMHead | None, labels: Tensor | None,
-                chunk_size: int | None, coeffs: Tensor | None = None, teacher_ids: Tensor | None = None,
-                teacher_logprobs: Tensor | None = None, teacher_tail: Tensor | None = None) -> tuple[Tensor, int]:
+                teacher_hidden: Tensor | Sequence[Tensor] | None, teacher_head: LMHead | Sequence[LMHead] | None,
+                labels: Tensor | None, chunk_size: int | None, coeffs: Tensor | None = None,
+                teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None,
+                teacher_tail: Tensor | None = None, mixture: Sequence[float] | None = None,
+                mixture_temperature: float = 1.0) -> tuple[Tensor, int]:
     """Term sums over counted tokens. student_hidden [..., Hs]; teacher_hidden [..., Ht] (or None when no term
     needs the teacher's logits); labels [...]; for 'topk_kl' a teacher cache in place of the teacher:
-    teacher_ids / teacher_logprobs [..., k] and teacher_tail [...] (or None). Returns ([terms] float32, count of
+    teacher_ids / teacher_logprobs [..., k] and teacher_tail [...] (or None). Several teachers: teacher_hidden and
+    teacher_head one per teacher and `mixture` their weights; each chunk's target is their mixture at
+    `mixture_temperature` (`losses.mixture`), as the logits path forms it. Returns ([terms] float32, count of
     counted tokens)."""
     _check_head(student_hidden, student_head, "student")
     # The cache is sliced per chunk with the hidden states, so each chunk's logits meet their own top-k rows.
     ids, lps, tails = cache_rows(student_hidden, "hidden states", student_head.weight.shape[0], teacher_ids,
                                  teacher_logprobs, teacher_tail)
     s_rows = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, Hs]
-    t_rows = None
+    t_heads, t_rows = [], []
     if teacher_hidden is not None and teacher_head is not None:
-        _check_head(teacher_hidden, teacher_head, "teacher")
-        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-            raise LossInputError(f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
-                                 f"{tuple(teacher_hidden.shape)} must cover the same tokens")
-        t_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # [N, Ht]
+        several = not isinstance(teacher_head, LMHead)
+        t_heads = list(teacher_head) if several else [teacher_head]
+        if several and (mixture is None or len(mixture) != len(t_heads)):
+            raise LossInputError(f"{len(t_heads)} teacher heads need as many mixture weights, got {mixture}")
+        for hidden, head in zip(list(teacher_hidden) if several else [teacher_hidden], t_heads, strict=True):
+            _check_head(hidden, head, "teacher")
+            if hidden.shape[:-1] != student_hidden.shape[:-1]:
+                raise LossInputError(f"student hidden states {tuple(student_hidden.shape)} and teacher hidden "
+                                     f"states {tuple(hidden.shape)} must cover the same tokens")
+            t_rows.append(hidden.reshape(-1, hidden.shape[-1]))  # [N, Ht]
     flat_labels, counted, count = counted_rows(labels, s_rows.shape[0])
-    t_head = teacher_head if t_rows is not None else None
+    n_teachers = len(t_heads)
 
     def fn(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None]) -> Tensor:
-        s_product, t_product, *rest = rows  # the heads' products [n, V]; labels [n], cache rows [n, k], tails [n]
-        t_logits = t_head.logits(t_product) if t_head is not None else None
-        return score_rows(specs, student_head.logits(s_product), t_logits, *rest)
+        # The heads' products [n, V], one per model; labels [n], cache rows [n, k], tails [n].
+        s_product, t_products, rest = rows[0], rows[1: 1 + n_teachers], rows[1 + n_teachers:]
+        t_logits = [head.logits(product) for head, product in zip(t_heads, t_products)]
+        if len(t_logits) > 1:  # the mixture per chunk: [chunk, V] per teacher, never [N, V]
+            t_logits = [mixture_logits(t_logits, mixture, mixture_temperature)]
+        return score_rows(specs, student_head.logits(s_product), t_logits[0] if t_logits else None, *rest)
 
-    shared = [student_head.weight, student_head.bias,
-              t_head.weight if t_head else None, t_head.bias if t_head else None]
-    heads = [Head(0, 0, 1 if student_head.bias is not None else None),
-             Head(1, 2, 3 if t_head is not None and t_head.bias is not None else None)]
-    return reduce_rows(fn, [s_rows, t_rows, flat_labels, ids, lps, tails], shared, counted, chunk_size,
+    shared: list[Tensor | None] = [student_head.weight, student_head.bias]
+    heads = [Head(0, 0, 1 if student_head.bias is not None else None)]
+    for i, head in enumerate(t_heads):
+        shared += [head.weight, head.bias]
+        heads.append(Head(1 + i, 2 + 2 * i, 3 + 2 * i if head.bias is not None else None))
+    return reduce_rows(fn, [s_rows, *t_rows, flat_labels, ids, lps, tails], shared, counted, chunk_size,
                        coeffs, heads), count
 
 

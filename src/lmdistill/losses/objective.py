@@ -115,20 +115,28 @@ class DistillObjective:
         return self._output(sums, denom)
 
     def fused(self, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
-              teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
-              labels: Tensor | None, num_items: int | float | Tensor | None = None,
-              student_softcap: float | None = None, teacher_softcap: float | None = None,
-              student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0) -> ObjectiveOutput:
+              teacher_hidden: Tensor | Sequence[Tensor] | None, teacher_weight: Tensor | Sequence[Tensor] | None,
+              teacher_bias: Tensor | Sequence[Tensor | None] | None, labels: Tensor | None,
+              num_items: int | float | Tensor | None = None, student_softcap: float | None = None,
+              teacher_softcap: float | Sequence[float | None] | None = None, student_logit_scale: float = 1.0,
+              teacher_logit_scale: float | Sequence[float] = 1.0,
+              mixture: Sequence[float] | None = None) -> ObjectiveOutput:
         """Hidden states [..., H] and lm_head weights [V, H] in place of logits; full logits never exist.
-        Chunks of `chunk_size` tokens (`default_chunk_size(V)` when the objective has none)."""
+        Chunks of `chunk_size` tokens (`default_chunk_size(V)` when the objective has none). Several teachers:
+        `mixture` their weights and every teacher argument a sequence, one per teacher; the target is their
+        mixture at the objective's temperature, as `__call__` gets it from `losses.mixture.mixture_logits`."""
         self._require_teacher(teacher_hidden if teacher_weight is not None else None)
         student = LMHead(student_weight, student_bias, student_softcap, student_logit_scale)
-        teacher = (LMHead(teacher_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
-                   if teacher_weight is not None and self.needs_teacher else None)
+        teacher: LMHead | list[LMHead] | None = None
+        if teacher_weight is not None and self.needs_teacher:
+            teacher = (LMHead(teacher_weight, teacher_bias, teacher_softcap, teacher_logit_scale) if mixture is None
+                       else [LMHead(*head) for head in zip(teacher_weight, teacher_bias, teacher_softcap,
+                                                          teacher_logit_scale, strict=True)])
         denom = self._denominator(labels, student_hidden[..., 0].numel(), num_items)
         sums, _ = fused_terms(self._specs(), student_hidden, student, teacher_hidden, teacher, labels,
                               self.chunk_size or default_chunk_size(student_weight.shape[0]),
-                              self._coeffs(denom, student_hidden.device))
+                              self._coeffs(denom, student_hidden.device), mixture=mixture,
+                              mixture_temperature=self.temperature)
         return self._output(sums, denom)
 
     def cached(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, labels: Tensor | None,

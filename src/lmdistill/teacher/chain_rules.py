@@ -48,18 +48,18 @@ def check_teachers(config: PipelineConfig) -> TeacherSettings | None:
     if len(config.teachers) > 1:
         for stage in config.stages:
             if uses_run_teachers(stage):
-                _check_mixture_stage(stage)
+                _check_mixture_stage(stage, routed=bool(routed))
     first = config.teachers[0]
     return TeacherSettings.model_validate(first.model_dump(exclude={"weight", "sources"}, exclude_unset=True))
 
 
-def _check_mixture_stage(stage: StageSettings) -> None:
-    """Several teachers meet in their output distributions: the paths that need one teacher's weights, hidden
-    states or stored outputs are refused with what to do instead."""
+def _check_mixture_stage(stage: StageSettings, routed: bool) -> None:
+    """Several teachers meet in their output distributions: the paths that need one teacher's hidden states or
+    stored outputs are refused with what to do instead."""
     where = f"stage {stage.name!r} distils from several teachers"
-    if stage.fused:
-        raise ValueError(f"{where}, whose mixture is formed from their logits: set fused: false (chunk_size bounds "
-                         "the loss memory)")
+    if stage.fused and routed:
+        raise ValueError(f"{where}: fused: true mixes every teacher on every example, so per-source routing "
+                         "(sources:) needs fused: false (chunk_size bounds the loss memory)")
     if stage.teacher_source == "cache":
         raise ValueError(f"{where}, but the teacher cache holds one teacher's top-k: use teacher_source: live")
     bad = [t.name for t in stage.losses if isinstance(t, (*HIDDEN_TERMS, CrossVocabTerm))]

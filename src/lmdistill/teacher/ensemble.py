@@ -54,6 +54,10 @@ class TeacherEnsemble(nn.Module):
             return [None] * batch_size
         return [self.routes.get(split_example_id(int(i))[0]) for i in self._example_ids.tolist()]
 
+    def mixed(self) -> tuple[list[nn.Module], list[float]]:
+        """The teachers of the mixture and their weights: what the fused loss mixes per chunk from their heads."""
+        return [self.teachers[i] for i in self.default], [self.weights[i] for i in self.default]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
             raise TrainingError("several teachers give one mixed distribution, not hidden states or attentions; keep "

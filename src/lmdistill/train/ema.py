@@ -20,7 +20,7 @@ EMA_FILE = "ema_teacher.safetensors"
 
 
 class EmaTeacher(TrainerCallback):
-    """`model` is the frozen average (the stage's teacher); the callback keeps it up to date and checkpointed."""
+    """`model` is the frozen average (the stage's teacher); the callback keeps it up to date, `save` checkpoints it."""
 
     def __init__(self, student: nn.Module, decay: float) -> None:
         self.model = freeze(copy.deepcopy(unwrapped(student)))
@@ -31,13 +31,12 @@ class EmaTeacher(TrainerCallback):
         for ema, live in zip(self.model.parameters(), unwrapped(model).parameters()):
             ema.lerp_(live.detach().to(ema.dtype), 1.0 - self.decay)
 
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            from safetensors.torch import save_file
+    def save(self, checkpoint: str | Path) -> None:
+        """Write the average into `checkpoint` (the trainer calls it before the checkpoint counts as complete)."""
+        from safetensors.torch import save_file
 
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_file({name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters()},
-                      str(folder / EMA_FILE))
+        save_file({name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters()},
+                  os.path.join(checkpoint, EMA_FILE))
 
     def load(self, checkpoint: str | Path) -> bool:
         """The average saved with `checkpoint`; False when it holds none (the average restarts from the student)."""

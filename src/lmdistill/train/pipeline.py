@@ -349,6 +349,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         log.info("stage %s: resuming from %s", stage.name, resume)
     if ema is not None:
         trainer.add_callback(ema)
+        trainer.checkpoint_writers.append(ema.save)
         if resume and not ema.load(resume):
             log.warning("stage %s: %s holds no EMA teacher; the average restarts from the student", stage.name, resume)
     log.info("stage %d/%d %s: %d draws from %s, losses %s, T=%s", index, len(config.stages), stage.name,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.modeling_outputs import CausalLMOutput
 
 from lmdistill.errors import TrainingError
 from lmdistill.losses import DistillObjective
@@ -92,6 +93,8 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
         self.task_type = task_type
         self.shared_vocab = shared_vocab
         self.fused = fused
+        # Callables(folder) that write extra state into each checkpoint (e.g. the EMA teacher), see _save_checkpoint.
+        self.checkpoint_writers: list = []
         # Our compute_loss divides by the token count of the whole accumulated batch itself.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -116,7 +119,8 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
 
     def _check_fused(self, teacher: nn.Module | None) -> None:
         """fused: true applies the output layers itself, from their weights: refuse heads it cannot reproduce."""
-        for who, model in (("student", self.model), ("teacher", teacher)):
+        teachers = list(teacher.mixed()[0]) if hasattr(teacher, "mixed") else [teacher]
+        for who, model in (("student", self.model), *(("teacher", t) for t in teachers)):
             if model is not None and hasattr(unwrapped(model), "final_logits_bias"):
                 raise TrainingError(f"fused: true cannot apply the {who}'s final_logits_bias (BART-style heads add it "
                                     "after the lm_head); set fused: false and bound the loss memory with chunk_size")
@@ -188,6 +192,16 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
             save_file({k: v.detach().cpu().contiguous() for k, v in modules.state_dict().items()},
                       os.path.join(output_dir or self.args.output_dir, AUX_FILE))
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # Written before Trainer's trainer_state.json, which marks a checkpoint complete for resume: a run killed
+        # in between resumes from a checkpoint that holds everything (rotation has already removed the older ones).
+        if self.args.should_save and self.checkpoint_writers:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            for write in self.checkpoint_writers:
+                write(folder)
+        super()._save_checkpoint(model, trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, AUX_FILE)
@@ -206,6 +220,11 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
             kwargs["decoder_input_ids"] = unwrapped(model).prepare_decoder_input_ids_from_labels(labels=labels)
         if not body_only:
             return model(**kwargs)
+        if hasattr(model, "mixed"):  # several teachers (teacher/ensemble.py): each mixed teacher's head input
+            out = CausalLMOutput()
+            out["head_input"] = [self._forward(member, inputs, labels, body_only=True).head_input
+                                 for member in model.mixed()[0]]
+            return out
         with head_inputs(model) as captured:
             out = model(**kwargs)
         out["head_input"] = captured[-1]
@@ -247,6 +266,20 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
             return False
         return self._teacher_logits_needed or self.aux.needs_hidden or self.aux.needs_attentions
 
+    def _fused_teacher(self, teacher_out, aligned) -> dict:
+        """The fused loss's teacher arguments: the teacher's head input and head (rows cut to the shared vocabulary,
+        as the logits are), or with several teachers a sequence of each, one per mixed teacher, and their weights."""
+        if not self._teacher_logits_needed:
+            return {"teacher_hidden": None, "teacher_weight": None, "teacher_bias": None}
+        several = hasattr(self.teacher, "mixed")
+        members, mixture = self.teacher.mixed() if several else ([self.teacher], None)
+        hidden = teacher_out.head_input if several else [teacher_out.head_input]
+        rows = [head_rows(output_layer(m), self.shared_vocab) for m in members]
+        args = {"teacher_hidden": [aligned(h) for h in hidden], "teacher_weight": [w for w, _ in rows],
+                "teacher_bias": [b for _, b in rows], "teacher_softcap": [softcap(m) for m in members],
+                "teacher_logit_scale": [logit_scale(m) for m in members]}
+        return {**args, "mixture": mixture} if several else {key: value[0] for key, value in args.items()}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         example_ids = inputs.get("example_id")
@@ -273,15 +306,10 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
                     cache_temperature=self.teacher_cache.cache_temperature, tail=self.teacher_cache.tail,
                     teacher_tail=tail, student_softcap=softcap(model), student_logit_scale=logit_scale(model))
             else:
-                t_hidden, t_weight, t_bias = None, None, None
-                if self._teacher_logits_needed:
-                    t_hidden = aligned(teacher_out.head_input)
-                    t_weight, t_bias = head_rows(output_layer(self.teacher), self.shared_vocab)
                 out = self.objective.fused(
-                    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, num_items=num_items_in_batch,
-                    student_softcap=softcap(model), teacher_softcap=softcap(self.teacher) if self.teacher else None,
-                    student_logit_scale=logit_scale(model),
-                    teacher_logit_scale=logit_scale(self.teacher) if self.teacher else 1.0)
+                    s_hidden, s_weight, s_bias, labels=target, num_items=num_items_in_batch,
+                    student_softcap=softcap(model), student_logit_scale=logit_scale(model),
+                    **self._fused_teacher(teacher_out, aligned))
         else:
             s_logits = aligned(student_out.logits)[..., : self.shared_vocab]
             if self.teacher_cache is not None and self.objective.needs_teacher:
