@@ -122,7 +122,8 @@ def test_routing_names_known_sources_once(tiny_pipeline, teacher_dir):
                             ([{"name": "a", "sources": ["domain"]}, {"name": "b", "sources": ["domain"]}],
                              "routed to two teachers"),
                             ([{"name": "a"}, {"dtype": "float32"}], "needs a name"),
-                            ([{"name": "a"}, {"name": "b", "endpoint": "http://localhost:8000"}], "endpoint teacher")]:
+                            ([{"name": "a"}, {"name": "b", "endpoint": "http://localhost:8000"}],
+                             "only the run.s teacher can be served")]:
         data = tiny_pipeline([{"name": "s"}], teachers=teachers)
         del data["teacher"]
         with pytest.raises(ConfigError, match=match):
