@@ -142,7 +142,8 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
 def markdown(summary: dict, per_seed: dict, teacher: dict[str, float], command: str, warm_steps: int) -> str:
     head = "| method | ROUGE-L (gold) | exact match (gold) | ROUGE-L (teacher) | seconds |\n|---|---|---|---|---|\n"
     start = f"an SFT student ({warm_steps} CE steps on gold)" if warm_steps else "the initial student"
-    lines = [f"Command: `{command}`", f"Seeds: {len(per_seed)}; every method starts from {start}", "", "Mean +- std over seeds:", "", head.rstrip()]
+    lines = [f"Command: `{command}`", f"Seeds: {len(per_seed)}; every method starts from {start}", "",
+             "Mean +- std over seeds:", "", head.rstrip()]
     for method, row in summary.items():
         lines.append(f"| {method} | " + " | ".join(f"{row[k]:.3f} +- {row[k + '_std']:.3f}" for k in SCORES)
                      + f" | {row['seconds']:.0f} |")
@@ -195,8 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the embedded task's size: `lmdistill demo`'s full or --quick data and teacher")
     parser.add_argument("--out", type=Path, default=Path("ordering_out"))
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps (2 warm at most), batch 4, 8 eval "
-                                                             "prompts (with the demo: its quick teacher)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps (2 warm at most), batch 4, "
+                                                             "8 eval prompts (with the demo: its quick teacher)")
     args = parser.parse_args(argv)
     paths = [args.teacher, args.train, args.eval]
     if any(paths) and not all(paths):

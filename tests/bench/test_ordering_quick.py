@@ -23,7 +23,8 @@ def ordering():
 def test_quick_run_trains_every_method_and_writes_the_tables(ordering, tmp_path, teacher_dir, student_dir, qa_jsonl):
     out = tmp_path / "out"
     results = ordering.main(["--teacher", str(teacher_dir), "--train", str(qa_jsonl), "--eval", str(qa_jsonl),
-                             "--student", str(student_dir), "--warm-steps", "2", "--max-new-tokens", "6", "--max-length", "48",
+                             "--student", str(student_dir), "--warm-steps", "2", "--max-new-tokens", "6",
+                             "--max-length", "48",
                              "--out", str(out), "--quick"])
     assert list(results["summary"]) == list(ordering.METHODS)
     for method, row in results["summary"].items():
