@@ -3,6 +3,7 @@ DeepSpeed JSON, any other TrainingArguments field (names checked at load), early
 
 import importlib.util
 import json
+import warnings
 
 import pytest
 
@@ -23,7 +24,9 @@ def test_trainer_settings_reach_training_arguments(tmp_path):
     config = _config({"gradient_checkpointing": True, "torch_compile": True, "dataloader_num_workers": 2,
                       "patience": 3, "extra_args": {"dataloader_pin_memory": False, "adam_beta2": 0.95}},
                      eval_steps=2)
-    args = stage_training_arguments(config, config.stages[0], tmp_path, has_eval=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated TrainingArguments name on every stage
+        args = stage_training_arguments(config, config.stages[0], tmp_path, has_eval=True)
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert args.torch_compile and args.dataloader_num_workers == 2
     assert args.dataloader_pin_memory is False and args.adam_beta2 == 0.95

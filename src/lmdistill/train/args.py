@@ -13,6 +13,10 @@ from transformers import TrainingArguments
 from lmdistill.config import PipelineConfig, StageSettings
 from lmdistill.errors import ConfigError
 
+# transformers 5.x renamed gradient_checkpointing to activation_checkpointing; the old name warns on every stage.
+_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                  else "gradient_checkpointing")
+
 log = logging.getLogger(__name__)
 
 _OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
@@ -75,9 +79,9 @@ def stage_training_arguments(config: PipelineConfig, stage: StageSettings, stage
         dataloader_num_workers=t.dataloader_num_workers,
         # Every student parameter takes part in every step; DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
-        gradient_checkpointing=t.gradient_checkpointing,
         # Non-reentrant checkpointing also works when the inputs need no gradient (frozen embeddings under LoRA).
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **{_CHECKPOINTING: t.gradient_checkpointing,
+           f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None},
         torch_compile=t.torch_compile,
     )
     if t.dataloader_num_workers and stage.eval_driven_sampling is not None and stage.eval_driven_sampling.enabled:
