@@ -6,7 +6,9 @@ company's facts (CE on the demo's teacher mix); then four students of one size t
   ce           CE on the labelled QA only (a fifth of the companies), no teacher;
   seq_kd       sequence-level KD: CE on the teacher's greedy answers to every company's training prompts;
   uld          the same teacher text, CE + uld against the live teacher at aligned positions;
-  hybrid       the same teacher text, CE + cross_vocab_kl (shared-vocabulary KL + ULD on the rest).
+  hybrid       the same teacher text, CE + cross_vocab_kl (shared-vocabulary KL + ULD on the rest);
+  uld_cached, hybrid_cached   the same two from a teacher cache across tokenizers (teacher_cache.k, 64 by
+               default): `cache-teacher` once (its time counts in uld_cached's seconds), then no teacher in memory.
 Prints one row per model: exact match and ROUGE-L on the held-out phrasings (greedy), domain perplexity, wall time.
 Every run goes through run_pipeline, as a user's does.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from lmdistill.demo.corpus import write_demo_data
 from lmdistill.demo.recipe import demo_recipe
 from lmdistill.models.tiny import tiny_causal_lm, train_metaspace_tokenizer, train_tokenizer
 from lmdistill.train.pipeline import run_pipeline
+from lmdistill.train.teacher_commands import cache_teacher
 
 
 def _texts(path: Path) -> list[str]:
@@ -109,13 +113,19 @@ def main() -> None:
     teacher_text.write_text("".join(
         json.dumps({"prompt": line["messages"][-1]["content"], "completion": line["completion"]}) + "\n"
         for line in map(json.loads, generations.read_text().splitlines()) if line["completion"].strip()))
-    for name, loss in (("uld", "uld"), ("hybrid", "cross_vocab_kl")):
+    shutil.rmtree(out / "teacher_cache", ignore_errors=True)  # made by this run's teacher, not an earlier one's
+    for name, loss, source in (("uld", "uld", "live"), ("hybrid", "cross_vocab_kl", "live"),
+                               ("uld_cached", "uld", "cache"), ("hybrid_cached", "cross_vocab_kl", "cache")):
         begin = time.perf_counter()
         cfg = _config(models["student"], out / name, files, recipe, eval_rows,
                       {"domain": {"path": str(teacher_text)}},
-                      [{"name": "s", "max_steps": steps, "losses": [{"name": "cross_entropy"}, {"name": loss}]}],
-                      teacher={"name": str(teacher)})
-        run_pipeline(config_from_dict(cfg, name))
+                      [{"name": "s", "max_steps": steps, "teacher_source": source,
+                        "losses": [{"name": "cross_entropy"}, {"name": loss}]}],
+                      teacher={"name": str(teacher)}, teacher_cache={"path": str(out / "teacher_cache")})
+        config = config_from_dict(cfg, name)
+        if source == "cache":
+            cache_teacher(config)  # captured for the first cached run; the second finds it complete
+        run_pipeline(config)
         rows[name] = _scores(out / name) | {"seconds": time.perf_counter() - begin}
 
     print(f"\n{steps} student steps, batch {recipe.batch_size}, eval on {eval_rows} held-out phrasings\n")

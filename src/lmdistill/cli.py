@@ -213,6 +213,8 @@ def cache_teacher(config: Path = typer.Argument(..., help="Pipeline config (YAML
                                                                          "or OUTPUT_DIR/teacher_cache)."),
                   teacher_endpoint: Optional[str] = _opt("teacher_endpoint", help=_ENDPOINT_HELP)):
     """Run the teacher once over the data and store its top-k log-probs (stages with teacher_source: cache).
+    A teacher with another tokenizer than the student's reads its own tokens, and its top-k over its own
+    vocabulary is kept at the positions aligned with the student's (for uld / cross_vocab_kl).
     Re-running continues after the last complete shard."""
     from lmdistill.config import load_config
     from lmdistill.train.teacher_commands import cache_teacher as run_cache, with_endpoint

@@ -179,9 +179,14 @@ class StageSettings(Strict):
             raise ValueError("a non_policy stage trains on teacher generations, which the top-k cache does not cover; "
                              "use teacher_source: live (the teacher scores the generations as it trains)")
         cross = [t.name for t in self.losses if isinstance(t, CrossVocabTerm)]
-        if cross and (self.kind != "distill" or self.teacher_source != "live" or self.fused):
-            raise ValueError(f"{cross[0]} runs the teacher on its own tokens beside the student: it needs kind: "
-                             "distill, teacher_source: live and fused: false")
+        if cross and (self.kind != "distill" or self.teacher_source == "generations" or self.fused):
+            raise ValueError(f"{cross[0]} reads the teacher on its own tokens beside the student: it needs kind: "
+                             "distill, teacher_source: live or cache, and fused: false")
+        kd = [t.name for t in self.losses if isinstance(t, LogitTerm) and t.name != "cross_entropy"]
+        if cross and kd and self.teacher_source == "cache":
+            raise ValueError(f"a teacher cache for {cross[0]} holds the teacher's top-k over its own ids, which "
+                             f"{kd[0]} cannot compare with the student's: keep cross_entropy beside {cross[0]}, or "
+                             "use teacher_source: live")
         if cross and any(not isinstance(t, (LogitTerm, CrossVocabTerm)) for t in self.losses):
             raise ValueError(f"{cross[0]} goes with logit losses only: hidden-state terms compare positions one by "
                              "one, which two tokenizers do not share")

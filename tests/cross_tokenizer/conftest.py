@@ -45,25 +45,45 @@ def metaspace_teacher_dir(tmp_path_factory, metaspace_tokenizer_dir, metaspace_t
     return path
 
 
+def cross_config_dict(teacher_dir, student_dir, qa_jsonl, folder: Path, stages, **top) -> dict:
+    """A config dict: the metaspace teacher, the byte-level student, 8 question/answer rows, fast stages."""
+    data = {
+        "teacher": {"name": str(teacher_dir)},
+        "student": {"name": str(student_dir)},
+        "data": {"max_length": 48, "sources": {"domain": {"path": str(qa_jsonl), "max_rows": 8}},
+                 "eval": {"domain": {"path": str(qa_jsonl), "max_rows": 2}}},
+        "training": {"batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1, "report_to": [],
+                     "lr_scheduler_type": "constant", "eval_batch_size": 4},
+        "generation": {"max_new_tokens": 8, "batch_size": 8, "path": str(folder / "generations.jsonl")},
+        "evaluation": {"enabled": False, "num_samples": 0},
+        "output_dir": str(folder / "run"),
+        "stages": stages,
+    }
+    for key, value in top.items():
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    return data
+
+
 @pytest.fixture
 def cross_config(tmp_path, metaspace_teacher_dir, student_dir, qa_jsonl):
-    """A config dict: the metaspace teacher, the byte-level student, 8 question/answer rows, fast stages."""
+    """cross_config_dict in this test's tmp_path: make(stages, **top)."""
 
     def make(stages, **top):
-        data = {
-            "teacher": {"name": str(metaspace_teacher_dir)},
-            "student": {"name": str(student_dir)},
-            "data": {"max_length": 48, "sources": {"domain": {"path": str(qa_jsonl), "max_rows": 8}},
-                     "eval": {"domain": {"path": str(qa_jsonl), "max_rows": 2}}},
-            "training": {"batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1, "report_to": [],
-                         "lr_scheduler_type": "constant", "eval_batch_size": 4},
-            "generation": {"max_new_tokens": 8, "batch_size": 8, "path": str(tmp_path / "generations.jsonl")},
-            "evaluation": {"enabled": False, "num_samples": 0},
-            "output_dir": str(tmp_path / "run"),
-            "stages": stages,
-        }
-        for key, value in top.items():
-            data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
-        return data
+        return cross_config_dict(metaspace_teacher_dir, student_dir, qa_jsonl, tmp_path, stages, **top)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def cross_cache(tmp_path_factory, metaspace_teacher_dir, metaspace_tokenizer, student_dir, qa_jsonl) -> Path:
+    """A teacher cache across tokenizers of cross_config's data, built once: k = the teacher's whole vocabulary,
+    float32 (it describes the teacher exactly)."""
+    from lmdistill.config import config_from_dict
+    from lmdistill.train.teacher_commands import cache_teacher
+
+    folder = tmp_path_factory.mktemp("cross_cache")
+    stages = [{"name": "s", "max_steps": 1, "teacher_source": "cache", "losses": [{"name": "uld"}]}]
+    config = cross_config_dict(metaspace_teacher_dir, student_dir, qa_jsonl, folder, stages,
+                               teacher_cache={"k": len(metaspace_tokenizer), "dtype": "float32",
+                                              "path": str(folder / "cache")})
+    return cache_teacher(config_from_dict(config))[0]

@@ -80,8 +80,9 @@ def test_cross_vocabulary_losses_name_the_stage_settings_they_need(cross_config)
 
     from lmdistill.errors import ConfigError
 
-    cases = [({"kind": "non_policy"}, "uld runs the teacher on its own tokens beside the student: it needs kind: "
-                                      "distill, teacher_source: live and fused: false"),
+    cases = [({"kind": "non_policy"}, "uld reads the teacher on its own tokens beside the student: it needs kind: "
+                                      "distill, teacher_source: live or cache, and fused: false"),
+             ({"teacher_source": "generations"}, "teacher_source: live or cache"),
              ({"fused": True}, "fused: false"),
              ({"losses": [{"name": "uld"}, {"name": "feature"}]}, "uld goes with logit losses only")]
     for extra, message in cases:
@@ -90,12 +91,14 @@ def test_cross_vocabulary_losses_name_the_stage_settings_they_need(cross_config)
             config_from_dict(cross_config([stage]))
 
 
-def test_cache_teacher_across_tokenizers_names_the_paths_that_work(cross_config, tmp_path):
-    import pytest
+def test_eval_rows_held_out_of_a_source_get_the_teachers_view(cross_config, metaspace_tokenizer):
+    from lmdistill.train.cross_tokenizer import teacher_views
 
-    from lmdistill.errors import ModelError
-    from lmdistill.train.teacher_commands import cache_teacher
-
-    config = config_from_dict(cross_config([{"name": "x", "max_steps": 1, "losses": [{"name": "uld"}]}]))
-    with pytest.raises(ModelError, match=r"but `lmdistill cache-teacher` .* compares token ids one by one. Two paths"):
-        cache_teacher(config, out=tmp_path / "cache")
+    data = cross_config([])["data"]
+    config = config_from_dict(cross_config([{"name": "x", "max_steps": 1, "losses": [{"name": "uld"}]}],
+                                           data={**data, "eval": {}, "eval_holdout": 0.25}))
+    prep = prepare(config, load_teacher=False)
+    assert list(prep.eval_sets) == ["domain"] and prep.eval_sets["domain"]  # held out: data.eval is empty
+    _, evals = teacher_views(config, prep, metaspace_tokenizer, prep.sources, "test")
+    assert [ex["row_id"] for ex in evals["domain"]] == [ex["row_id"] for ex in prep.eval_sets["domain"]]
+    assert all(ex["pairs"] for ex in evals["domain"])

@@ -25,6 +25,11 @@ from dataclasses import dataclass
 
 Range = tuple[int, int]
 
+# The rule a teacher cache across tokenizers records with its pairs (a cache made under another rule is refused):
+# the last tokens of each span (`boundary_pairs`), kept where the student's label mask counts the next token
+# (lmdistill.train.cross_tokenizer). Change the name whenever either changes.
+ALIGNMENT = "byte-spans/last-token/label-mask/1"
+
 
 @dataclass(frozen=True)
 class Span:

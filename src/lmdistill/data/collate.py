@@ -59,3 +59,26 @@ class DistillCollator:
                                 f"prompt/response or chat rows.")
         left = self.task_type == "causal"
         return _pad(prompts, self.pad_token_id, left=left), _pad([[1] * len(p) for p in prompts], 0, left=left)
+
+
+class CrossTokenizerCollator(DistillCollator):
+    """DistillCollator plus the teacher's own tokens of each example (a teacher with another tokenizer):
+    teacher_input_ids / teacher_attention_mask [B, T'] and pairs [B, P, 2] of (student position, teacher position)
+    (-1: padding)."""
+
+    def __init__(self, pad_token_id: int, teacher_pad_token_id: int) -> None:
+        super().__init__(pad_token_id, task_type="causal")
+        self.teacher_pad_token_id = teacher_pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(examples)
+        ids = [e["teacher_input_ids"] for e in examples]
+        batch["teacher_input_ids"] = _pad(ids, self.teacher_pad_token_id)
+        batch["teacher_attention_mask"] = _pad([[1] * len(r) for r in ids], 0)
+        width = max(1, max(len(e["pairs"]) for e in examples))
+        pairs = torch.full((len(examples), width, 2), -1, dtype=torch.long)
+        for i, e in enumerate(examples):
+            if e["pairs"]:
+                pairs[i, : len(e["pairs"])] = torch.tensor(e["pairs"], dtype=torch.long)
+        batch["pairs"] = pairs
+        return batch

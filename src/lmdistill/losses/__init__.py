@@ -25,6 +25,8 @@ Logit terms (one `DistillObjective`; every entry also takes `weight` [1.0]; the 
 Across vocabularies (teacher and student tokenizers differ; rows paired by lmdistill.data.align), in cross_vocab.py:
     uld              sum |sort(p_s) - sort(p_t)|, zero-padded to the longer vocabulary        (ULD)
     cross_vocab_kl   forward KL over the ids both vocabularies share (renormalised), ULD on the rest  (GOLD)
+  Against a teacher cache (the teacher's top-k over its own ids and the tail mass): `topk_uld`,
+  `topk_cross_vocab_kl`, the tail spread evenly over the other ids (or dropped); equal to the above at k = V_t.
 
 Auxiliary terms (`build_losses` -> `AuxLoss` modules; each also takes `weight` [1.0]):
     feature      kind ["mse" | "cosine"], layers ["uniform" | [[student, teacher], ...]]   hidden states

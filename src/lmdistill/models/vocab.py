@@ -8,8 +8,8 @@ from lmdistill.errors import ModelError
 ACROSS_TOKENIZERS = (
     "Two paths work across tokenizers: sequence-level KD, training on the teacher's text (a stage with kind: "
     "non_policy, or teacher_source: generations, and losses: [{name: cross_entropy}]), or logit KD across "
-    "tokenizers (a stage with losses: [{name: uld}] or [{name: cross_vocab_kl}], optionally beside cross_entropy); "
-    "or pick a student from the teacher's family.")
+    "tokenizers (a stage with losses: [{name: uld}] or [{name: cross_vocab_kl}], optionally beside cross_entropy, "
+    "with the teacher live or from `lmdistill cache-teacher`); or pick a student from the teacher's family.")
 
 
 def same_vocab(teacher_tokenizer, student_tokenizer) -> bool:

@@ -8,6 +8,12 @@ Layout of a cache folder:
         ids       uint8 [ceil(n*k*b/8)] top-k token ids, b = ceil(log2 V) bits each (packing.py)
         logprobs  fp16|bf16|fp32 [n, k] log softmax(logits / T) at those ids, most likely first
         tail      float32 [n]           probability mass outside the top k
+        pairs     int32 [n, 2]          only across tokenizers (see below)
+The n rows are the counted tokens (as the trainer shifts and masks them). When the teacher's tokenizer differs
+from the student's, the teacher reads its own tokens of each example and the rows are the example's aligned pairs
+instead (lmdistill.train.cross_tokenizer: the last token of each byte-aligned span on both sides, kept where the
+student's label mask counts the next token): `pairs` holds each row's (student position, teacher position), and ids
+are the teacher's own (V its vocabulary). The manifest then records the teacher's tokenizer and the alignment rule.
 A shard is written to a temp name, fsynced, checksummed and renamed; only then does the manifest list it. A run
 that dies leaves at most a temp file, which the next run deletes before continuing after the last listed shard.
 Several processes (torchrun) split the shards between them and list theirs in per-process manifest parts that the
@@ -27,9 +33,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from safetensors.torch import save_file
 
 from lmdistill.config import TeacherCacheSettings
-from lmdistill.data.collate import DistillCollator
+from lmdistill.data.collate import CrossTokenizerCollator, DistillCollator
 from lmdistill.errors import CacheError
-from lmdistill.teacher.capture import capture_topk
+from lmdistill.teacher.capture import capture_paired_topk, capture_topk
 from lmdistill.teacher.endpoint import EndpointTeacher
 from lmdistill.teacher.fingerprint import examples_fingerprint, sha256_file
 from lmdistill.teacher.manifest import (Manifest, ShardEntry, SourceEntry, merge_parts, part_name, read_manifest,
@@ -57,6 +63,12 @@ class CacheInputs:
     tokenizer_hash: str
     endpoint: str | None = None  # the server that answers for the teacher (endpoint.py), and the model it serves
     served_model: str | None = None
+    student_tokenizer: str | None = None  # where tokenizer_hash's tokenizer was loaded from
+    # A teacher with another tokenizer (every example then carries teacher_input_ids and pairs): its tokenizer's
+    # hash and pad id, and the alignment rule (lmdistill.data.align.ALIGNMENT).
+    teacher_tokenizer_hash: str | None = None
+    teacher_pad_token_id: int | None = None
+    alignment: str | None = None
 
 
 def payload_bytes_per_token(k: int, vocab_size: int, dtype: str) -> float:
@@ -70,6 +82,9 @@ def eval_key(name: str) -> str:
 
 
 def counted_tokens(example: dict, task_type: str) -> int:
+    """The rows the cache holds for an example: its aligned pairs across tokenizers, else its counted tokens."""
+    if "pairs" in example:
+        return len(example["pairs"])
     labels = example["labels"][1:] if task_type == "causal" else example["labels"]
     return sum(1 for x in labels if x != -100)
 
@@ -89,7 +104,8 @@ def plan_manifest(inputs: CacheInputs, settings: TeacherCacheSettings) -> Manife
                     k=settings.k, temperature=settings.temperature, dtype=settings.dtype,
                     vocab_size=inputs.vocab_size, id_bits=id_bits(inputs.vocab_size),
                     shard_examples=settings.shard_examples, sources=sources, endpoint=inputs.endpoint,
-                    served_model=inputs.served_model)
+                    served_model=inputs.served_model, student_tokenizer=inputs.student_tokenizer,
+                    teacher_tokenizer_hash=inputs.teacher_tokenizer_hash, alignment=inputs.alignment)
 
 
 def _resume_point(out: Path, planned: Manifest) -> Manifest:
@@ -106,7 +122,8 @@ def _resume_point(out: Path, planned: Manifest) -> Manifest:
         raise CacheError(f"{out} holds a teacher cache made with other settings ({detail}); "
                          "choose another --out, or delete that folder to rebuild it")
     # Who answers for the teacher does not change the content: the same weights in-process or served.
-    return existing.model_copy(update={"endpoint": planned.endpoint, "served_model": planned.served_model})
+    return existing.model_copy(update={"endpoint": planned.endpoint, "served_model": planned.served_model,
+                                       "student_tokenizer": planned.student_tokenizer})
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
@@ -129,12 +146,15 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def _capture_batches(model, examples: list[dict], manifest: Manifest, batch_size: int,
                      collator: DistillCollator) -> dict[int, tuple]:
     """A loaded teacher over the examples, batched by length to save padding: index -> (ids, logprobs, tail)."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    length = "teacher_input_ids" if manifest.alignment else "input_ids"
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][length]))
     parts: dict[int, tuple] = {}
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
-        got = capture_topk(model, collator([examples[i] for i in chosen]), manifest.task_type, manifest.k,
-                           manifest.temperature, manifest.vocab_size)
+        batch = collator([examples[i] for i in chosen])
+        got = capture_paired_topk(model, batch, manifest.k, manifest.temperature, manifest.vocab_size) \
+            if manifest.alignment else capture_topk(model, batch, manifest.task_type, manifest.k,
+                                                     manifest.temperature, manifest.vocab_size)
         bounds = [0] + got.counts.cumsum(0).tolist()
         for j, i in enumerate(chosen):
             a, b = bounds[j], bounds[j + 1]
@@ -151,13 +171,16 @@ def _shard_tensors(model, examples: list[dict], manifest: Manifest, batch_size: 
         parts = _capture_batches(model, examples, manifest, batch_size, collator)
     counts = torch.tensor([len(parts[i][0]) for i in range(len(examples))], dtype=torch.int64)
     ids = torch.cat([parts[i][0] for i in range(len(examples))])  # [n, k]
-    return {
+    tensors = {
         "row_ids": torch.tensor([ex["row_id"] for ex in examples], dtype=torch.int64),
         "offsets": torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
         "ids": pack_ids(ids, manifest.id_bits),
         "logprobs": torch.cat([parts[i][1] for i in range(len(examples))]).to(DTYPES[manifest.dtype]).contiguous(),
         "tail": torch.cat([parts[i][2] for i in range(len(examples))]).float(),
     }
+    if manifest.alignment:
+        tensors["pairs"] = torch.tensor([p for ex in examples for p in ex["pairs"]], dtype=torch.int32).reshape(-1, 2)
+    return tensors
 
 
 def _start(out: Path, planned: Manifest, processes: Processes) -> Manifest:
@@ -182,7 +205,8 @@ def build_cache(model, inputs: CacheInputs, settings: TeacherCacheSettings, out:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _start(out, plan_manifest(inputs, settings), processes)
-    collator = DistillCollator(inputs.pad_token_id, task_type=inputs.task_type)
+    collator = DistillCollator(inputs.pad_token_id, task_type=inputs.task_type) if inputs.alignment is None \
+        else CrossTokenizerCollator(inputs.pad_token_id, inputs.teacher_pad_token_id)
     keys = list(inputs.sources)
     todo = [(key, i) for key in keys for i in range(manifest.sources[key].num_shards) if manifest.shard(key, i) is None]
     if not todo:

@@ -69,10 +69,16 @@ class Manifest(_Model):
     shards: list[ShardEntry] = []
     endpoint: str | None = None  # the server that answered for the teacher (None: loaded in-process)
     served_model: str | None = None
+    student_tokenizer: str | None = None  # where the student's tokenizer (tokenizer_hash) was loaded from
+    # A teacher with another tokenizer: the hash of its tokenizer, and the rule that paired its positions with the
+    # student's (lmdistill.data.align.ALIGNMENT). None: the teacher read the student's tokens.
+    teacher_tokenizer_hash: str | None = None
+    alignment: str | None = None
 
     def identity(self) -> dict:
-        """Everything that decides the cache's content (not which shards are done yet, nor who computed them)."""
-        return self.model_dump(exclude={"shards", "teacher", "endpoint", "served_model"})
+        """Everything that decides the cache's content (not which shards are done yet, nor who computed them, nor
+        where the models were loaded from)."""
+        return self.model_dump(exclude={"shards", "teacher", "endpoint", "served_model", "student_tokenizer"})
 
     def shard(self, source: str, index: int) -> ShardEntry | None:
         return next((s for s in self.shards if s.source == source and s.index == index), None)

@@ -1,8 +1,9 @@
 """Reading a teacher cache for training: run checks against the manifest, checksums on first read, lookup by id.
 
 Lookup is by example id (source index * 2**40 + row id, see data.mixture), never by step, so shuffling, several
-epochs and gradient accumulation all read the right rows. Each lookup also checks that the batch has exactly as
-many counted tokens per example as were cached: rows can never be silently misaligned with teacher outputs.
+epochs, gradient accumulation and a resumed run all read the right rows. Each lookup also checks that the batch has
+exactly as many counted tokens per example as were cached (across tokenizers: that every cached pair's student
+position is followed by a counted token): rows can never be silently misaligned with teacher outputs.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ class TeacherCache:
         self._verified: set[str] = set()
         self._max_open = max_open_shards
 
-    def check_run(self, tokenizer_hash: str, max_length: int, task_type: str, examples: dict[str, list[dict]]) -> None:
+    def check_run(self, tokenizer_hash: str, max_length: int, task_type: str, examples: dict[str, list[dict]],
+                  tokenizer_name: str | None = None) -> None:
         """Refuse a run whose tokenizer, max_length, task or data differ from those the cache was made from."""
         m, where = self.manifest, f"teacher cache {self.path}"
         if m.tokenizer_hash != tokenizer_hash:
-            raise CacheError(f"{where} was made with a different tokenizer than this run's; its token ids would "
-                             f"not match: {REBUILD}")
+            names = f" (made for the student tokenizer of {m.student_tokenizer}, this run's is {tokenizer_name})" \
+                if m.student_tokenizer and tokenizer_name else ""
+            raise CacheError(f"{where} was made with a different tokenizer than this run's{names}; its token ids "
+                             f"would not match: {REBUILD}")
         if m.max_length != max_length:
             raise CacheError(f"{where} was captured with data.max_length={m.max_length}, this run uses {max_length}; "
                              f"set data.max_length back to {m.max_length} or {REBUILD}")
@@ -90,14 +94,14 @@ class TeacherCache:
         except (SafetensorError, OSError) as err:
             raise CacheError(f"teacher-cache shard {file} cannot be read ({err}): {REBUILD}") from None
         n = int(tensors["offsets"][-1])
-        tensors["ids"] = unpack_ids(tensors["ids"], self.manifest.id_bits, n * self.manifest.k).reshape(n, -1)
+        tensors["ids"] = unpack_ids(tensors["ids"], self.manifest.id_bits, n * self.manifest.k).reshape(
+            n, self.manifest.k)
         self._open[shard.file] = tensors
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
         return tensors
 
-    def example(self, key: str, position: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Cached rows of example `position` (index into the source's encoded examples) of source `key`."""
+    def _rows(self, key: str, position: int) -> tuple[dict[str, Tensor], slice]:
         index = position // self.manifest.shard_examples
         shard = self.manifest.shard(key, index)
         if shard is None:
@@ -105,8 +109,17 @@ class TeacherCache:
                              "cache-teacher CONFIG` again to finish it")
         tensors = self._load(shard)
         j = position - shard.start
-        a, b = int(tensors["offsets"][j]), int(tensors["offsets"][j + 1])
-        return tensors["ids"][a:b], tensors["logprobs"][a:b], tensors["tail"][a:b]
+        return tensors, slice(int(tensors["offsets"][j]), int(tensors["offsets"][j + 1]))
+
+    def example(self, key: str, position: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Cached rows of example `position` (index into the source's encoded examples) of source `key`."""
+        tensors, rows = self._rows(key, position)
+        return tensors["ids"][rows], tensors["logprobs"][rows], tensors["tail"][rows]
+
+    def example_pairs(self, key: str, position: int) -> Tensor:
+        """A cache across tokenizers: the (student position, teacher position) of each of the example's rows."""
+        tensors, rows = self._rows(key, position)
+        return tensors["pairs"][rows].long()
 
 
 class CacheLookup:
@@ -146,3 +159,35 @@ class CacheLookup:
             logprobs[b, where] = lps.float()
             tail[b, where] = row_tail.float()
         return ids.to(labels.device), logprobs.to(labels.device), tail.to(labels.device)
+
+
+class PairedCacheLookup:
+    """The offline teacher of uld / cross_vocab_kl (a cache captured across tokenizers): example ids -> the cached
+    pairs and the teacher's top-k rows at them. keys and positions as for CacheLookup."""
+
+    def __init__(self, cache: TeacherCache, keys: list[str], positions: dict[str, dict[int, int]]) -> None:
+        self.cache = cache
+        self.keys = keys
+        self.positions = positions
+
+    def lookup(self, example_ids: Tensor | None,
+               labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """example_ids [B]; labels [B, T] as the batch holds them (not shifted). Returns, over the batch's pairs in
+        example order: batch row [n] and student position [n] (int64), the teacher's ids [n, k] int64, log-probs
+        [n, k] float32 and tail [n] float32, on labels' device."""
+        if example_ids is None:
+            raise CacheError("a cached-teacher stage got a batch without example ids; build its data with "
+                             "MixtureDataset (or add 'example_id' to each example)")
+        found = []
+        for b, example_id in enumerate(example_ids.tolist()):
+            source, row = split_example_id(example_id)
+            key = self.keys[source]
+            position = self.positions[key][row]
+            pairs, (ids, lps, tail) = self.cache.example_pairs(key, position), self.cache.example(key, position)
+            after = pairs[:, 0] + 1
+            if len(pairs) and (int(after.max()) >= labels.shape[1]
+                               or bool((labels[b, after.to(labels.device)] == IGNORE_INDEX).any())):
+                raise CacheError(f"teacher cache {self.cache.path}: row {row} of {key!r} has cached pairs at tokens "
+                                 f"the batch does not train on; the data no longer matches: {REBUILD}")
+            found.append((torch.full((len(pairs),), b, dtype=torch.long), pairs[:, 0], ids, lps.float(), tail.float()))
+        return tuple(torch.cat(parts).to(labels.device) for parts in zip(*found))

@@ -6,13 +6,14 @@ import logging
 from pathlib import Path
 
 from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, PipelineConfig, StageSettings
+from lmdistill.data.align import ALIGNMENT
 from lmdistill.data.cache import tokenizer_hash
 from lmdistill.data.mixture import ID_STRIDE
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import CacheError, ConfigError
 from lmdistill.teacher.cache import eval_key
 from lmdistill.teacher.generate import load_generations
-from lmdistill.teacher.reader import CacheLookup, TeacherCache
+from lmdistill.teacher.reader import REBUILD, CacheLookup, PairedCacheLookup, TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -70,31 +71,65 @@ def _with_targets(sources: dict[str, list[dict]], stage_name: str) -> dict[str, 
     return kept
 
 
-def open_stage_cache(config: PipelineConfig, prep, stage: StageSettings, train_names: list[str],
-                     student_vocab_rows: int) -> tuple[CacheLookup, list[dict], int]:
-    """Open and check the cache for `stage`, which reads `train_names` (in MixtureDataset order).
-
-    Returns the lookup, the eval examples with example ids (eval sets follow the training sources in the id space),
-    and the vocabulary size the losses compare over.
-    """
+def _checked_cache(config: PipelineConfig, prep, stage: StageSettings, train_names: list[str],
+                   across: bool) -> tuple[TeacherCache, list[str], dict[str, dict[int, int]], list[dict]]:
+    """The stage's cache checked against the run: (cache, keys in example-id order, row id -> position per key, the
+    eval examples with example ids: eval sets follow the training sources in the id space). across: the stage reads
+    a cache captured across tokenizers (uld / cross_vocab_kl), else one over the student's own token ids."""
     cache = TeacherCache(cache_dir(config))
     eval_names = list(prep.eval_sets)
     keys = list(train_names) + [eval_key(name) for name in eval_names]
     examples = {name: prep.sources[name] for name in train_names}
     examples |= {eval_key(name): prep.eval_sets[name] for name in eval_names}
-    cache.check_run(tokenizer_hash(prep.tokenizer), config.data.max_length, prep.task_type, examples)
-    vocab, captured_at = cache.manifest.vocab_size, cache.manifest.temperature
-    if cache.manifest.k < vocab and captured_at != stage.temperature:
-        # Re-tempering p^(Tc/T) is exact for the kept ids, but the tail bucket only knows its total mass, so its
-        # re-tempered share is a rough guess (tail^(Tc/T)); the loss drifts from the live one.
+    m = cache.manifest
+    if across and m.alignment is None:
+        raise CacheError(f"stage {stage.name!r} reads uld / cross_vocab_kl from teacher cache {cache.path}, but it "
+                         "holds the teacher's log-probs over the student's own token ids (teacher and student "
+                         "shared a tokenizer at capture); with one tokenizer use forward_kl with teacher_source: "
+                         "cache, or rebuild the cache with the teacher of another tokenizer")
+    if not across and m.alignment is not None:
+        raise CacheError(f"teacher cache {cache.path} was captured across tokenizers (the top-k over teacher "
+                         f"{m.teacher!r}'s own ids, at aligned positions): only uld / cross_vocab_kl read it; set "
+                         f"stage {stage.name!r}'s losses to [{{name: uld}}] or [{{name: cross_vocab_kl}}]")
+    if across and m.alignment != ALIGNMENT:
+        raise CacheError(f"teacher cache {cache.path} paired its positions by the rule {m.alignment!r}, this version "
+                         f"pairs them by {ALIGNMENT!r}: rebuild it with `lmdistill cache-teacher CONFIG`")
+    cache.check_run(tokenizer_hash(prep.tokenizer), config.data.max_length, prep.task_type, examples,
+                    tokenizer_name=config.student.name or config.teacher.name)
+    if m.k < m.vocab_size and m.temperature != stage.temperature:
+        # Re-tempering p^(Tc/T) is exact for the kept ids, but the tail is only known as a total, so its re-tempered
+        # share is a rough guess; the loss drifts from the live one.
         log.warning("stage %s: KD temperature %s but the cache was captured at %s with k=%d < V=%d; the tail is "
                     "approximate: capture with `lmdistill cache-teacher CONFIG --temperature %s`", stage.name,
-                    stage.temperature, captured_at, cache.manifest.k, vocab, stage.temperature)
-    if vocab > student_vocab_rows:
-        raise CacheError(f"teacher cache {cache.path} covers {vocab} token ids but the student's output layer has "
-                         f"{student_vocab_rows} rows; use a student with the teacher's vocabulary")
+                    stage.temperature, m.temperature, m.k, m.vocab_size, stage.temperature)
     positions = {key: {ex["row_id"]: i for i, ex in enumerate(rows)} for key, rows in examples.items()}
     first_eval = len(train_names)
     eval_examples = [{**ex, "example_id": (first_eval + j) * ID_STRIDE + ex["row_id"]}
                      for j, name in enumerate(eval_names) for ex in prep.eval_sets[name]]
+    return cache, keys, positions, eval_examples
+
+
+def open_stage_cache(config: PipelineConfig, prep, stage: StageSettings, train_names: list[str],
+                     student_vocab_rows: int) -> tuple[CacheLookup, list[dict], int]:
+    """Open and check the cache for `stage`, which reads `train_names` (in MixtureDataset order).
+
+    Returns the lookup, the eval examples with example ids, and the vocabulary size the losses compare over.
+    """
+    cache, keys, positions, eval_examples = _checked_cache(config, prep, stage, train_names, across=False)
+    vocab = cache.manifest.vocab_size
+    if vocab > student_vocab_rows:
+        raise CacheError(f"teacher cache {cache.path} covers {vocab} token ids but the student's output layer has "
+                         f"{student_vocab_rows} rows; use a student with the teacher's vocabulary")
     return CacheLookup(cache, keys, positions, config.teacher_cache.tail), eval_examples, vocab
+
+
+def open_paired_cache(config: PipelineConfig, prep, stage: StageSettings, train_names: list[str],
+                      teacher_tokenizer_hash: str) -> tuple[PairedCacheLookup, list[dict]]:
+    """`open_stage_cache` for uld / cross_vocab_kl: a cache captured across tokenizers, by the teacher whose
+    tokenizer has `teacher_tokenizer_hash`. Returns the lookup and the eval examples with example ids."""
+    cache, keys, positions, eval_examples = _checked_cache(config, prep, stage, train_names, across=True)
+    if cache.manifest.teacher_tokenizer_hash != teacher_tokenizer_hash:
+        raise CacheError(f"teacher cache {cache.path} holds the top-k over the ids of teacher "
+                         f"{cache.manifest.teacher!r}'s tokenizer, but this run's teacher {config.teacher.name!r} "
+                         f"has another tokenizer; its ids would not match: {REBUILD}")
+    return PairedCacheLookup(cache, keys, positions), eval_examples

@@ -13,6 +13,9 @@ against the teacher's at the pairs. Each term is a sum over pairs divided by the
 
 Plain text rows (no conversation) and rows whose chat template rewrites a message get no pairs: they train on the
 stage's other terms only (their number is logged).
+
+`lmdistill cache-teacher` builds the same teacher view (`teacher_views`) and stores the teacher's top-k at the
+pairs, so that a stage with teacher_source: cache needs no teacher (train/cross_cache.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from lmdistill.config import CrossVocabTerm, PipelineConfig, StageSettings
 from lmdistill.data.align import Range, align, boundary_pairs, token_ranges
-from lmdistill.data.collate import DistillCollator, _pad
+from lmdistill.data.collate import CrossTokenizerCollator
 from lmdistill.data.render import render_causal
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import ConfigError
@@ -94,27 +97,6 @@ def with_teacher_view(examples: list[dict], teacher_view: list[dict], student_to
     return out, unpaired
 
 
-class CrossTokenizerCollator(DistillCollator):
-    """DistillCollator plus teacher_input_ids / teacher_attention_mask [B, T'] and pairs [B, P, 2] (-1: padding)."""
-
-    def __init__(self, pad_token_id: int, teacher_pad_token_id: int) -> None:
-        super().__init__(pad_token_id, task_type="causal")
-        self.teacher_pad_token_id = teacher_pad_token_id
-
-    def __call__(self, examples: list[dict]) -> dict[str, Tensor]:
-        batch = super().__call__(examples)
-        ids = [e["teacher_input_ids"] for e in examples]
-        batch["teacher_input_ids"] = _pad(ids, self.teacher_pad_token_id)
-        batch["teacher_attention_mask"] = _pad([[1] * len(r) for r in ids], 0)
-        width = max(1, max(len(e["pairs"]) for e in examples))
-        pairs = torch.full((len(examples), width, 2), -1, dtype=torch.long)
-        for i, e in enumerate(examples):
-            if e["pairs"]:
-                pairs[i, : len(e["pairs"])] = torch.tensor(e["pairs"], dtype=torch.long)
-        batch["pairs"] = pairs
-        return batch
-
-
 @dataclass
 class CrossVocabTeacher:
     """The teacher of a cross-vocabulary stage: its forward on its own tokens, and the uld / cross_vocab_kl terms."""
@@ -150,35 +132,48 @@ class CrossVocabTeacher:
         return out
 
 
+def teacher_views(config: PipelineConfig, prep, teacher_tokenizer, sources: dict[str, list[dict]],
+                  who: str) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """The training `sources` and the run's eval sets with the teacher's view added (teacher_input_ids, pairs); `who`
+    needs them (for the log and errors)."""
+    if prep.task_type != "causal":
+        raise ConfigError(f"{who} needs a causal teacher and student (it aligns their chat renderings); use "
+                          "sequence-level KD for encoder-decoder models")
+    # An eval set not in data.eval was held out of the training source of its name (data.eval_holdout).
+    held_out = [name for name in prep.eval_sets if name not in config.data.eval]
+    views = teacher_sources(config, teacher_tokenizer, prep.task_type, list(dict.fromkeys([*sources, *held_out])))
+    eval_views = teacher_sources(config, teacher_tokenizer, prep.task_type,
+                                 [name for name in prep.eval_sets if name in config.data.eval], group="eval")
+    eval_views |= {name: views[name] for name in held_out}
+    unpaired = 0
+    out = ({}, {})
+    for target, given, viewed in ((out[0], sources, views), (out[1], prep.eval_sets, eval_views)):
+        for name, examples in given.items():
+            target[name], missing = with_teacher_view(examples, viewed[name], prep.tokenizer, teacher_tokenizer)
+            unpaired += missing
+    if unpaired:
+        log.warning("%s: %d examples have no position aligned with the teacher's tokens (plain text rows, or a chat "
+                    "template that rewrites a message); they train on the other terms only", who, unpaired)
+    return out
+
+
 def cross_vocab_stage(config: PipelineConfig, prep, stage: StageSettings, sources: dict[str, list[dict]],
                       eval_examples: list[dict]):
-    """For a stage with uld / cross_vocab_kl terms: (sources and eval examples with the teacher's view added, their
-    collator, the CrossVocabTeacher). None when the stage has no such term."""
+    """For a stage with uld / cross_vocab_kl terms and a live teacher: (sources and eval examples with the teacher's
+    view added, their collator, the CrossVocabTeacher). None when the stage has no such term, or reads them from a
+    teacher cache (train/cross_cache.py)."""
     terms = [t for t in stage.losses if isinstance(t, CrossVocabTerm)]
-    if not terms:
+    if not terms or stage.teacher_source == "cache":
         return None
-    if prep.task_type != "causal" or prep.teacher is None:
-        raise ConfigError(f"stage {stage.name!r}: {terms[0].name} needs a causal teacher and student (it aligns "
-                          "their chat renderings); use sequence-level KD for encoder-decoder models")
+    if prep.teacher is None:
+        raise ConfigError(f"stage {stage.name!r}: {terms[0].name} runs the teacher, but this run loaded none; set "
+                          "teacher.name")
     teacher_tokenizer = prep.teacher_tokenizer or prep.tokenizer
-    views = teacher_sources(config, teacher_tokenizer, prep.task_type, list(sources))
-    eval_views = teacher_sources(config, teacher_tokenizer, prep.task_type, list(prep.eval_sets), group="eval")
-    unpaired = 0
-    out_sources = {}
-    for name, examples in sources.items():
-        out_sources[name], missing = with_teacher_view(examples, views[name], prep.tokenizer, teacher_tokenizer)
-        unpaired += missing
-    out_eval = []
-    for name, examples in prep.eval_sets.items():
-        viewed, missing = with_teacher_view(examples, eval_views[name], prep.tokenizer, teacher_tokenizer)
-        out_eval += viewed
-        unpaired += missing
-    if unpaired:
-        log.warning("stage %s: %d examples have no position aligned with the teacher's tokens (plain text rows, or a "
-                    "chat template that rewrites a message); they train on the other terms only", stage.name, unpaired)
+    out_sources, out_eval = teacher_views(config, prep, teacher_tokenizer, sources,
+                                          f"stage {stage.name!r}: {terms[0].name}")
     shared = shared_vocabulary(prep.tokenizer.get_vocab(), teacher_tokenizer.get_vocab())
     log.info("stage %s: %s across tokenizers; %d token strings shared by both vocabularies", stage.name,
              ", ".join(t.name for t in terms), shared[0].numel())
     teacher = CrossVocabTeacher(prep.teacher, {t.name: t.weight for t in terms}, stage.temperature, shared)
     collator = CrossTokenizerCollator(prep.tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
-    return out_sources, out_eval if eval_examples else [], collator, teacher
+    return out_sources, [ex for rows in out_eval.values() for ex in rows] if eval_examples else [], collator, teacher

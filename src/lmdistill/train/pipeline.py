@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lmdistill.config import PipelineConfig, StageSettings, StudentSettings, save_config
+from lmdistill.config import CrossVocabTerm, PipelineConfig, StageSettings, StudentSettings, save_config
 from lmdistill.data.cache import encode_source
 from lmdistill.data.collate import DistillCollator
 from lmdistill.data.completion import resolve_layout
@@ -41,6 +41,7 @@ from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_
 from lmdistill.eval.samples import SamplesCallback
 from lmdistill.train.args import check_precision, check_reporting, early_stopping, stage_training_arguments
 from lmdistill.train.adalora import ADALORA_FILE
+from lmdistill.train.cross_cache import cached_cross_vocab
 from lmdistill.train.cross_tokenizer import cross_vocab_stage
 from lmdistill.train.balancing import BALANCER_FILE
 from lmdistill.train.epochs import SourceEpochs
@@ -325,7 +326,10 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     train_dataset = build_train_dataset(config, stage, sources, world_size=processes.num_processes)
     eval_examples = route_sources(teacher, train_dataset.names, prep.eval_sets, eval_examples)
     teacher_cache, shared_vocab = None, prep.shared_vocab
-    if stage.teacher_source == "cache" and objective.needs_teacher:
+    if stage.teacher_source == "cache" and any(isinstance(t, CrossVocabTerm) for t in stage.losses):
+        # uld / cross_vocab_kl from a cache captured across tokenizers: pairs and teacher rows by example id.
+        cross_vocab, eval_examples = cached_cross_vocab(config, prep, stage, train_dataset.names)
+    elif stage.teacher_source == "cache" and objective.needs_teacher:
         # Offline teacher: logits come from the cache by example id; eval examples get ids in the same space.
         teacher_cache, eval_examples, shared_vocab = open_stage_cache(
             config, prep, stage, train_dataset.names, student.get_output_embeddings().weight.shape[0])

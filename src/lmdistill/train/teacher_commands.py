@@ -6,15 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmdistill.config import PipelineConfig, TeacherSettings
+from lmdistill.data.align import ALIGNMENT
 from lmdistill.data.cache import tokenizer_hash
 from lmdistill.errors import ConfigError
-from lmdistill.models.vocab import check_same_vocab
+from lmdistill.models.load import load_tokenizer
+from lmdistill.models.vocab import same_vocab
 from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
 from lmdistill.teacher.fingerprint import model_config_hash
 from lmdistill.teacher.generations import generation_sources, write_generations
 from lmdistill.teacher.manifest import Manifest
 from lmdistill.teacher.stage import cache_dir
-from lmdistill.train.pipeline import launched_processes, prepare
+from lmdistill.train.cross_tokenizer import teacher_views
+from lmdistill.train.pipeline import launched_processes, prepare, student_tokenizer_name
 from lmdistill.train.served import served_teacher
 
 
@@ -43,10 +46,17 @@ def _prepare_with_teacher(config: PipelineConfig, command: str):
     return prep, processes
 
 
+def _same_tokenizer(config: PipelineConfig) -> bool:
+    student = config.student if config.student.name else config.teacher
+    return same_vocab(load_tokenizer(config.teacher.name, config.teacher.trust_remote_code),
+                      load_tokenizer(student_tokenizer_name(config), student.trust_remote_code))
+
+
 def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int | None = None,
                   temperature: float | None = None) -> tuple[Path, Manifest]:
     """Capture (or finish capturing) the top-k teacher cache for every training source and eval set; under several
-    processes each captures its share of the shards."""
+    processes each captures its share of the shards. A teacher with another tokenizer reads its own tokens and is
+    captured at the positions aligned with the student's (lmdistill.teacher.cache)."""
     settings = config.teacher_cache.model_copy()
     if k is not None:
         settings.k = k
@@ -56,17 +66,27 @@ def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int 
         raise ConfigError(f"teacher_cache.temperature is {settings.temperature}, but a teacher server returns "
                           "log-probs at temperature 1: capture with --temperature 1 (stages re-temper the kept "
                           "log-probs)")
+    if config.teacher.endpoint and config.teacher.name and not _same_tokenizer(config):
+        raise ConfigError("`lmdistill cache-teacher` across tokenizers runs the teacher on its own tokens, which a "
+                          "teacher server is not asked for: remove teacher.endpoint (or --teacher-endpoint) to "
+                          "capture with the teacher loaded here")
     prep, processes = _prepare_with_teacher(config, "cache-teacher")
-    if prep.teacher_tokenizer is not None:  # raises, naming the paths that work across tokenizers
-        check_same_vocab(prep.teacher_tokenizer, prep.tokenizer, 0, 0, needed_by="`lmdistill cache-teacher` (it "
-                         "stores the teacher's log-probs by the student's token ids)")
     vocab = prep.shared_vocab or prep.teacher.get_output_embeddings().weight.shape[0]
-    sources = dict(prep.sources) | {eval_key(name): rows for name, rows in prep.eval_sets.items()}
-    groups = {name: "train" for name in prep.sources} | {eval_key(name): "eval" for name in prep.eval_sets}
+    train, evals = prep.sources, prep.eval_sets
+    if prep.teacher_tokenizer is not None:
+        # uld / cross_vocab_kl: the teacher reads its own tokens; rows are the pairs aligned with the student's.
+        train, evals = teacher_views(config, prep, prep.teacher_tokenizer, train, "`lmdistill cache-teacher` "
+                                     "across tokenizers")
+    sources = dict(train) | {eval_key(name): rows for name, rows in evals.items()}
+    groups = {name: "train" for name in train} | {eval_key(name): "eval" for name in evals}
     inputs = CacheInputs(sources=sources, groups=groups, task_type=prep.task_type, max_length=config.data.max_length,
                          vocab_size=vocab, pad_token_id=prep.tokenizer.pad_token_id, teacher_name=config.teacher.name,
                          teacher_config_hash=model_config_hash(prep.teacher.config),
-                         tokenizer_hash=tokenizer_hash(prep.tokenizer))
+                         tokenizer_hash=tokenizer_hash(prep.tokenizer),
+                         student_tokenizer=student_tokenizer_name(config))
+    if prep.teacher_tokenizer is not None:
+        inputs.teacher_tokenizer_hash, inputs.alignment = tokenizer_hash(prep.teacher_tokenizer), ALIGNMENT
+        inputs.teacher_pad_token_id = prep.teacher_tokenizer.pad_token_id
     if config.teacher.endpoint:
         inputs.endpoint, inputs.served_model = prep.teacher.url, prep.teacher.served_model
     out_dir = cache_dir(config, out)

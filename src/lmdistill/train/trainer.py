@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -36,9 +36,6 @@ from lmdistill.train.heads import (has_adapter, head_inputs, head_rows, logit_sc
                                    unwrapped)
 from lmdistill.train.hidden_terms import AuxTerms, hidden_terms
 from lmdistill.train.memory import out_of_memory_hint
-
-if TYPE_CHECKING:
-    from lmdistill.train.cross_tokenizer import CrossVocabTeacher  # a teacher with another vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +55,16 @@ class TeacherCacheLookup(Protocol):
                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
+class CrossVocabTerms(Protocol):
+    """Logit terms against a teacher with another vocabulary, met at aligned positions: live
+    (train/cross_tokenizer.py) or from a teacher cache (train/cross_cache.py)."""
+
+    weights: dict[str, float]
+
+    def terms(self, student_logits: torch.Tensor, inputs: dict[str, torch.Tensor],
+              num_items) -> dict[str, torch.Tensor]: ...
+
+
 class _StepEnd(TrainerCallback):
     """Runs the trainer's own end-of-step bookkeeping, also when an fp16 scaler skipped the optimizer step."""
 
@@ -72,7 +79,7 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
     def __init__(self, *args, objective: DistillObjective, teacher: nn.Module | None = None,
                  aux: AuxTerms | None = None, balancer=None, task_type: str = "causal",
                  shared_vocab: int | None = None, fused: bool = False, teacher_cache: TeacherCacheLookup | None = None,
-                 cross_vocab: CrossVocabTeacher | None = None,
+                 cross_vocab: CrossVocabTerms | None = None,
                  teacher_shard: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if teacher is not None and self.is_deepspeed_enabled and teacher_shard != "never" and not is_sharded(teacher):
