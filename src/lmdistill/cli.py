@@ -78,8 +78,8 @@ def run(
     create_config: Optional[Path] = _opt("create_config", help="Write the `strong-to-weak` preset here and exit."),
     teacher_model: Optional[str] = _opt("teacher_model", help="Teacher: hub name or local folder."),
     teacher_endpoint: Optional[str] = _opt("teacher_endpoint", help="Base URL of a vLLM (OpenAI-compatible) server "
-                                           "serving the teacher: non_policy stages get their generations from it, "
-                                           "the teacher is not loaded here (teacher.endpoint)."),
+                                           "serving the teacher: stages get its generations, samples and top-k "
+                                           "log-probs from it; the teacher is not loaded here (teacher.endpoint)."),
     student_model: Optional[str] = _opt("student_model", help="Student: hub name or local folder."),
     pretrained_student: Optional[str] = _opt("pretrained_student", help="Start from this student checkpoint."),
     output_dir: Optional[str] = _opt("output_dir", help="Run directory."),

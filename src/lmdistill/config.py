@@ -285,7 +285,8 @@ class TeacherCacheSettings(Strict):
     """The offline teacher (`lmdistill cache-teacher`, stages with teacher_source: cache)."""
 
     path: str | None = Field(None, description="Cache folder; None: OUTPUT_DIR/teacher_cache.")
-    k: int = Field(64, gt=0, description="Teacher log-probs kept per token (the k most likely ids).")
+    k: int = Field(64, gt=0, description="Teacher log-probs kept per token (the k most likely ids); also what a "
+                   "served teacher (teacher.endpoint) returns to stages that score against it as they train.")
     temperature: float = Field(1.0, gt=0, description="Capture temperature: log-softmax(logits / T) is stored.")
     tail: Literal["bucket", "drop"] = Field(
         "bucket", description="bucket: the mass outside the top k is one extra class; drop: renormalise over the k.")

@@ -56,8 +56,9 @@ class TeacherSettings(ModelSettings):
         "per process (see docs/distributed.md).")
     endpoint: str | None = Field(
         None, description="Base URL of an OpenAI-compatible server (vLLM) serving this teacher, e.g. "
-        "http://127.0.0.1:8000/v1: `cache-teacher` and `generate` ask it instead of loading the teacher here (its "
-        "tokenizer and config still load from `name`). See docs/serving_teacher.md.")
+        "http://127.0.0.1:8000/v1: `cache-teacher`, `generate` and the stages of `run` ask it (generations, samples, "
+        "top-k log-probs: teacher_cache.k) instead of loading the teacher here (its tokenizer and config still load "
+        "from `name`). See docs/serving_teacher.md.")
     endpoint_concurrency: int = Field(8, gt=0, description="Requests in flight to the endpoint at once.")
     endpoint_timeout: float = Field(300.0, gt=0, description="Seconds one endpoint request may take.")
     endpoint_retries: int = Field(4, ge=0, description="Retries of a failed endpoint request (server down, 5xx, "

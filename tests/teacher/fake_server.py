@@ -3,7 +3,7 @@
 It answers what the endpoint client asks (/v1/models, /tokenize, /v1/completions with prompt_logprobs or
 max_tokens + return_token_ids) as vLLM does, from the model's own logits, and misbehaves on purpose when told
 (`faults`): HTTP 500 for the next N completions, a body that is not JSON, fewer log-probs than asked, answers slower
-than the client's timeout, another tokenizer."""
+than the client's timeout, another tokenizer, going down (connections dropped unanswered) after N completions."""
 
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ import torch
 class FakeServer:
     def __init__(self, model, tokenizer, name: str = "fake-teacher"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.faults = {"errors": 0, "malformed": False, "fewer": False, "delay": 0.0, "other_tokenizer": False}
+        self.faults = {"errors": 0, "malformed": False, "fewer": False, "delay": 0.0, "other_tokenizer": False,
+                       "down_after": None}
         self.requests = 0
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        # Closing waits for answers still in flight (a delayed one): a handler thread still running the model while
+        # the interpreter exits aborts it ("terminate called without an active exception").
+        self.httpd.daemon_threads = False
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -103,6 +107,10 @@ class FakeServer:
                 completion = self.path == "/v1/completions"
                 if completion:
                     server.requests += 1
+                    down_after = server.faults["down_after"]
+                    if down_after is not None and server.requests > down_after:
+                        self.close_connection = True  # as a crashed server: the request is never answered
+                        return
                     if server.faults["errors"] > 0:
                         server.faults["errors"] -= 1
                         return self._reply(500, b'{"error": "engine restarting"}')

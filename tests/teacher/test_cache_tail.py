@@ -19,7 +19,7 @@ def test_lookup_returns_the_stored_tail_at_counted_tokens(teacher_config, topk_c
     batch = DistillCollator(prep.tokenizer.pad_token_id)(examples)
     target = batch["labels"][:, 1:]  # [B, T'] after the causal shift, padded
     example_ids = torch.tensor([names.index(key) * ID_STRIDE + ex["row_id"] for (key, _), ex in zip(chosen, examples)])
-    ids, logprobs, tail = lookup.lookup(example_ids, target)
+    ids, logprobs, tail = lookup.lookup({**batch, "example_id": example_ids}, target)
     assert tail.shape == target.shape and tail.dtype == torch.float32
     counted = target != -100
     assert (tail[~counted] == 0).all()

@@ -29,7 +29,7 @@ def server(teacher_dir, tokenizer):
 
 @pytest.fixture(autouse=True)
 def _healthy(server):
-    server.faults.update(errors=0, malformed=False, fewer=False, delay=0.0, other_tokenizer=False)
+    server.faults.update(errors=0, malformed=False, fewer=False, delay=0.0, other_tokenizer=False, down_after=None)
 
 
 def _teacher(server, **kw) -> EndpointTeacher:
@@ -173,6 +173,13 @@ def test_run_with_endpoint_refuses_a_stage_that_needs_the_teacher_in_process(ser
     from lmdistill.errors import ConfigError
     from lmdistill.train.pipeline import run_pipeline
 
-    config = _config(teacher_config, tmp_path, server.url, stages=[{"name": "kd", "max_steps": 1}])
-    with pytest.raises(ConfigError, match="stage 'kd' \\(live logit KD: set teacher_source: cache"):
-        run_pipeline(config)
+    stages = [{"name": "kd", "max_steps": 1, "losses": [{"name": "forward_kl"}, {"name": "feature"}]}]
+    with pytest.raises(ConfigError, match="stage 'kd' \\(its hidden-state / attention terms read the teacher's "
+                                          "activations\\) needs it in this process; remove teacher.endpoint"):
+        run_pipeline(_config(teacher_config, tmp_path, server.url, stages=stages))
+    before = server.requests
+    stages = [{"name": "p", "kind": "policy", "max_steps": 1, "losses": [{"name": "reverse_kl"}]}]
+    with pytest.raises(ConfigError, match="stage 'p' trains on reverse_kl, but a served teacher .* gives its top-k "
+                                          "log-probs only.*switch the stage to forward_kl"):
+        run_pipeline(_config(teacher_config, tmp_path / "rkl", server.url, stages=stages))
+    assert server.requests == before  # refused before any work

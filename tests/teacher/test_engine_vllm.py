@@ -89,3 +89,39 @@ def test_run_and_generate_through_vllm_resume(vllm_url, engine_teacher, teacher_
         assert line["served_by"] == {"endpoint": vllm_url, "model": str(engine_teacher)}
         assert 0 < len(line["completion_ids"]) <= 6 and max(line["completion_ids"]) < len(tokenizer)
     assert generate(config)[1] == 0  # complete: the command asks the server for nothing more
+
+
+def test_policy_stage_through_vllm_scores_the_students_samples(vllm_url, engine_teacher, teacher_config, tmp_path,
+                                                                student_dir, tokenizer, monkeypatch):
+    """The server's top-k over the student's own samples gives the in-process teacher's top-k loss, and a policy
+    stage trains through it with the teacher never loaded in the training process."""
+    from served_reference import chat_batch, policy_trainer, top_k_forward_kl
+
+    from lmdistill.teacher.endpoint import Endpoint, EndpointTeacher
+    from lmdistill.teacher.served_scoring import ServedScorer
+
+    teacher = AutoModelForCausalLM.from_pretrained(engine_teacher).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    scorer = ServedScorer(EndpointTeacher(Endpoint(vllm_url), str(engine_teacher), "teacher", len(tokenizer)), K,
+                          "bucket", len(tokenizer))
+    trainer = policy_trainer(tmp_path, student, tokenizer, teacher_cache=scorer)
+    batch = chat_batch(tokenizer, ["What does the bank report?", "What does a trader report?"])
+    torch.manual_seed(3)
+    (sampled,), count = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    loss = trainer.compute_loss(student, sampled, num_items_in_batch=count).item()
+    with torch.no_grad():
+        s, t = (m(input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"]).logits[:, :-1]
+                for m in (student, teacher))
+    # fp32 kernels may swap near-tied ids at rank k: a difference of their (equal) shares, far below 1e-4.
+    assert abs(loss - top_k_forward_kl(s, t, sampled["labels"][:, 1:], K) / int(count)) < 1e-4
+
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda name, *a, **kw: (
+        pytest.fail("the teacher was loaded in the training process") if str(name) == str(engine_teacher)
+        else real(name, *a, **kw)))
+    stages = [{"name": "p", "kind": "policy", "max_steps": 2, "onpolicy": {"lmbda": 1.0},
+               "mixture": {"weights": {"domain": 1.0}}}]
+    run_dir = run_pipeline(_config(teacher_config, engine_teacher, tmp_path / "run", vllm_url, stages=stages,
+                                   generation={"max_new_tokens": 4}))
+    steps = [e for e in json.loads((run_dir / "p" / "log_history.json").read_text()) if "loss" in e]
+    assert len(steps) == 2 and all(0 < e["loss/forward_kl"] < 100 for e in steps)

@@ -9,6 +9,10 @@
     teacher: generations
                     stage.stage_training_sources -> generate.load_generations (CE on the teacher's text, plus logit
                     KD from a live teacher)
+    teacher.endpoint
+                    endpoint.py: the teacher on a vLLM server, for both commands above; in `run`,
+                    served_scoring.ServedScorer gives stages its top-k over each batch's own tokens (a policy stage's
+                    samples too) as they train, read by the trainer as a cache is
     several processes (torchrun): both commands split their shards / batches (ranks.py); the main process merges
                     the per-process manifest parts and generations parts after a barrier
 """

@@ -145,7 +145,8 @@ class EndpointTeacher:
             top = {tok: lp for tok, lp, rank in ranked if rank <= k}
             if len(top) < k:
                 raise EndpointError(f"teacher server {self.url} returned {len(top)} log-probs per token, fewer than "
-                                    f"k = {k}: start it with --max-logprobs {k} (or more), or use --k {len(top)}")
+                                    f"k = {k}: start it with --max-logprobs {k} (or more), or lower teacher_cache.k "
+                                    f"(--k on cache-teacher) to {len(top)}")
             out.append(dict(list(top.items())[:k]))
         return out
 

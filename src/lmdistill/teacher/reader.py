@@ -135,10 +135,13 @@ class CacheLookup:
         self.tail = tail
         self.cache_temperature = cache.manifest.temperature
 
-    def lookup(self, example_ids: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """example_ids [B]; labels [B, T'] aligned with the student logits (after the causal shift).
-        Returns ids [B, T', k] int64, logprobs [B, T', k] float32 and the stored tail mass [B, T'] float32
-        (zeros where labels are -100)."""
+    scores_any_tokens = False  # only the examples it was captured from, by their ids
+
+    def lookup(self, batch: dict[str, Tensor], labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """batch: a collated batch, its example_id [B] read; labels [B, T'] aligned with the student logits (after
+        the causal shift). Returns ids [B, T', k] int64, logprobs [B, T', k] float32 and the stored tail mass
+        [B, T'] float32 (zeros where labels are -100)."""
+        example_ids = batch.get("example_id")
         if example_ids is None:
             raise CacheError("a cached-teacher stage got a batch without example ids; build its data with "
                              "MixtureDataset (or add 'example_id' to each example)")

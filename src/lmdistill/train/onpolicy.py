@@ -5,7 +5,8 @@ for the batch's prompts (KV cache, batched, sampling settings from `generation:`
 completions the teacher samples; otherwise the batch is trained as it is (the dataset's responses). The rebuilt
 batch is right-padded like any collated batch, its labels masking the prompt and everything after the first eos,
 so `DistillationTrainer.compute_loss` scores exactly the sampled tokens with the stage's losses (reverse KL by
-default) and the teacher's logits over them.
+default) and the teacher's logits over them. A served teacher (teacher.endpoint: teacher/served_scoring.py) gives its
+top-k log-probs over them instead, and samples seq_kd's completions on its server.
 
 The swap happens in `get_batch_samples`, the hook where Trainer gathers the micro-batches of one optimiser step and
 counts their label tokens: counting after the swap keeps the loss a mean over the tokens actually trained on, across
@@ -72,12 +73,11 @@ def completion_ids(generated: list[int], eos_token_id: int) -> list[int]:
 
 def sample_batch(model: nn.Module, prompts: list[list[int]], collator: DistillCollator, settings: GenerationSettings,
                  eos_token_id: int) -> dict[str, torch.Tensor]:
-    """Sample one completion per prompt and return it as a training batch.
+    """Sample one completion per prompt and return it as a training batch (see completion_batch), on the model's
+    device.
 
-    Prompts are left-padded for generate (so new tokens follow each prompt directly), then each row is rebuilt as
-    prompt + completion, right-padded: input_ids [B, T], attention_mask [B, T], labels [B, T] with -100 on the
-    prompt, and on everything after the first eos (padding). Tensors are on the model's device. The model's
-    train/eval mode is restored afterwards.
+    Prompts are left-padded for generate (so new tokens follow each prompt directly). The model's train/eval mode
+    is restored afterwards.
     """
     device = next(model.parameters()).device
     ids, mask = collator.collate_prompts([{"input_ids": p, "prompt_length": len(p)} for p in prompts])
@@ -90,9 +90,15 @@ def sample_batch(model: nn.Module, prompts: list[list[int]], collator: DistillCo
                                  **generate_kwargs(settings))
     finally:
         model.train(was_training)
-    new = out[:, ids.shape[1]:].tolist()  # [B, C]
+    return completion_batch(prompts, out[:, ids.shape[1]:].tolist(), collator, eos_token_id, device)
+
+
+def completion_batch(prompts: list[list[int]], generated: list[list[int]], collator: DistillCollator,
+                     eos_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Each prompt + its generated ids (cut after the first eos) as one right-padded training row: input_ids [B, T],
+    attention_mask [B, T], labels [B, T] with -100 on the prompt and on the padding after the completion."""
     examples = []
-    for prompt, row in zip(prompts, new):
+    for prompt, row in zip(prompts, generated):
         completion = completion_ids(row, eos_token_id)
         examples.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
     batch = collator(examples)
@@ -156,9 +162,12 @@ class OnPolicyTrainer(DistillationTrainer):
         if self.task_type != "causal":
             raise TrainingError("on-policy (policy) stages are implemented for causal LMs; use a distill stage with "
                                 "seq2seq models")
-        if self.teacher is None or self.teacher_cache is not None:
-            raise TrainingError("a policy stage scores the student's samples with a live teacher; set teacher.name "
-                                "and teacher_source: live")
+        if self.teacher_cache is not None and not self.teacher_cache.scores_any_tokens:
+            raise TrainingError("a policy stage scores the student's own samples, which a teacher cache does not "
+                                "hold; set teacher_source: live")
+        if self.teacher is None and self.teacher_cache is None:
+            raise TrainingError("a policy stage scores the student's samples with a teacher: set teacher.name (loaded "
+                                "here) or teacher.endpoint (a server)")
         self.onpolicy = onpolicy
         self.generation = generation
         self.modes = modes
@@ -218,6 +227,10 @@ class OnPolicyTrainer(DistillationTrainer):
             super()._load_rng_state(self._rng_pending)
             self._rng_restored_early, self._rng_pending = self._rng_pending, None
         batches = [self.policy_batch(batch, index) for index, batch in enumerate(batches)]
+        if self.teacher_cache is not None and self.objective.needs_teacher:
+            # A served teacher (the only top-k one a policy stage takes) scores the whole step at once: every row of
+            # every micro-batch in flight together, not one micro-batch after another.
+            self.teacher_cache.prefetch(batches)
         return batches, self._get_num_items_in_batch(batches, device)
 
     def policy_batch(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
@@ -227,29 +240,43 @@ class OnPolicyTrainer(DistillationTrainer):
             if self.replay and _uniform(self.seed, "replay", step, index) < self.onpolicy.replay_ratio:
                 self._counts["replayed"] += 1
                 return self.replay.draw(_uniform(self.seed, "draw", step, index), batch["input_ids"].device)
-            sampled = self._sample(self.accelerator.unwrap_model(self.model), batch, step, index)
+            sampled = self._sample(self._student_samples, batch, step, index)
             if self.replay is not None:
                 self.replay.add(sampled)
             self._counts["student"] += 1
             return sampled
         if self.onpolicy.seq_kd:
             self._counts["teacher"] += 1
-            sampled = self._sample(self.teacher, batch, step, index)
-            return {k: v.to(batch["input_ids"].device) for k, v in sampled.items()}
+            return self._sample(self._teacher_samples, batch, step, index)
         self._counts["dataset"] += 1
         return batch
 
-    def _sample(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, index: int) -> dict:
+    def _student_samples(self, prompts: list[list[int]], step: int, index: int) -> dict[str, torch.Tensor]:
+        return sample_batch(self.accelerator.unwrap_model(self.model), prompts, self._collator, self.generation,
+                            self.processing_class.eos_token_id)
+
+    def _teacher_samples(self, prompts: list[list[int]], step: int, index: int) -> dict[str, torch.Tensor]:
+        """seq_kd: the teacher's completions, sampled here by a loaded teacher or asked of a served one."""
+        eos = self.processing_class.eos_token_id
+        if self.teacher is not None:
+            return sample_batch(self.teacher, prompts, self._collator, self.generation, eos)
+        seed = int(_uniform(self.seed, "teacher", step, index) * 2 ** 31)  # the same request on a rerun
+        generated = self.teacher_cache.completions(prompts, self.generation, seed)
+        return completion_batch(prompts, generated, self._collator, eos, torch.device("cpu"))
+
+    def _sample(self, sampler, batch: dict[str, torch.Tensor], step: int, index: int) -> dict[str, torch.Tensor]:
+        """`sampler(prompts, step, index)`'s batch for the prompts of `batch` (in their thinking modes), on
+        `batch`'s device."""
         prompts = batch_prompts(batch)
         if self.modes is not None:
             keys = batch["example_id"].tolist() if "example_id" in batch else [
                 f"{step}:{index}:{i}" for i in range(len(prompts))]
             prompts = [self.modes.apply(p, self.modes.is_thinking(key)) for p, key in zip(prompts, keys)]
         start = time.perf_counter()
-        sampled = sample_batch(model, prompts, self._collator, self.generation, self.processing_class.eos_token_id)
+        sampled = sampler(prompts, step, index)
         self._sample_seconds += time.perf_counter() - start
         self._sample_tokens += int((sampled["labels"] != IGNORE_INDEX).sum())
-        return sampled
+        return {k: v.to(batch["input_ids"].device) for k, v in sampled.items()}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

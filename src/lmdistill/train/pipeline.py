@@ -37,6 +37,7 @@ from lmdistill.models.sharding import is_sharded, local_parameter_count, teacher
 from lmdistill.models.vocab import check_same_vocab, same_vocab
 from lmdistill.teacher.generations import ensure_generations
 from lmdistill.teacher.retokenize import needs_shared_vocab
+from lmdistill.teacher.served_scoring import served_scorer
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback
 from lmdistill.train.args import check_precision, check_reporting, early_stopping, stage_training_arguments
@@ -106,6 +107,8 @@ class Prepared:
     # The teacher's own tokenizer when its vocabulary differs from the student's (None: they share one).
     teacher_tokenizer: object | None = None
     pool: TeacherPool = field(default_factory=TeacherPool)  # teachers besides `teacher` (train/stage_models.py)
+    # The teacher on a server (teacher.endpoint; `teacher` is then None): stages ask it as they train (served.py).
+    served: object | None = None
 
     @property
     def scoring_teacher(self) -> torch.nn.Module | None:
@@ -333,6 +336,8 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         # Offline teacher: logits come from the cache by example id; eval examples get ids in the same space.
         teacher_cache, eval_examples, shared_vocab = open_stage_cache(
             config, prep, stage, train_dataset.names, student.get_output_embeddings().weight.shape[0])
+    elif prep.served is not None:  # the teacher's top-k (and seq_kd samples) from its server, as the stage trains
+        teacher_cache = served_scorer(config, prep.served, stage, objective.needs_teacher, shared_vocab)
     args = stage_training_arguments(config, stage, stage_dir, has_eval=bool(eval_examples),
                                     epochs=train_dataset.passes)
     trainer_cls, policy = (OnPolicyTrainer, policy_options(config, prep.tokenizer, stage)) if stage.kind == "policy" \

@@ -1,17 +1,21 @@
 """A run whose teacher is served (teacher.endpoint): the prepared run gets an EndpointTeacher where it would load
-the model. The teacher's tokenizer and config still load from teacher.name, for prompts and the vocabulary check."""
+the model (`cache-teacher`, `generate`: `prep.teacher`; `run`: `prep.served`, which the stages ask through
+teacher/served_scoring.py). The teacher's tokenizer and config still load from teacher.name, for prompts and the
+vocabulary check."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 
-from lmdistill.config import AttentionTerm, ContrastiveTerm, FeatureTerm, PipelineConfig, StageSettings
+from lmdistill.config import (AttentionTerm, ContrastiveTerm, CrossVocabTerm, FeatureTerm, LogitTerm, PipelineConfig,
+                              StageSettings)
 from lmdistill.errors import ConfigError
 from lmdistill.models.load import load_tokenizer
 from lmdistill.models.vocab import check_same_vocab, same_vocab
 from lmdistill.teacher.endpoint import open_teacher
 from lmdistill.teacher.retokenize import needs_shared_vocab
+from lmdistill.teacher.served_scoring import served_losses_check
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +58,38 @@ def _in_process_use(config: PipelineConfig, stages: list[StageSettings]) -> str 
             continue
         if stage.teacher is not None:
             return f"stage {stage.name!r}'s own teacher (stage teacher:, loaded here)"
-        if stage.kind == "policy":
-            return f"stage {stage.name!r} (kind: policy: the teacher scores the student's samples as it trains)"
         if any(isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm)) for t in stage.losses):
             return f"stage {stage.name!r} (its hidden-state / attention terms read the teacher's activations)"
-        if any(t.name != "cross_entropy" for t in stage.losses) and stage.teacher_source != "cache":
-            return f"stage {stage.name!r} (live logit KD: set teacher_source: cache and run `lmdistill cache-teacher`)"
+        if cross := [t.name for t in stage.losses if isinstance(t, CrossVocabTerm)]:
+            return f"stage {stage.name!r}'s {cross[0]} (it runs the teacher on its own tokens beside the student)"
+        if stage.eval_driven_sampling is not None and stage.eval_driven_sampling.enabled:
+            return f"stage {stage.name!r}'s eval_driven_sampling (the teacher scores the eval sets here)"
     return None
 
 
+def _asks_server(stage: StageSettings) -> bool:
+    """The stage trains on the teacher's generations, samples from it, or scores against its log-probs live."""
+    logit_kd = any(isinstance(t, LogitTerm) and t.name != "cross_entropy" for t in stage.losses)
+    return stage.kind in ("non_policy", "policy") or (logit_kd and stage.teacher_source != "cache" and
+                                                      stage.kind != "finetune")
+
+
 def served_run(config: PipelineConfig, prep, stages: list[StageSettings], processes):
-    """A `run` with teacher.endpoint: the generations its non_policy stages train on are written (or finished)
-    through the server first; the stages then train without a teacher in this process. Returns `prep` unchanged
-    (no teacher loaded: evaluation reports the student alone)."""
+    """A `run` with teacher.endpoint, checked before any work: the generations its non_policy stages train on are
+    written (or finished) through the server first; the stages then train with the server as their teacher
+    (`prep.served`: top-k log-probs of every batch, a policy stage's teacher samples; teacher/served_scoring.py).
+    The teacher is never loaded in this process (evaluation reports the student alone)."""
     from lmdistill.teacher.generations import write_generations
 
     use = _in_process_use(config, stages)
     if use is not None:
         raise ConfigError(f"teacher.endpoint serves the teacher elsewhere, but {use} needs it in this process; "
                           "remove teacher.endpoint, or change that stage")
+    served_losses_check(stages)
+    if not any(_asks_server(stage) for stage in stages):
+        return prep
+    served = served_teacher(config, prep)
     if any(stage.kind == "non_policy" for stage in stages):
-        write_generations(config, served_teacher(config, prep, vocab_check=False), processes=processes)
-    log.info("teacher served at %s: the stages train without loading it", config.teacher.endpoint)
-    return prep
+        write_generations(config, served, processes=processes)
+    log.info("teacher served at %s: the stages ask it as they train, without loading it", config.teacher.endpoint)
+    return dataclasses.replace(prep, served=served.teacher, shared_vocab=served.shared_vocab)

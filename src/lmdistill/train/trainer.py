@@ -45,13 +45,15 @@ AUX_FILE = "aux_terms.safetensors"
 
 
 class TeacherCacheLookup(Protocol):
-    """An offline teacher: top-k ids/log-probs and the stored tail mass for a batch of example ids
-    (lmdistill.teacher.reader.CacheLookup)."""
+    """A top-k teacher: ids/log-probs and the tail mass at a batch's counted tokens. A cache looks the batch's
+    example ids up (lmdistill.teacher.reader.CacheLookup); a served teacher scores the batch's tokens, whatever they
+    are (lmdistill.teacher.served_scoring.ServedScorer, which also samples: `completions`)."""
 
     cache_temperature: float
     tail: str
+    scores_any_tokens: bool  # False: only the rows it was built from (a cache)
 
-    def lookup(self, example_ids: torch.Tensor,
+    def lookup(self, batch: dict[str, torch.Tensor],
                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
@@ -289,7 +291,6 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        example_ids = inputs.get("example_id")
         student_out = self._forward(model, inputs, labels, body_only=self.fused)
         with out_of_memory_hint("the teacher's forward pass"):
             teacher_out = self._teacher_outputs(inputs, labels) if self._needs_teacher_forward else None
@@ -307,7 +308,7 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
             s_weight, s_bias = head_rows(output_layer(model), self.shared_vocab)
             s_hidden = aligned(student_out.head_input)
             if self.teacher_cache is not None and self.objective.needs_teacher:
-                ids, logprobs, tail = self.teacher_cache.lookup(example_ids, target)
+                ids, logprobs, tail = self.teacher_cache.lookup(inputs, target)
                 out = self.objective.fused_cached(
                     s_hidden, s_weight, s_bias, ids, logprobs, target, num_items=num_items_in_batch,
                     cache_temperature=self.teacher_cache.cache_temperature, tail=self.teacher_cache.tail,
@@ -320,7 +321,7 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
         else:
             s_logits = aligned(student_out.logits)[..., : self.shared_vocab]
             if self.teacher_cache is not None and self.objective.needs_teacher:
-                ids, logprobs, tail = self.teacher_cache.lookup(example_ids, target)
+                ids, logprobs, tail = self.teacher_cache.lookup(inputs, target)
                 out = self.objective.cached(s_logits, ids, logprobs, target, num_items=num_items_in_batch,
                                             cache_temperature=self.teacher_cache.cache_temperature,
                                             tail=self.teacher_cache.tail, teacher_tail=tail)
