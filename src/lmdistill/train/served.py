@@ -60,7 +60,8 @@ def _in_process_use(config: PipelineConfig, stages: list[StageSettings]) -> str 
             return f"stage {stage.name!r}'s own teacher (stage teacher:, loaded here)"
         if any(isinstance(t, (FeatureTerm, AttentionTerm, ContrastiveTerm)) for t in stage.losses):
             return f"stage {stage.name!r} (its hidden-state / attention terms read the teacher's activations)"
-        if cross := [t.name for t in stage.losses if isinstance(t, CrossVocabTerm)]:
+        cross = [t.name for t in stage.losses if isinstance(t, CrossVocabTerm)]
+        if cross and stage.teacher_source != "cache":
             return f"stage {stage.name!r}'s {cross[0]} (it runs the teacher on its own tokens beside the student)"
         if stage.eval_driven_sampling is not None and stage.eval_driven_sampling.enabled:
             return f"stage {stage.name!r}'s eval_driven_sampling (the teacher scores the eval sets here)"
