@@ -169,17 +169,22 @@ def test_run_with_endpoint_trains_non_policy_on_served_generations(server, teach
     assert (run_dir / "off" / "final").is_dir()
 
 
-def test_run_with_endpoint_refuses_a_stage_that_needs_the_teacher_in_process(server, teacher_config, tmp_path):
+@pytest.mark.parametrize(("stage", "message"), [
+    ({"losses": [{"name": "forward_kl"}, {"name": "feature"}]},
+     "stage 'x' \\(its hidden-state / attention terms read the teacher's activations\\) needs it in this process; "
+     "remove teacher.endpoint"),
+    ({"losses": [{"name": "uld"}]}, "stage 'x''s uld \\(it runs the teacher on its own tokens beside the student\\)"),
+    ({"eval_driven_sampling": {}}, "stage 'x''s eval_driven_sampling \\(the teacher scores the eval sets here\\)"),
+    ({"kind": "policy", "losses": [{"name": "reverse_kl"}]},
+     "stage 'x' trains on reverse_kl, but a served teacher .* gives its top-k log-probs only.*switch the stage to "
+     "forward_kl"),
+], ids=["hidden-state term", "live cross-vocabulary term", "eval-driven sampling", "not a top-k divergence"])
+def test_run_with_endpoint_refuses_what_a_server_cannot_give_before_any_work(stage, message, server, teacher_config,
+                                                                             tmp_path):
     from lmdistill.errors import ConfigError
     from lmdistill.train.pipeline import run_pipeline
 
-    stages = [{"name": "kd", "max_steps": 1, "losses": [{"name": "forward_kl"}, {"name": "feature"}]}]
-    with pytest.raises(ConfigError, match="stage 'kd' \\(its hidden-state / attention terms read the teacher's "
-                                          "activations\\) needs it in this process; remove teacher.endpoint"):
-        run_pipeline(_config(teacher_config, tmp_path, server.url, stages=stages))
     before = server.requests
-    stages = [{"name": "p", "kind": "policy", "max_steps": 1, "losses": [{"name": "reverse_kl"}]}]
-    with pytest.raises(ConfigError, match="stage 'p' trains on reverse_kl, but a served teacher .* gives its top-k "
-                                          "log-probs only.*switch the stage to forward_kl"):
-        run_pipeline(_config(teacher_config, tmp_path / "rkl", server.url, stages=stages))
-    assert server.requests == before  # refused before any work
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(_config(teacher_config, tmp_path, server.url, stages=[{"name": "x", "max_steps": 1, **stage}]))
+    assert server.requests == before and not (tmp_path / "run" / "x").exists()

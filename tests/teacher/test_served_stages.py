@@ -106,7 +106,11 @@ def test_faults_while_scoring_a_batch_stop_with_one_line(server, batch):
     with pytest.raises(EndpointError, match="not JSON"):
         _scorer(server, K).lookup(batch, target)
     assert server.requests - before <= len(QUESTIONS)  # not retried
-    server.faults.update(malformed=False, delay=1.0)
+    server.faults["malformed"] = False
+    teacher = EndpointTeacher(Endpoint(server.url), server.name, "teacher", len(server.tokenizer))
+    with pytest.raises(EndpointError, match="returned token id [0-9]+, past the 3 ids teacher and student share"):
+        ServedScorer(teacher, K, "bucket", 3).lookup(batch, target)
+    server.faults["delay"] = 1.0
     with pytest.raises(EndpointError, match=r"gave up after 1 tries \(no answer within 0.2 s\)") as err:
         _scorer(server, K, timeout=0.2, retries=0).lookup(batch, target)
     assert "\n" not in str(err.value)
