@@ -9,8 +9,11 @@ default) except (b), which is the plain cross-entropy ordinary fine-tuning pays:
   (d) fused    lmdistill `fused_distill_loss` from hidden states + lm_head: full logits never exist
   floor        the four [N, H] x [H, V] matmuls KD from hidden states cannot avoid (both models' logits, the
                student's two gradients), timed alone: the "x floor" column divides each method's time by it
-Usage: python bench/loss_memory.py [--tokens 1024 4096] [--repeats 3] [--mem-limit-gb 16]
-Each (method, B*T) runs `--repeats` times, each in a fresh subprocess; the table shows the medians.
+Usage: python bench/loss_memory.py [--tokens 1024 4096] [--methods plain_ce fused floor] [--repeats 3]
+       python bench/loss_memory.py --profile fused --tokens 1024    (where the time goes: torch.profiler, top ops)
+Each (method, B*T) runs `--repeats` times, each in a fresh subprocess (peak RSS is per process); the methods take
+turns within each repeat, so a load that drifts during the run weighs on all of them alike. The table shows the
+medians and each method's time and memory over plain CE's and its time over the floor's.
 A child that would pass the memory limit (RLIMIT_AS) reports it instead of taking the machine down.
 """
 
@@ -55,11 +58,13 @@ def measure(method: str, tokens: int) -> dict:
     from lmdistill.losses.fused import default_chunk_size
 
     torch.manual_seed(0)
-    h_s = (torch.randn(tokens, HIDDEN) * 0.5).requires_grad_(True)
-    w_s = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN) * 0.02)
-    h_t, w_t = torch.randn(tokens, HIDDEN) * 0.5, torch.randn(VOCAB, HIDDEN) * 0.02
+    # Scaled in place: a temporary copy of a weight would raise the baseline peak and hide that much of each method's
+    h_s = torch.randn(tokens, HIDDEN).mul_(0.5).requires_grad_(True)
+    w_s = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN).mul_(0.02))
+    h_t, w_t = torch.randn(tokens, HIDDEN).mul_(0.5), torch.randn(VOCAB, HIDDEN).mul_(0.02)
     labels = torch.randint(0, VOCAB, (tokens,))
-    chunk = default_chunk_size(VOCAB)
+    # fused picks its chunk from its memory budget; the chunked logits path runs autograd, with smaller chunks
+    chunk = default_chunk_size(VOCAB, closed_form=method == "fused")
     base = _rss_mb()
     start = time.perf_counter()
     if method == "floor":
@@ -71,7 +76,7 @@ def measure(method: str, tokens: int) -> dict:
         return {"method": method, "tokens": tokens, "peak_mb": _rss_mb() - base,
                 "seconds": time.perf_counter() - start, "chunk": chunk}
     if method == "fused":
-        loss = fused_distill_loss(h_s, w_s, h_t, w_t, labels, loss="jsd", beta=0.5, chunk_size=chunk)
+        loss = fused_distill_loss(h_s, w_s, h_t, w_t, labels, loss="jsd", beta=0.5)
     else:
         student_logits = h_s @ w_s.T  # [N, V] float32
         if method == "plain_ce":
@@ -101,8 +106,7 @@ def _child(method: str, tokens: int, limit_gb: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _median_run(method: str, tokens: int, limit_gb: float, repeats: int) -> dict:
-    runs = [_child(method, tokens, limit_gb) for _ in range(repeats)]
+def _median(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return runs[0]
@@ -111,25 +115,53 @@ def _median_run(method: str, tokens: int, limit_gb: float, repeats: int) -> dict
             "repeats": len(ok)}
 
 
+def profile(method: str, tokens: int, top: int = 15) -> None:
+    """One measurement in this process under torch.profiler: the ops that took the most time."""
+    import torch
+
+    measure(method, min(tokens, 256))  # warm-up: thread pools, first-touch of the allocator
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        seconds = measure(method, tokens)["seconds"]
+    print(f"{method}, B*T={tokens}: {seconds:.2f} s under the profiler")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+
+
+def _ratio(row: dict, ref: dict | None, key: str) -> str:
+    return f"{row[key] / ref[key]:.2f}" if ref and ref[key] > 0 else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--mem-limit-gb", type=float, default=16.0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per (method, B*T); the median is shown")
+    parser.add_argument("--profile", choices=METHODS[:4], help="profile one method in this process instead")
     args = parser.parse_args()
-    rows = [_median_run(m, n, args.mem_limit_gb, args.repeats) for n in args.tokens for m in args.methods]
+    if args.profile:
+        for n in args.tokens:
+            profile(args.profile, n)
+        return
+    runs: dict[tuple[str, int], list[dict]] = {(m, n): [] for n in args.tokens for m in args.methods}
+    for n in args.tokens:
+        for _ in range(args.repeats):
+            for m in args.methods:  # the methods take turns, so drifting load is shared
+                runs[m, n].append(_child(m, n, args.mem_limit_gb))
+    rows = [_median(runs[m, n]) for n in args.tokens for m in args.methods]
     print(f"\nV={VOCAB:,}, hidden={HIDDEN}, float32, CPU; JSD(beta=0.5) except plain CE; median of {args.repeats}")
-    print(f"{'B*T':>6} {'method':<9} {'peak MB':>9} {'fwd+bwd s':>10} {'x floor':>8}  note")
+    print(f"{'B*T':>6} {'method':<9} {'peak MB':>9} {'fwd+bwd s':>10} {'x CE mem':>9} {'x CE time':>10} "
+          f"{'x floor':>8}  note")
     for r in rows:
         if "error" in r:
-            print(f"{r['tokens']:>6} {r['method']:<9} {'-':>9} {'-':>10} {'-':>8}  not measured: {r['error']}")
+            print(f"{r['tokens']:>6} {r['method']:<9} {'-':>9} {'-':>10} {'-':>9} {'-':>10} {'-':>8}  "
+                  f"not measured: {r['error']}")
             continue
-        floor = next((f for f in rows if f["method"] == "floor" and f["tokens"] == r["tokens"] and "error" not in f),
-                     None)
-        ratio = f"{r['seconds'] / floor['seconds']:.2f}" if floor else "-"
+        ref = {m: next((f for f in rows if f["method"] == m and f["tokens"] == r["tokens"] and "error" not in f),
+                       None) for m in ("plain_ce", "floor")}
         note = f"chunk {r['chunk']} tokens" if r["method"] in ("chunked", "fused") else ""
-        print(f"{r['tokens']:>6} {r['method']:<9} {r['peak_mb']:>9.0f} {r['seconds']:>10.2f} {ratio:>8}  {note}")
+        print(f"{r['tokens']:>6} {r['method']:<9} {r['peak_mb']:>9.0f} {r['seconds']:>10.2f} "
+              f"{_ratio(r, ref['plain_ce'], 'peak_mb'):>9} {_ratio(r, ref['plain_ce'], 'seconds'):>10} "
+              f"{_ratio(r, ref['floor'], 'seconds'):>8}  {note}")
     print("\nratios (targets: fused time <= 1.6x and mem <= 0.5x plain CE; the floor is 4 matmuls to CE's 3)")
     for n in args.tokens:
         got = {r["method"]: r for r in rows if r["tokens"] == n and "error" not in r}

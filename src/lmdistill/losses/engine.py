@@ -16,6 +16,10 @@ Gradients are formed in the forward pass for the linear combination `coeffs . te
 to backpropagate (the objective's weights). If backward later arrives with any other combination (a
 balancer rescaling terms, one term's gradient alone), the chunks are recomputed for that combination:
 always exact, and the common case pays no recomputation.
+
+A `ClosedForm` may stand in for autograd: it scores a chunk from the heads' products and returns, with the sums, the
+gradient w.r.t. those products that it writes out itself (no autograd graph over [chunk, V] tensors). The engine uses
+it whenever every input that needs a gradient lies behind one of its heads.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch
 from torch import Tensor
 
 RowFn = Callable[[Sequence[Tensor | None], Sequence[Tensor | None]], Tensor]  # (row chunks, shared) -> [terms]
+# (row chunks with the heads' products, shared, weights [terms]) -> ([terms], {row: d (weights . terms) / d product})
+ClosedFn = Callable[[Sequence[Tensor | None], Sequence[Tensor | None], Tensor], tuple[Tensor, dict[int, Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -46,13 +52,23 @@ class Head:
                                           shared[self.bias] if self.bias is not None else None)
 
 
+@dataclass(frozen=True)
+class ClosedForm:
+    """fn scores a chunk and returns the gradients of the products of the heads on `rows`, which it may overwrite
+    (the products are rebuilt for every chunk)."""
+
+    fn: ClosedFn
+    rows: tuple[int, ...]
+
+
 def reduce_rows(fn: RowFn, rows: Sequence[Tensor | None], shared: Sequence[Tensor | None], counted: Tensor | None,
-                chunk_size: int | None, coeffs: Tensor | None = None, heads: Sequence[Head] = ()) -> Tensor:
+                chunk_size: int | None, coeffs: Tensor | None = None, heads: Sequence[Head] = (),
+                closed: ClosedForm | None = None) -> Tensor:
     """Sum fn over the counted rows.
 
     rows: tensors [N, ...] (or None); shared: tensors used whole (or None); counted: int64 [n] indices of the
     rows to score (None = all N); coeffs: [terms] expected backward weights (default all ones); heads: linear
-    maps applied to rows before fn sees them.
+    maps applied to rows before fn sees them; closed: fn with its gradients written out (chunked only).
     Returns [terms] float32 sums, differentiable w.r.t. every tensor input.
     """
     if chunk_size is None:
@@ -64,7 +80,7 @@ def reduce_rows(fn: RowFn, rows: Sequence[Tensor | None], shared: Sequence[Tenso
     n_rows = next(r for r in rows if r is not None).shape[0]
     if counted is None:
         counted = torch.arange(n_rows, device=next(r for r in rows if r is not None).device)
-    plan = _Plan(fn, len(rows), counted, chunk_size, coeffs, tuple(heads))
+    plan = _Plan(fn, len(rows), counted, chunk_size, coeffs, tuple(heads), closed)
     tensors = [*rows, *shared]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ChunkedRows.apply(plan, *tensors)
@@ -80,6 +96,7 @@ class _Plan:
     chunk_size: int
     coeffs: Tensor | None
     heads: tuple[Head, ...] = ()
+    closed: ClosedForm | None = None
 
 
 def _with_heads(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None],
@@ -105,8 +122,19 @@ def _run(plan: _Plan, tensors: Sequence[Tensor | None], needs: Sequence[bool],
     by_row = {h.row: _HeadState(h, rows[h.row], shared, plan.chunk_size) for h in heads}
     head_params = {i for h in heads for i in (h.weight, h.bias) if i is not None}
     total: Tensor | None = None
+    closed = plan.closed if weights is not None and _covers(plan, needs) else None
     for idx in torch.split(plan.counted, plan.chunk_size):
         raw = [r.index_select(0, idx) if r is not None else None for r in rows]
+        if closed is not None:
+            with torch.no_grad():
+                products = list(raw)
+                for row, state in by_row.items():
+                    products[row] = state.product(raw[row])
+                sums, product_grads = closed.fn(products, shared, weights)
+                for row, g in product_grads.items():
+                    by_row[row].backward(g, raw[row], idx, needs, plan.n_rows, grads)
+            total = sums if total is None else total + sums
+            continue
         chunk = [r.requires_grad_(need) if r is not None and i not in by_row else r
                  for i, (r, need) in enumerate(zip(raw, row_needs))]
         with torch.no_grad():
@@ -137,6 +165,16 @@ def _run(plan: _Plan, tensors: Sequence[Tensor | None], needs: Sequence[bool],
     grads = [g.to(t.dtype) if g is not None and i >= plan.n_rows else g
              for i, (g, t) in enumerate(zip(grads, tensors))]
     return total, grads
+
+
+def _covers(plan: _Plan, needs: Sequence[bool]) -> bool:
+    """Whether plan.closed gives every gradient asked for: each input needing one is a row or parameter of a head
+    whose product gradient it returns."""
+    if plan.closed is None:
+        return False
+    heads = [h for h in plan.heads if h.row in plan.closed.rows]
+    covered = {h.row for h in heads} | {plan.n_rows + i for h in heads for i in (h.weight, h.bias) if i is not None}
+    return all(i in covered for i, need in enumerate(needs) if need)
 
 
 def _head_needs(head: Head, needs: Sequence[bool], n_rows: int) -> bool:

@@ -9,6 +9,11 @@ and teacher vocabularies that differ only by padding rows are compared on the sh
 teacher, a top-k teacher cache (ids, log-probs, tail mass per token) can be passed: its rows are sliced with the
 student's, so the cached KD terms too see only one chunk of student logits at a time. Several teachers' heads
 are mixed per chunk (`losses.mixture`), so no teacher's full logits exist either.
+
+Time: every term but top-k KL has its gradient written out (`closed_form.py`), so a chunk costs its matmuls plus a
+few passes over small blocks of rows that stay in cache; autograd runs only for top-k KL or when a teacher needs
+gradients. The chunk size comes from a memory budget for the [chunk, V] product buffers (one per model): large
+chunks keep the matmuls efficient and add the lm_head gradient into its one float32 buffer fewer times.
 """
 
 from __future__ import annotations
@@ -19,19 +24,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmdistill.losses.closed_form import CLOSED_FORMS, Workspace, block_terms
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature, score_rows, upcast
-from lmdistill.losses.engine import Head, reduce_rows
+from lmdistill.losses.engine import ClosedForm, Head, reduce_rows
 from lmdistill.losses.errors import LossInputError
 from lmdistill.losses.functional import backward_coeffs, cache_rows, counted_rows, finish
 from lmdistill.losses.mixture import mixture_logits
 
 
-BLOCK_ELEMENTS = 2**24  # per [chunk, V] float32 block: 64 MiB, whatever the vocabulary
+BUDGET_ELEMENTS = 2**26  # all [chunk, V] product buffers together: 256 MiB in float32, whatever the vocabulary
+AUTOGRAD_BLOCK_ELEMENTS = 2**24  # per [chunk, V] block when autograd runs: it keeps about ten of them per chunk
+ROW_BLOCK_ELEMENTS = 2**18  # the closed form's [rows, V] scratch blocks: 1 MiB in float32, so they stay in cache
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so that one [chunk, V] float32 block is about BLOCK_ELEMENTS (110 at V = 151,936)."""
-    return max(1, BLOCK_ELEMENTS // vocab_size)
+def default_chunk_size(vocab_size: int, n_models: int = 2, closed_form: bool = True) -> int:
+    """Tokens per chunk from the memory budget: n_models [chunk, V] products within BUDGET_ELEMENTS when the
+    gradients are written out (220 at V = 151,936 for a student and a teacher), else one autograd block of
+    AUTOGRAD_BLOCK_ELEMENTS (110)."""
+    if closed_form:
+        return max(1, BUDGET_ELEMENTS // (n_models * vocab_size))
+    return max(1, AUTOGRAD_BLOCK_ELEMENTS // vocab_size)
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,14 @@ class LMHead:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
 
+    def product_grad(self, logits: Tensor, grad: Tensor, out: Tensor) -> None:
+        """d/d product from d/d logits [n, V] (overwritten), given the logits `logits` returned; written into out."""
+        if self.softcap:  # d softcap tanh(x / softcap) / dx = 1 - tanh^2
+            grad.mul_(torch.div(logits, self.softcap).square_().neg_().add_(1.0))
+        if self.logit_scale != 1.0:
+            grad.mul_(self.logit_scale)
+        out.copy_(grad)
+
 
 def _check_head(hidden: Tensor, head: LMHead, who: str) -> None:
     if hidden.shape[-1] != head.weight.shape[-1]:
@@ -70,8 +90,8 @@ def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head:
     needs the teacher's logits); labels [...]; for 'topk_kl' a teacher cache in place of the teacher:
     teacher_ids / teacher_logprobs [..., k] and teacher_tail [...] (or None). Several teachers: teacher_hidden and
     teacher_head one per teacher and `mixture` their weights; each chunk's target is their mixture at
-    `mixture_temperature` (`losses.mixture`), as the logits path forms it. Returns ([terms] float32, count of
-    counted tokens)."""
+    `mixture_temperature` (`losses.mixture`), as the logits path forms it. chunk_size None: `default_chunk_size`.
+    Returns ([terms] float32, count of counted tokens)."""
     _check_head(student_hidden, student_head, "student")
     # The cache is sliced per chunk with the hidden states, so each chunk's logits meet their own top-k rows.
     ids, lps, tails = cache_rows(student_hidden, "hidden states", student_head.weight.shape[0], teacher_ids,
@@ -105,8 +125,46 @@ def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head:
     for i, head in enumerate(t_heads):
         shared += [head.weight, head.bias]
         heads.append(Head(1 + i, 2 + 2 * i, 3 + 2 * i if head.bias is not None else None))
+    closed = None
+    teacher_grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for head, rows in zip(t_heads, t_rows) for t in (head.weight, head.bias, rows))
+    if all(spec.name in CLOSED_FORMS for spec in specs) and not teacher_grads:
+        closed = ClosedForm(_closed_fn(specs, student_head, t_heads, mixture, mixture_temperature), rows=(0,))
+    if chunk_size is None:
+        vocab = max(head.weight.shape[0] for head in [student_head, *t_heads])
+        chunk_size = default_chunk_size(vocab, 1 + n_teachers, closed is not None)
     return reduce_rows(fn, [s_rows, *t_rows, flat_labels, ids, lps, tails], shared, counted, chunk_size,
-                       coeffs, heads), count
+                       coeffs, heads, closed), count
+
+
+def _closed_fn(specs: Sequence[TermSpec], student_head: LMHead, t_heads: Sequence[LMHead],
+               mixture: Sequence[float] | None, mixture_temperature: float):
+    """The engine's ClosedForm function for the student's head: scores a chunk in blocks of rows small enough to
+    stay in cache and writes d (weights . sums) / d student product over the product itself."""
+    work = Workspace()  # one set of block buffers for every chunk of this call
+    # Products of finite hidden states and weights are finite: only a -inf bias entry masks a token.
+    masked = any(head.bias is not None and bool(torch.isneginf(head.bias).any()) for head in [student_head, *t_heads])
+
+    def fn(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None],
+           weights: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        s_product, t_products = rows[0], rows[1: 1 + len(t_heads)]
+        labels = rows[1 + len(t_heads)]
+        coeffs = weights.expand(len(specs)).tolist()
+        step = max(1, ROW_BLOCK_ELEMENTS * torch.get_num_threads() // s_product.shape[1])
+        total = None
+        for start in range(0, s_product.shape[0], step):
+            block = slice(start, start + step)
+            s_logits = student_head.logits(s_product[block])
+            t_logits = [head.logits(product[block]) for head, product in zip(t_heads, t_products)]
+            if len(t_logits) > 1:
+                t_logits = [mixture_logits(t_logits, mixture, mixture_temperature)]
+            sums, grad = block_terms(specs, coeffs, s_logits, t_logits[0] if t_logits else None,
+                                     labels[block] if labels is not None else None, work, masked)
+            student_head.product_grad(s_logits, grad, out=s_product[block])
+            total = sums if total is None else total + sums
+        return total, {0: s_product}
+
+    return fn
 
 
 def fused_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
@@ -127,7 +185,6 @@ def fused_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, t
     spec = TermSpec(loss, 1.0 if loss == "cross_entropy" else check_temperature(temperature), params)
     student = LMHead(student_lm_head_weight, student_bias, student_softcap, student_logit_scale)
     teacher = LMHead(teacher_lm_head_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
-    chunk_size = chunk_size or default_chunk_size(max(student.weight.shape[0], teacher.weight.shape[0]))
     coeffs = backward_coeffs(labels, student_hidden[..., 0].numel(), reduction, student_hidden.device)
     sums, count = fused_terms([spec], student_hidden, student, teacher_hidden, teacher, labels, chunk_size, coeffs)
     return finish(sums[0], count, reduction)

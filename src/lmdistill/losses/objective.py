@@ -20,7 +20,7 @@ from torch import Tensor
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature
 from lmdistill.losses.errors import LossConfigError
 from lmdistill.losses.functional import LOGIT_LOSSES, counted_rows, logit_terms, topk_spec
-from lmdistill.losses.fused import LMHead, default_chunk_size, fused_terms
+from lmdistill.losses.fused import LMHead, fused_terms
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class DistillObjective:
               teacher_logit_scale: float | Sequence[float] = 1.0,
               mixture: Sequence[float] | None = None) -> ObjectiveOutput:
         """Hidden states [..., H] and lm_head weights [V, H] in place of logits; full logits never exist.
-        Chunks of `chunk_size` tokens (`default_chunk_size(V)` when the objective has none). Several teachers:
+        Chunks of `chunk_size` tokens (`fused.default_chunk_size` when the objective has none). Several teachers:
         `mixture` their weights and every teacher argument a sequence, one per teacher; the target is their
         mixture at the objective's temperature, as `__call__` gets it from `losses.mixture.mixture_logits`."""
         self._require_teacher(teacher_hidden if teacher_weight is not None else None)
@@ -134,8 +134,7 @@ class DistillObjective:
                                                           teacher_logit_scale, strict=True)])
         denom = self._denominator(labels, student_hidden[..., 0].numel(), num_items)
         sums, _ = fused_terms(self._specs(), student_hidden, student, teacher_hidden, teacher, labels,
-                              self.chunk_size or default_chunk_size(student_weight.shape[0]),
-                              self._coeffs(denom, student_hidden.device), mixture=mixture,
+                              self.chunk_size, self._coeffs(denom, student_hidden.device), mixture=mixture,
                               mixture_temperature=self.temperature)
         return self._output(sums, denom)
 
@@ -160,15 +159,14 @@ class DistillObjective:
                      tail: str = "bucket", teacher_tail: Tensor | None = None, student_softcap: float | None = None,
                      student_logit_scale: float = 1.0) -> ObjectiveOutput:
         """`cached` on the logits of student_hidden [..., H] through the lm_head (weight [V, H], bias [V] or None),
-        which never exist whole: chunks of `chunk_size` tokens (`default_chunk_size(V)` when the objective has
-        none). teacher_ids / teacher_logprobs [..., k], teacher_tail [...] as in `cached`; equal loss and
+        which never exist whole: chunks of `chunk_size` tokens (`fused.default_chunk_size` when the objective
+        has none). teacher_ids / teacher_logprobs [..., k], teacher_tail [...] as in `cached`; equal loss and
         gradients (w.r.t. hidden states, weight and bias)."""
         specs = self._cached_specs(cache_temperature, tail)
         student = LMHead(student_weight, student_bias, student_softcap, student_logit_scale)
         denom = self._denominator(labels, student_hidden[..., 0].numel(), num_items)
         sums, _ = fused_terms(specs, student_hidden, student, None, None, labels,
-                              self.chunk_size or default_chunk_size(student_weight.shape[0]),
-                              self._coeffs(denom, student_hidden.device), teacher_ids, teacher_logprobs, teacher_tail)
+                              self.chunk_size, self._coeffs(denom, student_hidden.device), teacher_ids, teacher_logprobs, teacher_tail)
         return self._output(sums, denom)
 
     def _cached_specs(self, cache_temperature: float, tail: str) -> list[TermSpec]:

@@ -1,0 +1,156 @@
+"""Logit terms scored together with their gradient w.r.t. the student logits, written out in closed form.
+
+The fused path (`fused.py`) needs d loss / d student logits for every chunk. Autograd through a divergence keeps each
+[n, V] intermediate and runs one backward kernel per forward op: at V = 151,936 that elementwise work cost more than
+the matmuls. Written out, each term is a few passes over buffers reused for every block of rows.
+
+With a = s / T, q = softmax(a), p = softmax(t / T) and a term T^2 D(p, q): d/ds = T dD/da, and when g = dD/dq (q taken
+as a free vector), dD/da = q * (g - <q, g>) (the softmax Jacobian). Per term, m being the divergence's mixture:
+    forward_kl        dD/da = q - p
+    reverse_kl        g = log q - log p                    -> q * (lq - lp - KL(q || p))
+    jsd(beta)         g = (1 - beta) (log q - log m)        -> (1 - beta) q * (lq - lm - KL(q || m))
+    skew_kl(alpha)    g = -(1 - alpha) p / m                -> (1 - alpha) (q R - r),  r = q p / m, R = sum_v r
+    skew_reverse_kl   g = log q - log m - alpha q / m      (m = alpha q + (1 - alpha) p)
+    tvd               g = sign(q - p) / 2
+    cross_entropy     d/ds = softmax(s) - onehot(label)     (T = 1, the whole student vocabulary)
+Log-probs are floored at the dtype's lowest value, so a token a side gives no mass (-inf logit) adds 0, never NaN, to
+every sum and gradient, as in `divergences`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lmdistill.losses.divergences import KERNELS, TermSpec
+from lmdistill.losses.errors import LossInputError
+
+CLOSED_FORMS = frozenset({*KERNELS, "cross_entropy"})  # every term but topk_kl, which stays on autograd
+
+
+class Workspace:
+    """[n, V] buffers reused by every block: each name is allocated once, at the first (largest) block's size."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, like: Tensor) -> Tensor:
+        """An uninitialised [n, V] buffer with like's shape, dtype and device."""
+        n, v = like.shape
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < n or buf.shape[1] != v or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty((n, v), dtype=like.dtype, device=like.device)
+        return buf[:n]
+
+
+def _row_dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
+    """sum_v a * b per row: [n, V] x [n, V] -> [n], the product in scratch."""
+    return torch.mul(a, b, out=scratch).sum(-1)
+
+
+class _Distributions:
+    """Log-probs and probs of one block per (model, temperature, vocabulary), computed once and shared by the terms."""
+
+    def __init__(self, work: Workspace, masked: bool) -> None:
+        self.work, self.masked = work, masked
+        self._done: dict[tuple[str, float, int], tuple[Tensor, Tensor]] = {}
+
+    def get(self, which: str, logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """(log softmax(logits / T), softmax(logits / T)), each [n, V]; log-probs floored when masked."""
+        key = (which, temperature, logits.shape[-1])
+        if key not in self._done:
+            name = f"{which}{len(self._done)}"
+            log_probs = self.work.get(name + "_log", logits)
+            if temperature != 1.0:
+                logits = torch.div(logits, temperature, out=self.work.get("scaled", logits))
+            torch.log_softmax(logits, -1, out=log_probs)
+            if self.masked:
+                log_probs.clamp_min_(torch.finfo(log_probs.dtype).min)
+            self._done[key] = log_probs, torch.exp(log_probs, out=self.work.get(name, logits))
+        return self._done[key]
+
+
+def _log_mixture(p: Tensor, q: Tensor, weight_p: float, out: Tensor) -> Tensor:
+    """log(weight_p p + (1 - weight_p) q) into out, formed from the probs (logaddexp on the log-probs cost as much as
+    the rest of the term). Floored at the smallest normal number: a token both sides give (next to) no mass gets a
+    finite log, and the terms it weighs change by less than that number."""
+    torch.lerp(q, p, weight_p, out=out)
+    return out.clamp_min_(torch.finfo(out.dtype).tiny).log_()
+
+
+def _kd_term(spec: TermSpec, coeff: float, dist: _Distributions, student: Tensor, teacher: Tensor, grad: Tensor,
+             work: Workspace) -> Tensor:
+    """One divergence's sum over the block (with T^2); adds coeff * its gradient w.r.t. the student logits to grad."""
+    t = spec.temperature
+    lq, q = dist.get("student", student, t)
+    lp, p = dist.get("teacher", teacher, t)
+    c = coeff * t  # T^2 from the term, 1/T from a = s / T
+    name, params = spec.name, spec.params
+    beta = params.get("beta", params.get("alpha"))
+    if name == "jsd" and beta == 1.0:  # TRL GKD's mapping of the ends, as `divergences.jsd_kernel`
+        name = "reverse_kl"
+    elif name != "tvd" and beta == 0.0:
+        name = "forward_kl" if name in ("jsd", "skew_kl") else "reverse_kl"
+    d, e, scratch = work.get("diff", lq), work.get("extra", lq), work.get("product", lq)
+    if name == "forward_kl":
+        value = torch.dot(p.view(-1), torch.sub(lp, lq, out=d).view(-1))
+        grad.add_(q, alpha=c).sub_(p, alpha=c)
+    elif name == "reverse_kl":
+        rows = _row_dot(q, torch.sub(lq, lp, out=d), scratch)  # KL(q || p) per token
+        value = rows.sum()
+        grad.addcmul_(q, d.sub_(rows[:, None]), value=c)
+    elif name == "jsd":
+        lm = _log_mixture(p, q, beta, e)
+        rows = _row_dot(q, torch.sub(lq, lm, out=d), scratch)  # KL(q || m) per token
+        value = beta * torch.dot(p.view(-1), torch.sub(lp, lm, out=e).view(-1)) + (1.0 - beta) * rows.sum()
+        grad.addcmul_(q, d.sub_(rows[:, None]), value=c * (1.0 - beta))
+    elif name == "skew_kl":
+        diff = torch.sub(lp, _log_mixture(p, q, beta, e), out=e)  # log p - log m
+        value = torch.dot(p.view(-1), diff.view(-1))
+        r = torch.add(diff, lq, out=d).exp_()  # q p / m
+        grad.addcmul_(q, r.sum(-1, keepdim=True), value=c * (1.0 - beta)).sub_(r, alpha=c * (1.0 - beta))
+    elif name == "skew_reverse_kl":  # m = alpha q + (1 - alpha) p
+        diff = torch.sub(lq, _log_mixture(q, p, beta, e), out=e)  # log q - log m
+        rows = _row_dot(q, diff, scratch)  # KL(q || m) per token
+        value = rows.sum()
+        ratio = torch.exp(diff, out=d)  # q / m
+        h = diff.sub_(ratio, alpha=beta)  # g, up to a constant that cancels below
+        grad.addcmul_(q, h.sub_((rows - beta * _row_dot(q, ratio, scratch))[:, None]), value=c)
+    elif name == "tvd":
+        diff = torch.sub(q, p, out=d)
+        sign = torch.sign(diff, out=e)
+        value = 0.5 * torch.dot(sign.view(-1), diff.view(-1))
+        grad.addcmul_(q, sign.sub_(_row_dot(q, sign, scratch)[:, None]), value=0.5 * c)
+    else:
+        raise LossInputError(f"no closed-form gradient for '{name}'")
+    return t * t * value
+
+
+def block_terms(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Tensor, teacher: Tensor | None,
+                labels: Tensor | None, work: Workspace, masked: bool = True) -> tuple[Tensor, Tensor]:
+    """Each term's sum over one block of counted tokens, and d (coeffs . sums) / d student.
+
+    student [n, Vs] and teacher [n, Vt] float logits (teacher None when no term needs it; read only); labels [n];
+    coeffs one per spec; masked False promises that no logit is -inf (skips flooring the log-probs). KD terms
+    compare the shared vocabulary prefix, as `divergences.score_rows` does.
+    Returns ([terms] sums, gradient [n, Vs], a workspace buffer overwritten by the next block).
+    """
+    grad = work.get("grad", student).zero_()
+    dist = _Distributions(work, masked)
+    sums = []
+    for spec, coeff in zip(specs, coeffs, strict=True):
+        if spec.name == "cross_entropy":
+            if labels is None:
+                raise LossInputError("cross_entropy needs labels: pass the token ids to score (-100 = not counted)")
+            lq, q = dist.get("student", student, 1.0)
+            sums.append(-lq.gather(1, labels[:, None]).sum())
+            grad.add_(q, alpha=coeff).scatter_add_(1, labels[:, None], q.new_full((q.shape[0], 1), -coeff))
+        else:
+            if teacher is None:
+                raise LossInputError(f"{spec.name} needs teacher logits, got None")
+            vocab = min(student.shape[-1], teacher.shape[-1])  # rows past the shared size are padding
+            sums.append(_kd_term(spec, coeff, dist, student[:, :vocab], teacher[:, :vocab], grad[:, :vocab], work))
+    return torch.stack(sums), grad

@@ -1,0 +1,198 @@
+"""The fused path's written-out gradients (`losses/closed_form.py`): loss and gradients w.r.t. hidden states, lm_head
+weight and bias equal a float64 autograd reference written here from the definitions, for every divergence and
+cross-entropy, with masked tokens, -inf logits, temperature, bias, soft-cap, padded vocabularies and several teachers;
+and the chunks allocate no [chunk, V] tensor of their own."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lmdistill.losses import DistillObjective, LossTerm, fused_distill_loss
+
+PARAMS = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2},
+          "skew_reverse_kl": {"alpha": 0.4}, "tvd": {}, "cross_entropy": {}}
+MASKED = [3, 7, 20]  # vocabulary rows neither model may emit (-inf bias)
+
+
+def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    keep = a > 0  # 0 log 0 = 0: only tokens a gives mass enter
+    return (a[keep] * (a[keep].log() - b[keep].log())).sum()
+
+
+def _term(name: str, params: dict, student: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor,
+          temperature: float) -> torch.Tensor:
+    """Sum over counted tokens of one term, float64: student logits [N, Vs], teacher_probs [N, Vt] at T."""
+    keep = labels != -100
+    student = student[keep]
+    if name == "cross_entropy":
+        return -torch.log_softmax(student, -1).gather(1, labels[keep][:, None]).sum()
+    vocab = min(student.shape[-1], teacher_probs.shape[-1])
+    q = torch.softmax(student[:, :vocab] / temperature, -1)
+    p = teacher_probs[keep][:, :vocab]
+    p = p / p.sum(-1, keepdim=True)
+    if name == "forward_kl":
+        value = _kl(p, q)
+    elif name == "reverse_kl":
+        value = _kl(q, p)
+    elif name == "jsd":
+        b = params["beta"]
+        m = b * p + (1 - b) * q
+        value = b * _kl(p, m) + (1 - b) * _kl(q, m)
+    elif name == "skew_kl":
+        a = params["alpha"]
+        value = _kl(p, a * p + (1 - a) * q)
+    elif name == "skew_reverse_kl":
+        a = params["alpha"]
+        value = _kl(q, a * q + (1 - a) * p)
+    else:
+        value = 0.5 * (p - q).abs().sum()
+    return temperature**2 * value
+
+
+def _logits(hidden, weight, bias, softcap, scale):
+    z = (hidden @ weight.T + (bias if bias is not None else 0)) * scale
+    return softcap * torch.tanh(z / softcap) if softcap else z
+
+
+def _case(seed: int, bias: bool, masked: bool, n_teachers: int = 1):
+    """Student: hidden [2, 9, 8], head [70, 8] (+ bias); teachers: hidden [2, 9, 12], heads [64, 12] (the student's
+    6 extra rows are padding); labels with 4 uncounted tokens. masked: MASKED rows at -inf in every bias."""
+    g = torch.Generator().manual_seed(seed)
+    hs, ws = torch.randn(2, 9, 8, generator=g), torch.randn(70, 8, generator=g) * 0.7
+    bs = torch.randn(70, generator=g) if bias or masked else None
+    teachers = []
+    for _ in range(n_teachers):
+        ht, wt, bt = torch.randn(2, 9, 12, generator=g), torch.randn(64, 12, generator=g) * 0.7, torch.zeros(64)
+        if masked:
+            bt[MASKED] = -math.inf
+        teachers.append((ht, wt, bt))
+    if masked:
+        bs[MASKED] = -math.inf
+    labels = torch.randint(0, 64, (2, 9), generator=g)
+    labels = labels.masked_fill(torch.isin(labels, torch.tensor(MASKED)), 0)  # CE is +inf on a masked label
+    labels[0, :4] = -100
+    for t in (hs, ws, bs):
+        if t is not None:
+            t.requires_grad_(True)
+    return hs, ws, bs, teachers, labels
+
+
+def _reference(terms, hs, ws, bs, teachers, mixture, labels, temperature, softcap=None, scale=1.0):
+    """sum_i weight_i * term_i, each a mean over counted tokens, and its gradients w.r.t. (hs, ws, bs): float64."""
+    leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (hs, ws, bs)]
+    student = _logits(*leaves, softcap, scale).reshape(-1, ws.shape[0])
+    weights = mixture or [1.0]
+    teacher_probs = sum(w * torch.softmax(_logits(h.double(), wt.double(), bt.double(), softcap, scale)
+                                          / temperature, -1) for w, (h, wt, bt) in zip(weights, teachers))
+    teacher_probs = (teacher_probs / sum(weights)).reshape(student.shape[0], -1)
+    flat = labels.reshape(-1)
+    count = int((flat != -100).sum())
+    total = sum(t.weight * _term(t.name, t.params, student, teacher_probs, flat, temperature) for t in terms) / count
+    grads = torch.autograd.grad(total, [t for t in leaves if t is not None])
+    return total, grads
+
+
+def _fused(terms, hs, ws, bs, teachers, mixture, labels, temperature, softcap=None, scale=1.0, chunk_size=5):
+    objective = DistillObjective(terms, temperature, chunk_size=chunk_size)
+    several = mixture is not None
+    pick = (lambda i: [t[i] for t in teachers]) if several else (lambda i: teachers[0][i])
+    caps = [softcap] * len(teachers) if several else softcap
+    scales = [scale] * len(teachers) if several else scale
+    out = objective.fused(hs, ws, bs, pick(0), pick(1), pick(2), labels, student_softcap=softcap,
+                          teacher_softcap=caps, student_logit_scale=scale, teacher_logit_scale=scales,
+                          mixture=mixture)
+    return out, torch.autograd.grad(out.total, [t for t in (hs, ws, bs) if t is not None], retain_graph=True)
+
+
+def _assert_matches(fused, fused_grads, ref, ref_grads):
+    assert torch.isfinite(fused.total) and all(torch.isfinite(g).all() for g in fused_grads)
+    torch.testing.assert_close(fused.total.double(), ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+CASES = {  # (temperature, bias, masked vocabulary rows, softcap, logit scale)
+    "plain": (1.0, False, False, None, 1.0),
+    "temperature_bias_masked": (2.0, True, True, None, 1.0),
+    "softcap_scale": (0.7, True, False, 3.0, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("case", CASES)
+def test_every_term_matches_the_float64_reference(name, case):
+    temperature, bias, masked, softcap, scale = CASES[case]
+    hs, ws, bs, teachers, labels = _case(seed=len(name), bias=bias, masked=masked)
+    terms = [LossTerm(name, 1.0, PARAMS[name])]
+    fused = _fused(terms, hs, ws, bs, teachers, None, labels, temperature, softcap, scale)
+    _assert_matches(*fused, *_reference(terms, hs, ws, bs, teachers, None, labels, temperature, softcap, scale))
+
+
+@pytest.mark.parametrize("name", [n for n in PARAMS if n != "cross_entropy"])
+def test_several_teachers_mixture(name):
+    hs, ws, bs, teachers, labels = _case(seed=7, bias=True, masked=True, n_teachers=2)
+    terms = [LossTerm(name, 0.8, PARAMS[name]), LossTerm("cross_entropy", 0.2)]
+    fused = _fused(terms, hs, ws, bs, teachers, [0.25, 1.0], labels, 2.0)
+    _assert_matches(*fused, *_reference(terms, hs, ws, bs, teachers, [0.25, 1.0], labels, 2.0))
+
+
+@pytest.mark.parametrize("name,params", [("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("skew_kl", {"alpha": 0.0}),
+                                         ("skew_reverse_kl", {"alpha": 0.0})])
+def test_the_ends_of_the_parameter_ranges(name, params):
+    """jsd's beta 0 / 1 are forward / reverse KL (TRL's mapping), skew alpha 0 the plain KL."""
+    hs, ws, bs, teachers, labels = _case(seed=11, bias=False, masked=False)
+    plain = {("jsd", 0.0): "forward_kl", ("jsd", 1.0): "reverse_kl", ("skew_kl", 0.0): "forward_kl",
+             ("skew_reverse_kl", 0.0): "reverse_kl"}[name, next(iter(params.values()))]
+    fused = _fused([LossTerm(name, 1.0, params)], hs, ws, bs, teachers, None, labels, 1.5)
+    _assert_matches(*fused, *_reference([LossTerm(plain)], hs, ws, bs, teachers, None, labels, 1.5))
+
+
+def test_every_term_at_once_and_each_term_backward_alone():
+    """All seven terms with their weights in one pass; a backward of one term (as a loss balancer does) recomputes
+    that term's gradient in closed form."""
+    hs, ws, bs, teachers, labels = _case(seed=13, bias=True, masked=True)
+    terms = [LossTerm(name, 0.5 + i, PARAMS[name]) for i, name in enumerate(PARAMS)]
+    fused, grads = _fused(terms, hs, ws, bs, teachers, None, labels, 2.0, chunk_size=4)
+    _assert_matches(fused, grads, *_reference(terms, hs, ws, bs, teachers, None, labels, 2.0))
+    for term in (terms[2], terms[-1]):
+        alone = torch.autograd.grad(fused.terms[term.name], (hs, ws, bs), retain_graph=True)
+        ref = _reference([LossTerm(term.name, 1.0, term.params)], hs, ws, bs, teachers, None, labels, 2.0)[1]
+        for got, want in zip(alone, ref, strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+class _NewTensorsShaped(TorchDispatchMode):
+    """Counts the ops that allocate a new tensor of a given shape (views, in-place and out= ops write no new one)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        writes_in_place = func._schema.name.endswith("_") or "out" in (kwargs or {}) or func.is_view
+        if not writes_in_place and isinstance(out, torch.Tensor) and out.shape == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("name", ["jsd", "skew_reverse_kl"])
+def test_chunks_reuse_their_buffers(name):
+    """Twice the chunks, the same number of new [chunk, V] tensors: every chunk reuses the buffers of the first
+    (autograd would allocate its intermediates and their gradients again for each chunk)."""
+    g = torch.Generator().manual_seed(17)
+    hidden, weight = torch.randn(48, 8, generator=g).requires_grad_(True), torch.randn(300, 8, generator=g)
+    t_hidden, t_weight = torch.randn(48, 8, generator=g), torch.randn(300, 8, generator=g)
+    weight.requires_grad_(True)
+    counts = []
+    for n in (24, 48):
+        with _NewTensorsShaped((4, 300)) as counter:
+            loss = fused_distill_loss(hidden[:n], weight, t_hidden[:n], t_weight, None, loss=name, chunk_size=4,
+                                      **PARAMS[name])
+            loss.backward()
+        counts.append(counter.count)
+    assert counts[0] == counts[1] < 20, counts
