@@ -149,6 +149,16 @@ def test_policy_stage_trains_through_run_with_teacher_endpoint(server, teacher_c
     assert server.requests - before >= 2 * len(QUESTIONS)  # every step's rows were scored by the server
 
 
+def test_stage_test_checks_the_server_without_loading_the_teacher(server, teacher_config, teacher_dir, tmp_path,
+                                                                   monkeypatch):
+    path = tmp_path / "config.yaml"
+    save_config(_config(teacher_config, tmp_path, [{**POLICY, "max_steps": 2}]), path)
+    _teacher_never_loaded(monkeypatch, teacher_dir)
+    result = CliRunner().invoke(app, ["run", str(path), "--stage", "test", "--teacher-endpoint", server.url])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert not (tmp_path / "run").exists()
+
+
 def test_server_down_mid_stage_stops_with_one_line_and_the_rerun_loses_nothing(server, teacher_config, tmp_path,
                                                                               monkeypatch):
     stages = [{**POLICY, "max_steps": 3, "save_steps": 1}]

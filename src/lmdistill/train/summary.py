@@ -39,14 +39,21 @@ def memory_estimate(config: PipelineConfig, teacher, student, vocab: int) -> dic
 def print_summary(config: PipelineConfig, console: Console) -> None:
     from lmdistill.train.pipeline import prepare
 
-    prep = prepare(config)
-    student = load_student(config.student, prep.task_type, device=prep.device, teacher=prep.teacher)
+    served = bool(config.teacher.endpoint)
+    prep = prepare(config, load_teacher=not served)
+    if served:  # the teacher stays on its server: checked to answer and to serve teacher.name, never loaded here
+        from lmdistill.train.served import served_teacher
+
+        prep = served_teacher(config, prep)
+    t = None if served else prep.teacher
+    student = load_student(config.student, prep.task_type, device=prep.device, teacher=t)
     vocab = prep.shared_vocab or len(prep.tokenizer)
     table = Table(title=f"lmdistill --stage test: {len(config.stages)} stage(s), task {prep.task_type}")
     for col in ("", "teacher", "student"):
         table.add_column(col)
-    t = prep.teacher
     table.add_row("model", config.teacher.name or "-", config.student.name or f"from teacher {config.student.from_teacher}")
+    if served:
+        table.add_row("served by", f"{prep.teacher.url} ({prep.teacher.served_model})", "-")
     table.add_row("parameters", f"{count_parameters(t):,}" if t is not None else "-", f"{count_parameters(student):,}")
     table.add_row("dtype", str(next(t.parameters()).dtype) if t is not None else "-", str(next(student.parameters()).dtype))
     table.add_row("device", str(next(t.parameters()).device) if t is not None else "-", str(prep.device))
