@@ -1,7 +1,7 @@
 """A teacher served by an OpenAI-compatible inference server (vLLM's `api_server`), asked over HTTP.
 
 The teacher-source seam: `cache-teacher` and `generate` take an `EndpointTeacher` where they would take a loaded
-model. It asks `/v1/completions` with the prompt as token ids (so the server sees exactly the ids we would feed
+model; the stages of `run` ask it through served_scoring.ServedScorer. It asks `/v1/completions` with the prompt as token ids (so the server sees exactly the ids we would feed
 in-process): `prompt_logprobs: k` (vLLM's extension, bounded by the server's `--max-logprobs`) gives the top-k at
 every prompt position, `max_tokens` + `return_token_ids` the generations.
 
