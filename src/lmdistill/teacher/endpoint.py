@@ -1,9 +1,10 @@
 """A teacher served by an OpenAI-compatible inference server (vLLM's `api_server`), asked over HTTP.
 
 The teacher-source seam: `cache-teacher` and `generate` take an `EndpointTeacher` where they would take a loaded
-model; the stages of `run` ask it through served_scoring.ServedScorer. It asks `/v1/completions` with the prompt as token ids (so the server sees exactly the ids we would feed
-in-process): `prompt_logprobs: k` (vLLM's extension, bounded by the server's `--max-logprobs`) gives the top-k at
-every prompt position, `max_tokens` + `return_token_ids` the generations.
+model; the stages of `run` ask it through served_scoring.ServedScorer. It asks `/v1/completions` with the prompt as
+token ids (so the server sees exactly the ids we would feed in-process): `prompt_logprobs: k` (vLLM's extension,
+bounded by the server's `--max-logprobs`) gives the top-k at every prompt position, `max_tokens` +
+`return_token_ids` the generations.
 
 Requests run `concurrency` at a time; a failed one (connection refused, 5xx, timeout) is retried with doubling
 backoff, then the command stops with one line naming the server. Answers that cannot be what we asked for (not
