@@ -28,7 +28,8 @@ from lmdistill.models.tiny import tiny_causal_lm, train_tokenizer
 from lmdistill.teacher.cache import payload_bytes_per_token
 from lmdistill.train.teacher_commands import cache_teacher
 from lmdistill.teacher.reader import TeacherCache
-from lmdistill.train.pipeline import prepare, run_pipeline
+from lmdistill.train.pipeline import run_pipeline
+from lmdistill.train.prepare import prepare
 
 QWEN_VOCAB = 151_936
 WORDS = ("bank market fund company analyst trader reports expects buys sells explains measures predicts reviews higher "

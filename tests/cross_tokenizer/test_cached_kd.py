@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from lmdistill.cli import app
 from lmdistill.config import config_from_dict
 from lmdistill.errors import CacheError, ConfigError
-from lmdistill.train import pipeline
-from lmdistill.train.pipeline import prepare, run_pipeline
+from lmdistill.train import pipeline, prepare as prepare_module
+from lmdistill.train.pipeline import run_pipeline
+from lmdistill.train.prepare import prepare
 
 CACHED_TERMS = [{"name": "uld"}, {"name": "cross_vocab_kl"}, {"name": "cross_entropy", "weight": 0.5}]
 STAGE = {"name": "s", "max_steps": 3, "gradient_accumulation_steps": 2, "temperature": 2.0, "eval_steps": 2,
@@ -34,7 +35,7 @@ def _no_teacher(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a cached stage loaded the teacher")
 
-    monkeypatch.setattr(pipeline, "load_model", refuse)
+    monkeypatch.setattr(prepare_module, "load_model", refuse)
 
 
 def test_cache_holds_the_pairs_and_the_teachers_distribution_at_them(cross_config, cross_cache):

@@ -10,7 +10,7 @@ from lmdistill.cli import app
 from lmdistill.config import config_from_dict
 from lmdistill.train.cross_tokenizer import example_pairs
 from lmdistill.teacher.retokenize import teacher_sources
-from lmdistill.train.pipeline import prepare
+from lmdistill.train.prepare import prepare
 
 
 def test_pairs_follow_the_students_label_mask(cross_config, tokenizer, metaspace_tokenizer):

@@ -14,7 +14,7 @@ from lmdistill.data.cache import tokenizer_hash
 from lmdistill.errors import ModelError
 from lmdistill.train.teacher_commands import generate
 from lmdistill.teacher.generate import load_generations
-from lmdistill.train.pipeline import prepare
+from lmdistill.train.prepare import prepare
 
 CE_ONLY = [{"name": "non_policy", "kind": "non_policy", "max_steps": 2, "losses": [{"name": "cross_entropy"}]}]
 

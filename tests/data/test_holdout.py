@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 from lmdistill.config import config_from_dict
 from lmdistill.data.holdout import split_holdout
 from lmdistill.data.mixture import split_example_id
-from lmdistill.train.pipeline import load_data
+from lmdistill.train.prepare import load_data
 from lmdistill.train.stage import build_train_dataset
 
 

@@ -15,7 +15,7 @@ from lmdistill.teacher.cache import payload_bytes_per_token
 from lmdistill.train.teacher_commands import cache_teacher
 from lmdistill.teacher.fingerprint import sha256_file
 from lmdistill.teacher.reader import TeacherCache
-from lmdistill.train.pipeline import prepare
+from lmdistill.train.prepare import prepare
 
 
 def test_cached_rows_equal_a_plain_teacher_forward(exact_cache, topk_cache, fixture_paths, teacher_config, vocab_size):

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdistill.config import config_from_dict
 from lmdistill.losses import DistillObjective
-from lmdistill.train import pipeline
+from lmdistill.train import prepare
 from lmdistill.train.pipeline import run_pipeline
 
 # T = 1 over the fixture cache's T = 2 capture (k = 64, fp16, stored tail); accumulation over 2 micro-batches.
@@ -44,7 +44,7 @@ def test_fused_cached_stage_trains_like_the_unfused_one(teacher_config, tmp_path
         head_rows.append(weight.shape[0])
         return fused_cached(self, hidden, weight, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_model", no_teacher)
+    monkeypatch.setattr(prepare, "load_model", no_teacher)
     monkeypatch.setattr(DistillObjective, "fused_cached", spy)
     student = _padded_student(fixture_paths["student"], tmp_path / "student") if padded else fixture_paths["student"]
     runs = {}

@@ -6,7 +6,7 @@ from lmdistill.config import config_from_dict
 from lmdistill.data.collate import DistillCollator
 from lmdistill.data.mixture import ID_STRIDE
 from lmdistill.teacher.stage import open_stage_cache
-from lmdistill.train.pipeline import prepare
+from lmdistill.train.prepare import prepare
 
 
 def test_lookup_returns_the_stored_tail_at_counted_tokens(teacher_config, topk_cache):

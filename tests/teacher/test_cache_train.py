@@ -9,8 +9,9 @@ import pytest
 from lmdistill.config import config_from_dict
 from lmdistill.errors import CacheError
 from lmdistill.teacher.stage import open_stage_cache
-from lmdistill.train import pipeline
-from lmdistill.train.pipeline import prepare, run_pipeline
+from lmdistill.train import prepare as prepare_module
+from lmdistill.train.pipeline import run_pipeline
+from lmdistill.train.prepare import prepare
 from teacher_configs import config_dict
 
 KD = [{"name": "forward_kl", "weight": 0.7}, {"name": "cross_entropy", "weight": 0.3}]
@@ -34,7 +35,7 @@ def _cached_run(teacher_config, tmp_path, cache, monkeypatch, name):
     def no_teacher(*args, **kwargs):
         raise AssertionError("a cached stage loaded the teacher")
 
-    monkeypatch.setattr(pipeline, "load_model", no_teacher)
+    monkeypatch.setattr(prepare_module, "load_model", no_teacher)
     stage = {**STAGE, "teacher_source": "cache"}
     config = config_from_dict(teacher_config([stage], output_dir=str(tmp_path / name),
                                              teacher_cache={"path": str(cache)}))

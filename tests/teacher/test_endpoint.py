@@ -154,12 +154,12 @@ def test_endpoint_must_be_a_url(teacher_config, tmp_path):
 
 
 def test_run_with_endpoint_trains_non_policy_on_served_generations(server, teacher_config, tmp_path, monkeypatch):
-    from lmdistill.train import pipeline
+    from lmdistill.train import pipeline, prepare
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded in-process")
 
-    monkeypatch.setattr(pipeline, "load_model", no_teacher)
+    monkeypatch.setattr(prepare, "load_model", no_teacher)
     stages = [{"name": "off", "kind": "non_policy", "max_steps": 2, "losses": [{"name": "cross_entropy"}]}]
     config = _config(teacher_config, tmp_path, server.url, stages=stages,
                      generation={"sources": ["domain"], "max_new_tokens": 4, "do_sample": False})

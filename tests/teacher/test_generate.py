@@ -9,7 +9,7 @@ from lmdistill.data.cache import tokenizer_hash
 from lmdistill.errors import DataError
 from lmdistill.train.teacher_commands import generate
 from lmdistill.teacher.generate import load_generations
-from lmdistill.train import pipeline
+from lmdistill.train import prepare
 from lmdistill.train.pipeline import run_pipeline
 
 GENERATION = {"sources": ["domain"], "num_samples": 2, "max_new_tokens": 6, "batch_size": 4, "temperature": 0.8}
@@ -58,7 +58,7 @@ def generations_file(teacher_config, tmp_path):
 
 def test_generations_stage_trains_on_teacher_text_without_the_teacher(teacher_config, generations_file, tokenizer,
                                                                       monkeypatch):
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher")))
+    monkeypatch.setattr(prepare, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher")))
     examples = load_generations(generations_file, tokenizer_hash(tokenizer), 32, "causal")
     lines = _lines(generations_file)
     assert examples[0]["input_ids"] == lines[0]["prompt_ids"] + lines[0]["completion_ids"]
@@ -91,7 +91,7 @@ def test_a_sharded_teacher_needs_complete_generations(teacher_config, tmp_path):
     config = config_from_dict(teacher_config(generation={**GENERATION, "path": str(tmp_path / "gen.jsonl"),
                                                          "num_samples": 1, "max_new_tokens": 4}))
     path, _ = generate(config)
-    prep = pipeline.prepare(config)
+    prep = prepare.prepare(config)
     prep.teacher._is_fsdp_managed_module = True  # what transformers marks a teacher it loaded sharded
     assert ensure_generations(config, prep) == path  # complete: used as it is
     lines = path.read_text().splitlines(keepends=True)

@@ -189,7 +189,7 @@ def test_epochs_are_counted_once_logged_as_epochs_and_evaluated_each(tiny_pipeli
 def test_load_data_maps_columns_and_reads_the_tokenised_cache_on_a_rerun(tiny_pipeline, tokenizer, tmp_path, caplog):
     import logging
 
-    from lmdistill.train.pipeline import load_data
+    from lmdistill.train.prepare import load_data
 
     data = tiny_pipeline([{"name": "kd", "losses": KD}])["data"]
     fixture = Path(__file__).parents[1] / "data" / "fixtures" / "context_target.jsonl"

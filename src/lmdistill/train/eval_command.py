@@ -13,7 +13,8 @@ from lmdistill.eval.evaluate import METRICS_FILE, write_metrics
 from lmdistill.models.load import detect_task_type, freeze, load_model, load_student, load_tokenizer, resolve_device
 from lmdistill.models.vocab import same_vocab
 from lmdistill.train.finish import evaluate_roles
-from lmdistill.train.pipeline import CONFIG_FILE, load_data
+from lmdistill.train.pipeline import CONFIG_FILE
+from lmdistill.train.prepare import load_data
 
 log = logging.getLogger(__name__)
 

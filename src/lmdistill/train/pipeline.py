@@ -1,15 +1,15 @@
 """The multi-stage pipeline: load once, run each stage from the previous stage's best student, resume on re-run.
 
     run_pipeline(config)
-      prepare()          tokenizers, vocab check, data, teacher
+      prepare()          tokenizers, vocab check, data, teacher (prepare.py)
       for each stage:    skip if done; student <- previous best; train (resume from last checkpoint); save best/final
       evaluate           teacher and starting student, then the final student (metrics.json)
       finish             export final/ (model card), report.html
 
 Under torchrun / accelerate launch every process runs this same function: all of them train (Trainer shards the
 batches), and the main process alone writes files (state, config, final/, best/, metrics, report) while the
-others wait for it, so no file has two writers and no process reads a half-written one. A teacher sharded over the
-processes (teacher.shard) runs only with all of them, so every process then scores and the main one writes.
+others wait for it (processes.py). A teacher sharded over the processes (teacher.shard) runs only with all of them,
+so every process then scores and the main one writes.
 """
 
 from __future__ import annotations
@@ -17,30 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from lmdistill.config import CrossVocabTerm, PipelineConfig, StageSettings, StudentSettings, save_config
-from lmdistill.data.cache import encode_source
+from lmdistill.config import CrossVocabTerm, PipelineConfig, StageSettings, save_config
 from lmdistill.data.collate import DistillCollator
-from lmdistill.data.completion import resolve_layout
-from lmdistill.data.formats import load_source
-from lmdistill.data.holdout import split_holdout
-from lmdistill.data.tokenize import Layout
 from lmdistill.errors import ConfigError
-from lmdistill.models.load import (apply_lora, detect_task_type, freeze, load_model, load_student, load_tokenizer,
-                                   resolve_device)
-from lmdistill.models.sharding import is_sharded, local_parameter_count, teacher_shard_size
-from lmdistill.models.vocab import check_same_vocab, same_vocab
+from lmdistill.models.load import apply_lora, load_student
 from lmdistill.teacher.generations import ensure_generations
-from lmdistill.teacher.retokenize import needs_shared_vocab
 from lmdistill.teacher.served_scoring import served_scorer
 from lmdistill.teacher.stage import needs_live_teacher, open_stage_cache, stage_training_sources
 from lmdistill.eval.samples import SamplesCallback
-from lmdistill.train.args import check_precision, check_reporting, early_stopping, stage_training_arguments
+from lmdistill.train.args import early_stopping, stage_training_arguments
 from lmdistill.train.adalora import ADALORA_FILE
 from lmdistill.train.cross_cache import cached_cross_vocab
 from lmdistill.train.cross_tokenizer import cross_vocab_stage
@@ -49,13 +36,14 @@ from lmdistill.train.epochs import SourceEpochs
 from lmdistill.train.feedback import STATE_FILE as FEEDBACK_FILE, EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
 from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
+from lmdistill.train.prepare import Prepared, prepare, saved_student_init
+from lmdistill.train.processes import launched_processes, main_writes, scores_and_writes
 from lmdistill.train.rerun import check_same_config, clear_run
 from lmdistill.train.served import served_run
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
                                    write_seed_aliases)
 from lmdistill.train.ema import EMA_FILE, EmaTeacher
-from lmdistill.train.stage_models import (STUDENT_INIT_DIR, TeacherPool, build_student_init, log_resident,
-                                          route_sources, stage_student, stage_teacher)
+from lmdistill.train.stage_models import log_resident, route_sources, stage_student, stage_teacher
 from lmdistill.train.state import PipelineState, replace_dir_atomic
 from lmdistill.train.trainer import DistillationTrainer
 from lmdistill.train.warm_start import warn_if_cold_start
@@ -64,163 +52,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "lmdistill_config.yaml"
 STAGE_KINDS = {"all": None, "non_policy": {"non_policy"}, "policy": {"policy"}}
-
-
-def launched_processes(config: PipelineConfig):
-    """accelerate's view of the launch: one process, or those torchrun / accelerate launch started. Created before
-    the first write, with the backend Trainer will use (gloo when training on CPU)."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=config.training.no_cuda or not torch.cuda.is_available())
-
-
-def _main_writes(processes, write: Callable[[], object]) -> None:
-    """One writer per file: `write` runs on the main process, and every process waits until it has finished."""
-    if processes.is_main_process:
-        write()
-    processes.wait_for_everyone()
-
-
-def _scores_and_writes(processes, teacher, work: Callable[[bool], object]) -> None:
-    """Scoring with the teacher, then files: `work(write)` runs on the main process while the others wait, or, when
-    the teacher is sharded (its forward passes are collective), on every process, the main one alone writing."""
-    if is_sharded(teacher):
-        work(processes.is_main_process)
-    elif processes.is_main_process:
-        work(True)
-    processes.wait_for_everyone()
-
-
-@dataclass
-class Prepared:
-    """What every stage shares: loaded once per run."""
-
-    task_type: str
-    tokenizer: object
-    sources: dict[str, list[dict]]
-    eval_sets: dict[str, list[dict]]
-    teacher: torch.nn.Module | None
-    shared_vocab: int | None
-    device: torch.device
-    data_report: dict[str, dict] = field(default_factory=dict)
-    student: StudentSettings | None = None  # how this run loads its student (see saved_student_init)
-    # The teacher's own tokenizer when its vocabulary differs from the student's (None: they share one).
-    teacher_tokenizer: object | None = None
-    pool: TeacherPool = field(default_factory=TeacherPool)  # teachers besides `teacher` (train/stage_models.py)
-    # The teacher on a server (teacher.endpoint; `teacher` is then None): stages ask it as they train (served.py).
-    served: object | None = None
-
-    @property
-    def scoring_teacher(self) -> torch.nn.Module | None:
-        """The teacher where it reads the student's token ids (evaluation, samples); None across tokenizers."""
-        return self.teacher if self.teacher_tokenizer is None else None
-
-
-def student_tokenizer_name(config: PipelineConfig) -> str:
-    name = config.student.name or config.teacher.name
-    if not name:
-        raise ConfigError("student.name is not set (and no teacher to build it from); set student.name or teacher.name")
-    return name
-
-
-def load_data(config: PipelineConfig, tokenizer, task_type: str, eval_only: bool = False) -> tuple[dict, dict, dict]:
-    """(sources, eval sets, per-set report), encoded. eval_only: the training sources are read only when the eval
-    sets are held out of them (`lmdistill eval`)."""
-    sources, eval_sets, report = {}, {}, {}
-    groups = [("sources", sources, None), ("eval", eval_sets, config.data.eval_max_rows)]
-    for group, target, max_rows_default in groups[1:] if eval_only and config.data.eval else groups:
-        for name, settings in getattr(config.data, group).items():
-            loaded = load_source(settings.path, format=settings.format, split=settings.split,
-                                 max_rows=settings.max_rows or max_rows_default, strict=config.data.strict,
-                                 columns=settings.columns)
-            layout = Layout(config.data.max_length, task_type, config.data.train_on, config.data.text_overlap,
-                            task_type == "causal" and resolve_layout(settings.layout, loaded.rows, tokenizer,
-                                                                       name) == "completion")
-            encoded = encode_source(loaded.rows, tokenizer, layout, name, strict=config.data.strict,
-                                    cache_dir=config.data.cache_dir, num_proc=config.data.num_proc,
-                                    use_cache=config.data.tokenized_cache)
-            target[name] = encoded.examples
-            skipped = dict(loaded.skipped) | {k: v + loaded.skipped.get(k, 0) for k, v in encoded.skipped.items()}
-            report[name] = {"format": loaded.format, "rows": len(loaded.rows) + sum(loaded.skipped.values()),
-                            "kept": len(encoded.examples), "skipped": skipped,
-                            "ignored_columns": loaded.ignored_columns, "windows": encoded.windows}
-            if skipped:
-                firsts = (loaded.first_skipped + encoded.first_skipped)[:3]
-                log.warning("source %s: skipped %s; first: %s", name, skipped, firsts)
-    if not config.data.eval and config.data.eval_holdout:
-        for name in sources:
-            sources[name], held = split_holdout(sources[name], config.data.eval_holdout, config.data.eval_max_rows,
-                                                config.training.seed, name)
-            report[name]["held_out"] = len(held)
-            if held:
-                eval_sets[name] = held
-        log.info("no eval set given: held out %s for evaluation (data.eval_holdout %s, never trained on)",
-                 ", ".join(f"{rep['held_out']} rows of {name}" for name, rep in report.items()),
-                 config.data.eval_holdout)
-    return sources, eval_sets, report
-
-
-def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bool = False,
-            vocab_check: bool = True) -> Prepared:
-    """shard_teacher: split the teacher over the launched processes when `teacher.shard` says so (training runs;
-    the one-process commands keep it whole). vocab_check=False: a teacher with another vocabulary is accepted
-    whatever the stages' losses (`generate` only needs its text)."""
-    check_precision(config)
-    check_reporting(config)
-    device = resolve_device("auto", no_cuda=config.training.no_cuda)
-    student_name = student_tokenizer_name(config)
-    # trust_remote_code covers a model's tokenizer and config as well as its weights
-    trust = (config.student if config.student.name else config.teacher).trust_remote_code
-    task_type = config.task_type if config.task_type != "auto" else detect_task_type(student_name, trust)
-    tokenizer = load_tokenizer(student_name, trust)
-    teacher, shared_vocab, other_tokenizer = None, None, None
-    if load_teacher and config.teacher.name:
-        teacher_tokenizer = load_tokenizer(config.teacher.name, config.teacher.trust_remote_code)
-        teacher_device = resolve_device(config.teacher.device, no_cuda=config.training.no_cuda)
-        shard_over = teacher_shard_size(config.teacher.shard, launched_processes(config).num_processes) \
-            if shard_teacher else 1
-        teacher = freeze(load_model(config.teacher, task_type, device=teacher_device, shard_over=shard_over))
-        if shard_over > 1:
-            held, total = local_parameter_count(teacher)
-            log.info("teacher sharded over %d processes: this one holds %d of its %d parameters", shard_over, held,
-                     total)
-        needed_by = needs_shared_vocab(config) if vocab_check else None
-        if same_vocab(teacher_tokenizer, tokenizer) or needed_by:
-            student_rows = teacher.get_output_embeddings().weight.shape[0]
-            if config.student.name:
-                from transformers import AutoConfig
-
-                student_rows = AutoConfig.from_pretrained(
-                    config.student.name, trust_remote_code=config.student.trust_remote_code).vocab_size
-            shared_vocab = check_same_vocab(teacher_tokenizer, tokenizer,
-                                            teacher.get_output_embeddings().weight.shape[0], student_rows,
-                                            needed_by=needed_by or "logit distillation")
-        else:
-            # Across tokenizers the teacher reads its own rendering of the data (generations, cross-vocab losses).
-            other_tokenizer = teacher_tokenizer
-            log.info("teacher and student tokenizers differ: the teacher reads the data in its own tokens")
-    elif config.needs_teacher and load_teacher:
-        raise ConfigError("the stages distill from a teacher, but teacher.name is not set (or use --teacher_model)")
-    sources, eval_sets, report = load_data(config, tokenizer, task_type)
-    return Prepared(task_type, tokenizer, sources, eval_sets, teacher, shared_vocab, device, report, config.student,
-                    other_tokenizer)
-
-
-def saved_student_init(config: PipelineConfig, prep: Prepared, run_dir: Path, processes) -> StudentSettings:
-    """A student built from the teacher's layers is saved once to RUN_DIR/student_init and loaded from there: its
-    LoRA adapters then name that folder as their base (not the teacher it was cut from), so later stages, best/,
-    final/ and `lmdistill eval` reload the student at its own size. Other students load as configured."""
-    if config.student.from_teacher is None:
-        return config.student
-    folder = run_dir / STUDENT_INIT_DIR
-
-    def write():
-        if prep.teacher is None and not (folder / "config.json").exists():
-            raise ConfigError("student.from_teacher builds the student from the teacher; set teacher.name")
-        build_student_init(prep.teacher, config.student.from_teacher, prep.tokenizer, folder)
-
-    _main_writes(processes, write)
-    return config.student.model_copy(update={"name": str(folder.resolve()), "from_teacher": None})
 
 
 def selected_stages(config: PipelineConfig, start_stage: int | None, end_stage: int | None,
@@ -301,7 +132,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     processes = launched_processes(config)
     teacher = stage_teacher(config, prep, stage, run_dir)
     student_settings, start_from = stage_student(prep, stage, teacher, run_dir, start_from,
-                                                 lambda write: _main_writes(processes, write))
+                                                 lambda write: main_writes(processes, write))
     student = load_student(student_settings, prep.task_type, device=prep.device, teacher=prep.teacher,
                            checkpoint=start_from)
     if config.student.lora is not None:
@@ -369,12 +200,12 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     _save_trained(trainer, final_dir)
     best_ckpt = trainer.state.best_model_checkpoint
     if best_ckpt and Path(best_ckpt).exists():
-        _main_writes(processes, lambda: _copy_checkpoint_model(Path(best_ckpt), prep.tokenizer, best_dir))
+        main_writes(processes, lambda: _copy_checkpoint_model(Path(best_ckpt), prep.tokenizer, best_dir))
     else:
         _save_trained(trainer, best_dir)
-    _main_writes(processes, lambda: (stage_dir / "log_history.json").write_text(
+    main_writes(processes, lambda: (stage_dir / "log_history.json").write_text(
         json.dumps(trainer.state.log_history, indent=1)))
-    _main_writes(processes, lambda: write_seed_aliases(stage, stage_dir))
+    main_writes(processes, lambda: write_seed_aliases(stage, stage_dir))
     if trainer.is_deepspeed_enabled:
         # Trainer's ZeRO-3 config stays registered with transformers, which would then load every later model
         # (the next stage's student, the final one scored and exported) partitioned, with no engine to run it.
@@ -422,11 +253,11 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
     run_dir = Path(config.output_dir)
     processes = launched_processes(config)
     if restart:
-        _main_writes(processes, lambda: clear_run(run_dir, config, CONFIG_FILE))
+        main_writes(processes, lambda: clear_run(run_dir, config, CONFIG_FILE))
     else:
         check_same_config(run_dir, config, CONFIG_FILE)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _main_writes(processes, lambda: save_config(config, run_dir / CONFIG_FILE))
+    main_writes(processes, lambda: save_config(config, run_dir / CONFIG_FILE))
     stages = selected_stages(config, start_stage, end_stage, kinds)
     state = PipelineState.load(run_dir)
     served = bool(config.teacher.endpoint)  # the teacher answers from a server (served.py), never loaded here
@@ -437,7 +268,7 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
     prep.student = saved_student_init(config, prep, run_dir, processes)
     start_from = starting_student(config, state, stages[0], checkpoint_path, run_dir)
     if config.evaluation.enabled:
-        _scores_and_writes(processes, prep.teacher,
+        scores_and_writes(processes, prep.teacher,
                            lambda write: evaluate_start(config, prep, run_dir, start_from, write))
     for index, stage in stages:
         rec = state.record(stage.name)
@@ -446,13 +277,13 @@ def run_pipeline(config: PipelineConfig, *, start_stage: int | None = None, end_
             start_from = rec.best_path
             continue
         rec.status = "running"
-        _main_writes(processes, lambda: state.save(run_dir))
+        main_writes(processes, lambda: state.save(run_dir))
         best, final, metric = run_stage(config, prep, index, stage, run_dir, start_from)
         rec.status, rec.best_path, rec.final_path = "done", best, final
         rec.best_metric, rec.metric_name = metric, stage.metric_for_best
-        _main_writes(processes, lambda: state.save(run_dir))
+        main_writes(processes, lambda: state.save(run_dir))
         start_from = best
-    _scores_and_writes(processes, prep.teacher,
+    scores_and_writes(processes, prep.teacher,
                        lambda write: finish_run(config, prep, run_dir, state, start_from, write))
     return run_dir
 

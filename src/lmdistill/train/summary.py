@@ -37,7 +37,7 @@ def memory_estimate(config: PipelineConfig, teacher, student, vocab: int) -> dic
 
 
 def print_summary(config: PipelineConfig, console: Console) -> None:
-    from lmdistill.train.pipeline import prepare
+    from lmdistill.train.prepare import prepare
 
     served = bool(config.teacher.endpoint)
     prep = prepare(config, load_teacher=not served)

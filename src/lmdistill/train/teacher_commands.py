@@ -17,7 +17,8 @@ from lmdistill.teacher.generations import generation_sources, write_generations
 from lmdistill.teacher.manifest import Manifest
 from lmdistill.teacher.stage import cache_dir
 from lmdistill.train.cross_tokenizer import teacher_views
-from lmdistill.train.pipeline import launched_processes, prepare, student_tokenizer_name
+from lmdistill.train.prepare import prepare, student_tokenizer_name
+from lmdistill.train.processes import launched_processes
 from lmdistill.train.served import served_teacher
 
 
