@@ -49,11 +49,18 @@ class ModelSettings(Strict):
     trust_remote_code: bool = False
 
 
-class TeacherSettings(ModelSettings):
+class LoadedTeacher(ModelSettings):
+    """What every teacher loaded in this process has: the model, and how it spreads over the launched processes."""
+
     shard: Literal["auto", "always", "never"] = Field(
         "auto", description="Under several processes: 'auto' splits the teacher's weights over them when the student "
         "is sharded too (FSDP or DeepSpeed ZeRO-3), 'always' also next to a DDP student, 'never' keeps a whole copy "
         "per process (see docs/distributed.md).")
+
+
+class TeacherSettings(LoadedTeacher):
+    """The run's teacher (`teacher:`): loaded here, or asked on a server (endpoint)."""
+
     endpoint: str | None = Field(
         None, description="Base URL of an OpenAI-compatible server (vLLM) serving this teacher, e.g. "
         "http://127.0.0.1:8000/v1: `cache-teacher`, `generate` and the stages of `run` ask it (generations, samples, "
@@ -72,20 +79,23 @@ class TeacherSettings(ModelSettings):
         return value.rstrip("/") if value else value
 
 
-class TeacherEntry(TeacherSettings):
-    """One of several teachers (`teachers:`): its distribution enters the stage's target at `weight`."""
+class TeacherEntry(LoadedTeacher):
+    """One of several teachers (`teachers:`): its distribution enters the stage's target at `weight`. The mixture
+    runs its teachers in this process, so an entry has no endpoint (the first entry stands for `teacher:`)."""
 
     weight: float = Field(1.0, gt=0, description="Share in the mixture target (weights are normalised to sum 1).")
     sources: list[str] | None = Field(
         None, description="Routing: examples of these training sources are scored by this teacher alone; examples "
                           "of other sources get the weighted mixture of the teachers without sources.")
 
-    @model_validator(mode="after")
-    def _loaded_here(self):
-        if self.endpoint:
+    @model_validator(mode="before")
+    @classmethod
+    def _loaded_here(cls, data):
+        # Said in place of pydantic's "extra inputs are not permitted": what to do instead.
+        if isinstance(data, dict) and any(str(key).startswith("endpoint") for key in data):
             raise ValueError("the teachers of a mixture are loaded in-process; only the run's teacher can be served "
                              "(teacher.endpoint)")
-        return self
+        return data
 
 
 class StageTeacher(Strict):

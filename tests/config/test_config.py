@@ -135,3 +135,17 @@ def test_overrides_reach_every_stage_and_section():
 def test_bad_override_value_is_an_error():
     with pytest.raises(ConfigError, match="training.optimizer"):
         config_from_dict(apply_overrides(minimal(), {"optimizer": "lion"}))
+
+
+def test_an_entry_of_teachers_holds_the_fields_of_a_teacher_loaded_here_and_no_endpoint():
+    from lmdistill.config import TeacherEntry, TeacherSettings
+
+    assert not {name for name in TeacherEntry.model_fields if name.startswith("endpoint")}
+    assert set(TeacherEntry.model_fields) - {"weight", "sources"} < set(TeacherSettings.model_fields)
+    for served in ({"endpoint": "http://127.0.0.1:8000/v1"}, {"endpoint_timeout": 5}):
+        with pytest.raises(ConfigError, match=r"teachers\[1\]: the teachers of a mixture are loaded in-process; only "
+                                              r"the run's teacher can be served \(teacher.endpoint\)"):
+            config_from_dict({**minimal(), "teachers": [{"name": "a"}, {"name": "b", **served}]})
+    config = config_from_dict({**minimal(), "teachers": [{"name": "a", "shard": "never", "dtype": "bfloat16",
+                                                          "weight": 2.0}, {"name": "b"}]})
+    assert (config.teacher.name, config.teacher.shard, config.teacher.dtype) == ("a", "never", "bfloat16")

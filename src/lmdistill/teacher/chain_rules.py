@@ -30,9 +30,6 @@ def check_teachers(config: PipelineConfig) -> TeacherSettings | None:
     names = [t.name for t in config.teachers]
     if any(not name for name in names):
         raise ValueError("every entry of teachers needs a name (hub name or local folder)")
-    if any(getattr(t, "endpoint", None) for t in config.teachers):
-        raise ValueError("teachers mixes models loaded in this process; an endpoint teacher serves cache-teacher and "
-                         "generate: give it as teacher.endpoint, or list its model by name")
     if config.teacher.name and config.teacher.name != names[0]:
         raise ValueError("give the teachers either as teacher (one) or as teachers (several), not both")
     routed: dict[str, str] = {}
