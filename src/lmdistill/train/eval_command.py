@@ -14,7 +14,7 @@ from lmdistill.models.load import detect_task_type, freeze, load_model, load_stu
 from lmdistill.models.vocab import same_vocab
 from lmdistill.train.finish import evaluate_roles
 from lmdistill.train.pipeline import CONFIG_FILE
-from lmdistill.train.prepare import load_data
+from lmdistill.train.prepare import load_data, student_trusts_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,9 @@ def evaluate_target(target: str, teacher_name: str | None = None, data_paths: li
     config, final = _settings(path, list(data_paths), max_length, max_new_tokens, max_rows)
     run_dir = path if final else None
     model_dir = final or target
-    task_type = config.task_type if config.task_type != "auto" else detect_task_type(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    trust = student_trusts_remote_code(config)
+    task_type = config.task_type if config.task_type != "auto" else detect_task_type(model_dir, trust)
+    tokenizer = load_tokenizer(model_dir, trust)
     _, eval_sets, _ = load_data(config, tokenizer, task_type, eval_only=True)
     if not eval_sets:
         raise ConfigError(f"nothing to evaluate on in {target}: pass --data FILE")
@@ -79,7 +80,7 @@ def evaluate_target(target: str, teacher_name: str | None = None, data_paths: li
     teacher = None
     teacher_settings = config.teacher.model_copy(update={"name": teacher_name}) if teacher_name else config.teacher
     if teacher_settings.name:
-        if same_vocab(load_tokenizer(teacher_settings.name), tokenizer):
+        if same_vocab(load_tokenizer(teacher_settings.name, teacher_settings.trust_remote_code), tokenizer):
             teacher = freeze(load_model(teacher_settings, task_type, device=resolve_device(
                 teacher_settings.device, no_cuda=config.training.no_cuda)))
             models["teacher"] = teacher

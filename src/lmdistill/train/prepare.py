@@ -60,6 +60,12 @@ def student_tokenizer_name(config: PipelineConfig) -> str:
     return name
 
 
+def student_trusts_remote_code(config: PipelineConfig) -> bool:
+    """trust_remote_code for the student's tokenizer and config (it covers them as well as the weights): the
+    student's, or the teacher's when the student is built from the teacher."""
+    return (config.student if config.student.name else config.teacher).trust_remote_code
+
+
 def load_data(config: PipelineConfig, tokenizer, task_type: str, eval_only: bool = False) -> tuple[dict, dict, dict]:
     """(sources, eval sets, per-set report), encoded. eval_only: the training sources are read only when the eval
     sets are held out of them (`lmdistill eval`)."""
@@ -106,8 +112,7 @@ def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bo
     check_reporting(config)
     device = resolve_device("auto", no_cuda=config.training.no_cuda)
     student_name = student_tokenizer_name(config)
-    # trust_remote_code covers a model's tokenizer and config as well as its weights
-    trust = (config.student if config.student.name else config.teacher).trust_remote_code
+    trust = student_trusts_remote_code(config)
     task_type = config.task_type if config.task_type != "auto" else detect_task_type(student_name, trust)
     tokenizer = load_tokenizer(student_name, trust)
     teacher, shared_vocab, other_tokenizer = None, None, None

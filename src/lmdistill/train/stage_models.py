@@ -22,7 +22,7 @@ from torch import nn
 from lmdistill.config import FromTeacher, PipelineConfig, StageSettings, StudentSettings, TeacherEntry
 from lmdistill.data.mixture import ID_STRIDE
 from lmdistill.errors import ConfigError
-from lmdistill.models.load import freeze, load_model, load_student, resolve_device
+from lmdistill.models.load import freeze, load_model, load_student, load_tokenizer, resolve_device
 from lmdistill.models.student_init import student_from_teacher
 from lmdistill.models.vocab import check_same_vocab
 from lmdistill.teacher.ensemble import TeacherEnsemble
@@ -151,12 +151,11 @@ def _stage_student(config: PipelineConfig, prep, name: str, run_dir: Path) -> nn
 
 
 def _extra_teacher(config: PipelineConfig, prep, entry: TeacherEntry) -> nn.Module:
-    from lmdistill.models.load import load_tokenizer
-
     device = resolve_device(entry.device, no_cuda=config.training.no_cuda)
     model = freeze(load_model(entry, prep.task_type, device=device))
     rows = model.get_output_embeddings().weight.shape[0]
-    check_same_vocab(load_tokenizer(entry.name), prep.tokenizer, rows, prep.teacher.get_output_embeddings().weight.shape[0],
+    first_rows = prep.teacher.get_output_embeddings().weight.shape[0]
+    check_same_vocab(load_tokenizer(entry.name, entry.trust_remote_code), prep.tokenizer, rows, first_rows,
                      needed_by="several teachers (their distributions are mixed token by token)")
     log.info("teacher %s loaded (%s)", entry.name, _dtype(model))
     return model
