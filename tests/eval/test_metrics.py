@@ -152,3 +152,26 @@ def test_generate_continuations_is_greedy_and_excludes_the_prompt(teacher, token
     assert outputs == expected
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     assert generate_continuations(teacher, tokenizer, ids, max_new_tokens=6, batch_size=1) == expected
+
+
+def test_a_text_prompt_whose_chat_template_wrote_the_bos_keeps_one_bos(teacher, tokenizer_dir, monkeypatch):
+    """A Llama-3-like tokenizer: it puts its BOS in front of every text, and its chat template writes one too."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.bos_token = "<unk>"
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<unk> $A",
+                                                              special_tokens=[("<unk>", tok.bos_token_id)])
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chat = tok.apply_chat_template([{"role": "user", "content": "What does the bank report?"}], tokenize=False)
+    seen = []
+
+    def generate(input_ids, attention_mask, **kwargs):
+        seen.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
+        return input_ids
+
+    monkeypatch.setattr(teacher, "generate", generate)
+    generate_continuations(teacher, tok, [chat, "Cash"], max_new_tokens=2)
+    body = tok("What does the bank report?", add_special_tokens=False)["input_ids"]
+    assert seen == [[tok.bos_token_id] + body, [tok.bos_token_id] + tok("Cash", add_special_tokens=False)["input_ids"]]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lmdistill.config import GenerationSettings
+from lmdistill.data.completion import special_prefix
 from lmdistill.errors import DataError, ModelError
 from lmdistill.teacher.sampling import generate_kwargs
 
@@ -183,8 +184,12 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     return hits / len(references)
 
 
-def _prompt_ids(tokenizer, prompt: str | Sequence[int], index: int) -> list[int]:
+def _prompt_ids(tokenizer, prompt: str | Sequence[int], index: int, lead: list[int]) -> list[int]:
+    """A prompt's ids: token ids as given; a text tokenised with the tokenizer's defaults, its leading ids (`lead`:
+    the BOS it puts in front, see special_prefix) once, even when a chat template already wrote them (Llama 3's)."""
     ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str) and lead and ids[len(lead):2 * len(lead)] == lead:
+        ids = ids[len(lead):]
     if not ids:
         raise DataError(f"generation prompt {index} is empty: every prompt needs at least one token")
     return ids
@@ -203,7 +208,8 @@ def generate_continuations(model: torch.nn.Module, tokenizer, prompts: Sequence[
                          "generating")
     encoder_decoder = _is_encoder_decoder(model)
     device = next(model.parameters()).device
-    all_ids = [_prompt_ids(tokenizer, p, i) for i, p in enumerate(prompts)]
+    lead = special_prefix(tokenizer) if any(isinstance(p, str) for p in prompts) else []
+    all_ids = [_prompt_ids(tokenizer, p, i, lead) for i, p in enumerate(prompts)]
     outputs: list[str] = []
     greedy = generate_kwargs(GenerationSettings(do_sample=False, max_new_tokens=max_new_tokens))
     with eval_mode(model), torch.no_grad():
