@@ -117,6 +117,23 @@ def test_seq2seq_examples(tokenizer):
         one([{"text": "x"}], tokenizer, task_type="seq2seq")
 
 
+
+def test_a_seq2seq_prompt_only_row_is_a_prompt_with_nothing_to_train_on(tokenizer, caplog):
+    """Not a target of eos alone: the source is kept for the teacher to answer (`generate`), and a stage leaves the
+    row out of training, saying so, as it does causal prompt-only rows."""
+    from types import SimpleNamespace
+
+    from lmdistill.config import StageSettings
+    from lmdistill.teacher.stage import stage_training_sources
+
+    pair, prompt = one([{"prompt": QUESTION, "response": ANSWER}, {"prompt": QUESTION}], tokenizer, task_type="seq2seq")
+    assert prompt["input_ids"] == ids(tokenizer, QUESTION) + [tokenizer.eos_token_id]
+    assert set(prompt["labels"]) == {IGNORE_INDEX}
+    caplog.set_level(logging.INFO)
+    prep = SimpleNamespace(sources={"qa": [pair, prompt]})
+    assert stage_training_sources(None, prep, StageSettings(name="kd")) == {"qa": [pair]}
+    assert "stage kd: source qa: 1 prompt-only rows left out (nothing to train on)" in caplog.text
+
 def test_missing_pad_token_is_set_to_eos_with_a_warning(fresh_tokenizer, caplog):
     fresh_tokenizer.pad_token = None
     with caplog.at_level(logging.WARNING):

@@ -30,7 +30,7 @@ from lmdistill.data.tokenize import (IGNORE_INDEX, EncodedSource, Layout, Outcom
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # bump when what an entry holds changes
+CACHE_FORMAT = 4  # bump when what an entry holds changes
 _BATCH = 1000  # rows per map batch
 _CALL_STATE = re.compile(r'"(truncation|padding)":(null|\{(?:[^{}]|\{[^{}]*\})*\})')
 

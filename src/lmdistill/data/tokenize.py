@@ -9,7 +9,8 @@ completion.py, puts what the tokenizer itself adds). eos is appended after the l
 end-of-turn token when a chat template has one, so a model stops under default generation settings; not after
 rows marked `finished: false` (generations cut at max_new_tokens). prompt_length counts the tokens before the
 last trained turn (what generation continues from). Prompt-only rows give one example with nothing to train
-on (every label -100): a prompt for the teacher to answer, its end kept when it is too long.
+on (every label -100): a prompt for the teacher to answer, its end kept when it is too long (seq2seq: the source,
+with one label, -100).
 
 One row may give several examples ("part" 0, 1, ...): the windows of a long text, or one per assistant turn
 when a chat template rewrites history. Part 0 keeps the row's row_id; later parts get ids counting up from
@@ -217,8 +218,9 @@ def encode_seq2seq_rows(rows: list[dict], tokenizer: Any, layout: Layout, name: 
             out.append(("too_long", f"target of {len(tgt) + 1} tokens exceeds max_length {max_length}; raise "
                                     f"max_length or shorten the target"))
             continue
-        out.append([{"input_ids": src[:max_length - 1] + [eos], "labels": tgt + [eos], "row_id": row["row_id"],
-                     "part": 0}])
+        # A prompt-only row is a source for the teacher to answer, with nothing to train on (not its eos alone).
+        labels = tgt + [eos] if has_response(row) else [IGNORE_INDEX]
+        out.append([{"input_ids": src[:max_length - 1] + [eos], "labels": labels, "row_id": row["row_id"], "part": 0}])
     return out
 
 
