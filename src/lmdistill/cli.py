@@ -302,7 +302,11 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `l
 @app.command()
 def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every default answer without asking (scripts)."),
            answers: list[str] = typer.Option([], "--set", help="KEY=VALUE: the default answer to one question (its "
-                                                               "key is shown after it), e.g. --set approach=distill.")):
+                                                               "key is shown after it), e.g. --set approach=distill."),
+           restart: bool = typer.Option(False, "--restart", help="Start over: replace an earlier config file and "
+                                                                 "delete what an earlier run wrote to the output "
+                                                                 "directory (as `lmdistill run CONFIG --restart`). "
+                                                                 "Needed when the answers changed.")):
     """Guided set-up, as finetune_cli.py walks it: fine-tuning or distillation, models, data, settings; writes a
     config that `lmdistill run` re-runs, then trains and prints ROUGE-L before and after."""
     from lmdistill.wizard import run_wizard
@@ -313,7 +317,7 @@ def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every defau
         if not sep:
             raise ConfigError(f"--set {item!r}: write it as KEY=VALUE, e.g. --set epochs=1")
         defaults[key.strip()] = value
-    run_wizard(Console(), yes=yes, defaults=defaults)
+    run_wizard(Console(), yes=yes, defaults=defaults, restart=restart)
 
 
 @app.command()

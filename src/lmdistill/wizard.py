@@ -104,12 +104,13 @@ def output_dir(raw: str) -> str:
     return str(folder)
 
 
-def config_path(raw: str) -> Path:
+def config_path(raw: str, replace: bool = False) -> Path:
+    """replace: an existing file may be written over (`--restart`)."""
     path = Path(raw.strip()).expanduser()
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"{path}: end the name in .yaml (or .json)")
-    if path.exists():
-        raise ValueError(f"{path} exists; give another name (or delete it first)")
+    if path.exists() and not replace:
+        raise ValueError(f"{path} exists; give another name (or delete it first, or start over with --restart)")
     if not path.parent.is_dir():
         raise ValueError(f"folder {path.parent} does not exist")
     return path
@@ -123,6 +124,7 @@ class Asker:
     console: Console
     yes: bool = False
     defaults: dict[str, str] = field(default_factory=dict)
+    restart: bool = False  # starting over (`--restart`): an earlier config file may be replaced
 
     def ask(self, key: str, question: str, default: Any, parse: Callable[[str], T], hint: str = "") -> T:
         default_text = self.defaults.get(key, "" if default is None else str(default))
@@ -272,7 +274,8 @@ def ask_plan(asker: Asker) -> Plan:
         "output_dir": out,
         "stages": [stage],
     }
-    plan = Plan(config, asker.ask("config", "Save the config as", f"{out.rstrip('/')}.yaml", config_path))
+    plan = Plan(config, asker.ask("config", "Save the config as", f"{out.rstrip('/')}.yaml",
+                                  lambda raw: config_path(raw, replace=asker.restart)))
     if data["eval_path"] is None:
         rows = [{k: v for k, v in row.items() if k != "row_id"} for row in data["rows"]]
         plan.train_rows, plan.eval_rows = rows[:-data["n_eval"]], rows[-data["n_eval"]:]
@@ -325,12 +328,15 @@ def rouge_table(run_dir: Path) -> Table | None:
     return table
 
 
-def run_wizard(console: Console, *, yes: bool = False, defaults: dict[str, str] | None = None) -> Path | None:
-    """The whole guided path. Returns the run directory when training ran, else None."""
+def run_wizard(console: Console, *, yes: bool = False, defaults: dict[str, str] | None = None,
+               restart: bool = False) -> Path | None:
+    """The whole guided path. Returns the run directory when training ran, else None. restart: start over, replacing
+    an earlier config file and clearing what an earlier run wrote to the output directory (as `lmdistill run CONFIG
+    --restart`)."""
     unknown = sorted(set(defaults or {}) - set(QUESTION_KEYS))
     if unknown:
         raise ConfigError(f"--set {unknown[0]}=...: no such wizard question; the keys are {', '.join(QUESTION_KEYS)}")
-    asker = Asker(console, yes=yes, defaults=dict(defaults or {}))
+    asker = Asker(console, yes=yes, defaults=dict(defaults or {}), restart=restart)
     plan = ask_plan(asker)
     write_plan(plan)
     console.print(Panel(Syntax(plan.config_file.read_text(encoding="utf-8"), "yaml", word_wrap=True),
@@ -339,9 +345,15 @@ def run_wizard(console: Console, *, yes: bool = False, defaults: dict[str, str] 
     if not asker.ask("start", "Start training now? y/n", "y", yes_no):
         return None
     from lmdistill.config import load_config
-    from lmdistill.train.pipeline import run_pipeline
+    from lmdistill.train.pipeline import CONFIG_FILE, run_pipeline
+    from lmdistill.train.rerun import check_same_config
 
-    run_dir = run_pipeline(load_config(plan.config_file))
+    config = load_config(plan.config_file)
+    if not restart:
+        check_same_config(Path(config.output_dir), config, CONFIG_FILE,
+                          way_out="run `lmdistill wizard --restart` to start it over with these answers, or give "
+                                  "another output directory")
+    run_dir = run_pipeline(config, restart=restart)
     table = rouge_table(run_dir)
     if table is not None:
         console.print(table)

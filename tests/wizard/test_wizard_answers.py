@@ -89,3 +89,33 @@ def test_rouge_table_shows_continuations_of_held_out_text(tmp_path):
     console.print(rouge_table(tmp_path))
     out = console.file.getvalue()
     assert "rouge_l_continuation" in out and "0.2500" in out and "rouge_l " not in out and "perplexity" not in out
+
+
+def test_other_answers_into_an_earlier_run_stop_naming_wizard_restart_which_starts_it_over(tmp_path, student_dir,
+                                                                                          qa_jsonl, monkeypatch):
+    from typer.testing import CliRunner
+
+    import lmdistill.train.pipeline as pipeline
+    from lmdistill.cli import app
+    from lmdistill.config import load_config, save_config
+
+    answers = _answers(tmp_path, student_dir, qa_jsonl, start="y")
+    run_wizard(_console(), yes=True, defaults={**answers, "start": "n"})
+    (tmp_path / "out").mkdir(exist_ok=True)
+    save_config(load_config(tmp_path / "out.yaml"), tmp_path / "out" / pipeline.CONFIG_FILE)  # an earlier run's
+    runs = []
+    monkeypatch.setattr(pipeline, "run_pipeline",
+                        lambda config, restart=False: runs.append(restart) or tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"out.yaml exists; give another name \(or delete it first, or start over "
+                                          r"with --restart\)"):
+        run_wizard(_console(), yes=True, defaults={**answers, "learning_rate": "1e-3"})
+    with pytest.raises(ConfigError, match=r"out was run with other settings \(.*\); run `lmdistill wizard --restart` "
+                                          r"to start it over with these answers, or give another output directory$"):
+        run_wizard(_console(), yes=True, defaults={**answers, "learning_rate": "1e-3",
+                                                   "config": str(tmp_path / "other.yaml")})
+    assert runs == []
+    flags = [arg for key, value in {**answers, "learning_rate": "1e-3"}.items() for arg in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(app, ["wizard", "--yes", "--restart", *flags])
+    assert result.exit_code == 0, result.output
+    assert runs == [True]
+    assert yaml.safe_load((tmp_path / "out.yaml").read_text())["training"]["learning_rate"] == 1e-3  # replaced

@@ -58,14 +58,17 @@ def changed_keys(run_dir: Path, config: PipelineConfig, config_file: str) -> lis
     return [(k, old.get(k, _MISSING), new.get(k, _MISSING)) for k in keys]
 
 
-def check_same_config(run_dir: Path, config: PipelineConfig, config_file: str) -> None:
+RUN_WAY_OUT = "pass --restart to start it over with these, or choose a new --output_dir"
+
+
+def check_same_config(run_dir: Path, config: PipelineConfig, config_file: str, way_out: str = RUN_WAY_OUT) -> None:
+    """Raises when `run_dir` was run with other settings, naming them, then `way_out` (what the user can do)."""
     changes = changed_keys(run_dir, config, config_file)
     if not changes:
         return
     shown = ", ".join(f"{k}: {old} -> {new}" for k, old, new in changes[:6])
     more = f" (and {len(changes) - 6} more)" if len(changes) > 6 else ""
-    raise ConfigError(f"{run_dir} was run with other settings ({shown}{more}); pass --restart to start it over "
-                      "with these, or choose a new --output_dir")
+    raise ConfigError(f"{run_dir} was run with other settings ({shown}{more}); {way_out}")
 
 
 def clear_run(run_dir: Path, config: PipelineConfig, config_file: str) -> None:
