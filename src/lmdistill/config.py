@@ -272,12 +272,13 @@ class GenerationSettings(Strict):
     sources: list[str] | None = Field(None, description="Training sources whose prompts are answered (None: all).")
     text_prompt_fraction: float = Field(
         0.5, gt=0, lt=1, description="Plain-text rows have no prompt: this share of each text's tokens is the prompt "
-        "the teacher continues (`generate`), and the held-out prefix the models continue in evaluation (samples, "
-        "ROUGE-L against the rest of the text).")
+        "the teacher continues (`generate`) and a policy stage's student samples from, and the held-out prefix the "
+        "models continue in evaluation (samples, ROUGE-L against the rest of the text).")
     text_prompt_tokens: int | None = Field(
         None, gt=0, description="Instead of a share, the first N tokens of each text as its prompt (at most all "
                                 "but its last token).")
-    num_samples: int = Field(1, gt=0, description="Generations per prompt.")
+    num_samples: int = Field(1, gt=0, description="Generations per prompt when sampling; greedy decoding "
+                                                  "(do_sample: false) gives each prompt one.")
     batch_size: int = Field(8, gt=0, description="Prompts per teacher generate() call.")
 
 

@@ -49,6 +49,22 @@ def test_generate_writes_provenance_and_resumes(teacher_config, tmp_path, tokeni
     assert generate(config)[1] == 0  # complete: nothing to do
 
 
+
+def test_greedy_generation_answers_each_prompt_once_whatever_num_samples(teacher_config, tmp_path, caplog):
+    """Greedy decoding gives the same answer every time: num_samples 2 with do_sample false writes one line a row
+    (transformers refuses several greedy return sequences), and says why."""
+    path = tmp_path / "gen.jsonl"
+    config = config_from_dict(teacher_config(generation={**GENERATION, "do_sample": False, "max_new_tokens": 3,
+                                                         "path": str(path)}))
+    caplog.set_level("WARNING")
+    _, written = generate(config)
+    lines = _lines(path)
+    assert written == len(lines) == len({l["row_id"] for l in lines}) > 0
+    assert {l["sample"] for l in lines} == {0}
+    assert "generation.num_samples is 2, but do_sample is false: greedy decoding answers a prompt the same way " \
+           "every time, so each gets one generation" in caplog.text
+    assert generate(config)[1] == 0  # complete with one line a row: nothing to do on a rerun
+
 @pytest.fixture
 def generations_file(teacher_config, tmp_path):
     config = config_from_dict(teacher_config(generation={**GENERATION, "path": str(tmp_path / "gen.jsonl"),

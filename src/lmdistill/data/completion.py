@@ -57,6 +57,11 @@ def completion_parts(row: dict) -> tuple[str, str]:
     return row["source"], row["target"]
 
 
+def text_prompt_words(fraction: float, tokens: int | None = None) -> str:
+    """Which part of a text `text_prompt_length` takes as its prompt, in words for the log."""
+    return f"its first {tokens} tokens" if tokens else f"the first {fraction:.0%} of its tokens"
+
+
 def text_prompt_length(example: dict, fraction: float, tokens: int | None = None) -> int:
     """How many leading ids of a plain-text example (one with "text_tokens") make its prompt: the tokenizer's
     prefix, then the first `tokens` of the text (or `fraction` of them), leaving at least one to continue with."""

@@ -43,7 +43,7 @@ from lmdistill.errors import DataError
 from lmdistill.teacher.endpoint import EndpointTeacher
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes, my_share
 from lmdistill.teacher.retokenize import student_examples
-from lmdistill.teacher.sampling import generate_kwargs, recorded, server_sampling
+from lmdistill.teacher.sampling import generate_kwargs, recorded, samples_per_prompt, server_sampling
 from lmdistill.teacher.thinking import ThinkingModes
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,11 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
     process wrote now. With `modes`, each row's prompt is put in its thinking or non-thinking mode first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if (samples := samples_per_prompt(settings)) < settings.num_samples:
+        log.warning("generation.num_samples is %d, but do_sample is false: greedy decoding answers a prompt the same "
+                    "way every time, so each gets one generation (set do_sample: true for several)",
+                    settings.num_samples)
+        settings = settings.model_copy(update={"num_samples": samples})
     _read_complete(out, settings.num_samples)  # every process: a foreign file fails on all of them alike
     if processes.is_main_process:
         _merge_parts(out, settings.num_samples)

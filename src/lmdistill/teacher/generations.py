@@ -8,11 +8,12 @@ from pathlib import Path
 
 from lmdistill.config import GenerationSettings, PipelineConfig
 from lmdistill.data.cache import tokenizer_hash
-from lmdistill.data.completion import text_prompt_length
+from lmdistill.data.completion import text_prompt_length, text_prompt_words
 from lmdistill.errors import ConfigError
 from lmdistill.teacher.generate import generate_responses, missing_generations
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes
 from lmdistill.teacher.retokenize import teacher_sources
+from lmdistill.teacher.sampling import samples_per_prompt
 from lmdistill.teacher.stage import generations_path
 from lmdistill.teacher.thinking import thinking_modes
 
@@ -42,10 +43,9 @@ def write_generations(config: PipelineConfig, prep, settings: GenerationSettings
     for name, rows in sources.items():
         texts = sum("text_tokens" in ex for ex in rows)
         if texts:
-            share = (f"its first {settings.text_prompt_tokens} tokens" if settings.text_prompt_tokens else
-                     f"the first {settings.text_prompt_fraction:.0%} of its tokens")
             log.info("generate: %d rows of source %s are plain text; the teacher continues each from %s "
-                     "(generation.text_prompt_fraction / text_prompt_tokens)", texts, name, share)
+                     "(generation.text_prompt_fraction / text_prompt_tokens)", texts, name,
+                     text_prompt_words(settings.text_prompt_fraction, settings.text_prompt_tokens))
     modes = thinking_modes(tokenizer, settings, config.training.seed) if prep.task_type == "causal" else None
     written = generate_responses(prep.teacher, tokenizer, sources, path, task_type=prep.task_type, settings=settings,
                                  seed=config.training.seed, teacher_name=config.teacher.name,
@@ -73,7 +73,7 @@ def ensure_generations(config: PipelineConfig, prep, processes: Processes = ONE_
         # Generation splits the prompts over the processes, which a sharded teacher (collective forwards) cannot.
         names = generation_sources(config, config.generation)
         missing = missing_generations(path, {name: prep.sources[name] for name in names},
-                                      config.generation.num_samples, prep.task_type)
+                                      samples_per_prompt(config.generation), prep.task_type)
         if missing:
             raise ConfigError(f"the non_policy stage trains on teacher generations, but {path} lacks {missing} rows and "
                               "the teacher is sharded over the processes: run `lmdistill generate CONFIG` first (it "

@@ -29,6 +29,12 @@ def generate_kwargs(settings: GenerationSettings) -> dict:
     return kwargs
 
 
+def samples_per_prompt(settings: GenerationSettings) -> int:
+    """Generations per prompt: num_samples when sampling, one in greedy decoding (it answers a prompt the same way
+    every time, so more would be copies; transformers refuses several greedy return sequences)."""
+    return settings.num_samples if settings.do_sample else 1
+
+
 def server_sampling(settings: GenerationSettings) -> dict:
     """The sampling fields of an OpenAI-compatible /v1/completions request (vLLM's extra fields included); the
     penalties are off in greedy decoding too."""

@@ -33,6 +33,7 @@ from torch import nn
 
 from lmdistill.config import GenerationSettings, OnPolicySettings, PipelineConfig, StageSettings
 from lmdistill.data.collate import DistillCollator
+from lmdistill.data.completion import text_prompt_length, text_prompt_words
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError, TrainingError
 from lmdistill.teacher.sampling import generate_kwargs
@@ -61,8 +62,8 @@ def batch_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     starts = counted.int().argmax(dim=1)  # [B] index of the first counted label
     prompts = [ids[i, : int(start)].tolist() for i, start in enumerate(starts)]
     if any(not p for p in prompts):
-        raise DataError("a policy stage samples completions for prompts, but a row has none (plain text rows); "
-                        "give the stage prompt/response or chat sources (mixture.weights)")
+        raise DataError("a policy stage samples completions for prompts, but a row's prompt is empty; give every row "
+                        "of the stage's sources a prompt (mixture.weights chooses the sources)")
     return prompts
 
 
@@ -295,3 +296,24 @@ def policy_options(config: PipelineConfig, tokenizer, stage: StageSettings) -> d
     """OnPolicyTrainer's own arguments for a `kind: policy` stage."""
     return {"onpolicy": stage.onpolicy or OnPolicySettings(), "generation": config.generation,
             "modes": thinking_modes(tokenizer, config.generation, config.training.seed), "seed": config.training.seed}
+
+
+def policy_sources(sources: dict[str, list[dict]], settings: GenerationSettings,
+                   stage_name: str) -> dict[str, list[dict]]:
+    """The examples a policy stage prompts with. A plain-text row has no prompt: the first part of its text is one
+    (generation.text_prompt_fraction / text_prompt_tokens, as `generate` and evaluation take it), masked in the
+    labels, and the rest of the text is its response."""
+    prompted = {}
+    for name, rows in sources.items():
+        prompted[name] = [_text_as_prompted(ex, settings) if "text_tokens" in ex else ex for ex in rows]
+        if texts := sum("text_tokens" in ex for ex in rows):
+            log.info("stage %s: %d rows of source %s are plain text; each is prompted with %s "
+                     "(generation.text_prompt_fraction / text_prompt_tokens)", stage_name, texts, name,
+                     text_prompt_words(settings.text_prompt_fraction, settings.text_prompt_tokens))
+    return prompted
+
+
+def _text_as_prompted(example: dict, settings: GenerationSettings) -> dict:
+    cut = text_prompt_length(example, settings.text_prompt_fraction, settings.text_prompt_tokens)
+    prompted = {key: value for key, value in example.items() if key != "text_tokens"}  # a prompt/response now
+    return {**prompted, "prompt_length": cut, "labels": [IGNORE_INDEX] * cut + example["labels"][cut:]}

@@ -35,7 +35,7 @@ from lmdistill.train.balancing import BALANCER_FILE
 from lmdistill.train.epochs import SourceEpochs
 from lmdistill.train.feedback import STATE_FILE as FEEDBACK_FILE, EvalDrivenSampling
 from lmdistill.train.finish import evaluate_roles, export_final, generation_prompts, report
-from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options
+from lmdistill.train.onpolicy import OnPolicyTrainer, policy_options, policy_sources
 from lmdistill.train.prepare import Prepared, prepare, saved_student_init
 from lmdistill.train.processes import launched_processes, main_writes, scores_and_writes
 from lmdistill.train.rerun import check_same_config, clear_run
@@ -149,6 +149,8 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         ensure_generations(config, prep, processes)
         processes.wait_for_everyone()
     sources = stage_training_sources(config, prep, stage)
+    if stage.kind == "policy":
+        sources = policy_sources(sources, config.generation, stage.name)
     if processes.is_main_process:
         warn_if_cold_start(stage, student, sources, student.get_output_embeddings().weight.shape[0])
     eval_examples = [ex for rows in prep.eval_sets.values() for ex in rows]
