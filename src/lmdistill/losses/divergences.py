@@ -214,8 +214,8 @@ def score_rows(specs: Sequence[TermSpec], student: Tensor, teacher: Tensor | Non
 
     def log_softmax(which: str, logits: Tensor, temperature: float) -> Tensor:
         key = (which, temperature)
-        if key not in log_probs:
-            log_probs[key] = F.log_softmax(upcast(logits) / temperature, dim=-1)
+        if key not in log_probs:  # dividing by T = 1 would copy [n, V] (and its gradient) for nothing
+            log_probs[key] = F.log_softmax(upcast(logits) / temperature if temperature != 1.0 else upcast(logits), -1)
         return log_probs[key]
 
     sums = []

@@ -1,16 +1,20 @@
 """A model's output layer as the fused loss needs it: found through DDP / accelerate / peft wrappers, its input
-captured during the model's own forward, its rows cut to a shared vocabulary, and the soft-cap and scale the
-architecture applies after it."""
+captured during the model's own forward, its rows cut to a shared vocabulary, the soft-cap and scale the
+architecture applies after it, and what keeps the fused loss from reproducing it."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from lmdistill.errors import TrainingError
+from lmdistill.models.sharding import is_sharded
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -81,3 +85,37 @@ def softcap(model: nn.Module) -> float | None:
 def logit_scale(model: nn.Module) -> float:
     """A scale the model applies to its logits after the head (Cohere's `logit_scale`)."""
     return float(getattr(unwrapped(model).config, "logit_scale", None) or 1.0)
+
+
+def forward_takes(model: nn.Module, name: str) -> bool:
+    """The model's forward names `name` as a parameter (e.g. transformers' `logits_to_keep`, `use_cache`); a wrapper
+    that passes **kwargs on (several teachers) names none."""
+    return name in _forward_parameters(type(unwrapped(model)))
+
+
+@lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):  # a forward without a signature: pass nothing it may not take
+        return frozenset()
+
+
+def fused_blocker(student: nn.Module, teacher: nn.Module | None, device: torch.device, fsdp: bool) -> str | None:
+    """Why fused: true cannot run with these models (the fused loss applies the output layers itself, from their
+    weights, so it refuses heads it cannot reproduce), as a message saying what to do; None when it can."""
+    teachers = list(teacher.mixed()[0]) if hasattr(teacher, "mixed") else [teacher]
+    for who, model in (("student", student), *(("teacher", t) for t in teachers)):
+        if model is not None and hasattr(unwrapped(model), "final_logits_bias"):
+            return (f"fused: true cannot apply the {who}'s final_logits_bias (BART-style heads add it after the "
+                    "lm_head); set fused: false and bound the loss memory with chunk_size")
+    if has_adapter(output_layer(student)):
+        return ("fused: true applies the student's lm_head weight itself, so a LoRA adapter on lm_head would be left "
+                "out of the loss: remove lm_head from student.lora.target_modules, or set fused: false")
+    if is_sharded(teacher) or fsdp or is_deepspeed_zero3_enabled():
+        return ("fused: true reads the teacher's and the student's lm_head weights directly, but FSDP / DeepSpeed "
+                "ZeRO-3 shard them over the processes: set fused: false (chunk_size bounds the loss memory instead)")
+    if teacher is not None and not same_device(next(teacher.parameters()).device, device):
+        return ("fused: true needs the teacher on the student's device (its lm_head enters the loss); set "
+                "teacher.device to the student's, or fused: false")
+    return None

@@ -23,7 +23,6 @@ from typing import Protocol
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutput
 
 from lmdistill.errors import TrainingError
@@ -32,8 +31,8 @@ from lmdistill.models.sharding import is_sharded, release_gathered
 from lmdistill.train.adalora import AdaLoraBudget, adalora_budget, adalora_model
 from lmdistill.train.balancing import BalancedTraining
 from lmdistill.train.deepspeed_teacher import deepspeed_teacher
-from lmdistill.train.heads import (has_adapter, head_inputs, head_rows, logit_scale, output_layer, same_device, softcap,
-                                   unwrapped)
+from lmdistill.train.heads import (forward_takes, fused_blocker, head_inputs, head_rows, logit_scale, output_layer,
+                                   softcap, unwrapped)
 from lmdistill.train.hidden_terms import AuxTerms, hidden_terms
 from lmdistill.train.memory import out_of_memory_hint
 
@@ -90,8 +89,8 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
             teacher = deepspeed_teacher(teacher, self.accelerator)
         if objective.needs_teacher and teacher is None and teacher_cache is None:
             raise TrainingError("the stage's losses need a teacher, but neither a live teacher nor a cache was given")
-        if fused:
-            self._check_fused(teacher)
+        if fused and (reason := fused_blocker(self.model, teacher, self.args.device, self.is_fsdp_enabled)):
+            raise TrainingError(reason)
         self.teacher = teacher
         self._teacher_sharded = is_sharded(teacher)
         self.teacher_cache = teacher_cache
@@ -125,25 +124,6 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
         self._adalora = adalora_budget(self.model)  # AdaLoRA's rank budget, allocated after each optimizer step
         self._adalora_reg = adalora_model(self.model)
         self.add_callback(_StepEnd(self))
-
-    def _check_fused(self, teacher: nn.Module | None) -> None:
-        """fused: true applies the output layers itself, from their weights: refuse heads it cannot reproduce."""
-        teachers = list(teacher.mixed()[0]) if hasattr(teacher, "mixed") else [teacher]
-        for who, model in (("student", self.model), *(("teacher", t) for t in teachers)):
-            if model is not None and hasattr(unwrapped(model), "final_logits_bias"):
-                raise TrainingError(f"fused: true cannot apply the {who}'s final_logits_bias (BART-style heads add it "
-                                    "after the lm_head); set fused: false and bound the loss memory with chunk_size")
-        if has_adapter(output_layer(self.model)):
-            raise TrainingError("fused: true applies the student's lm_head weight itself, so a LoRA adapter on "
-                                "lm_head would be left out of the loss: remove lm_head from student.lora."
-                                "target_modules, or set fused: false")
-        if is_sharded(teacher) or self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
-            raise TrainingError("fused: true reads the teacher's and the student's lm_head weights directly, but FSDP / "
-                                "DeepSpeed ZeRO-3 shard them over the processes: set fused: false (chunk_size bounds "
-                                "the loss memory instead)")
-        if teacher is not None and not same_device(next(teacher.parameters()).device, self.args.device):
-            raise TrainingError("fused: true needs the teacher on the student's device (its lm_head enters the "
-                                "loss); set teacher.device to the student's, or fused: false")
 
     # ------------------------------------------------------------------ optimiser: trainable projections + skip guard
     def create_optimizer(self, model=None):
@@ -221,14 +201,23 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
             modules.load_state_dict(load_file(path))
 
     # ------------------------------------------------------------------ forward passes
-    def _forward(self, model: nn.Module, inputs: dict, labels: torch.Tensor, *, body_only: bool):
-        """The model's outputs; body_only: no logits, but `head_input` [B, T, H], what enters the lm_head."""
+    def _forward(self, model: nn.Module, inputs: dict, labels: torch.Tensor, *, body_only: bool,
+                 scored: torch.Tensor | None = None):
+        """The model's outputs; body_only: no logits, but `head_input` [B, T, H], what enters the lm_head. scored
+        [B, T] bool (see `_scored`): logits [n, V] at those positions only."""
         kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                       output_hidden_states=self.aux.needs_hidden, output_attentions=self.aux.needs_attentions)
+        if forward_takes(model, "use_cache"):
+            kwargs["use_cache"] = False  # nothing here decodes; the teacher's cache would live through the loss
+        if scored is not None and not body_only and forward_takes(model, "logits_to_keep"):
+            kwargs["logits_to_keep"] = scored
         if self.task_type == "seq2seq":
             kwargs["decoder_input_ids"] = unwrapped(model).prepare_decoder_input_ids_from_labels(labels=labels)
         if not body_only:
-            return model(**kwargs)
+            out = model(**kwargs)
+            if scored is not None and "logits_to_keep" not in kwargs:  # e.g. several teachers: cut here instead
+                out["logits"] = out.logits[scored]
+            return out
         if hasattr(model, "mixed"):  # several teachers (teacher/ensemble.py): each mixed teacher's head input
             out = CausalLMOutput()
             out["head_input"] = [self._forward(member, inputs, labels, body_only=True).head_input
@@ -239,9 +228,9 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
         out["head_input"] = captured[-1]
         return out
 
-    def _teacher_outputs(self, inputs: dict, labels: torch.Tensor):
+    def _teacher_outputs(self, inputs: dict, labels: torch.Tensor, scored: torch.Tensor | None):
         """The teacher's forward pass, on the teacher's own device (teacher.device); outputs come back to the
-        student's device, in the teacher's dtype (the losses upcast to float32)."""
+        student's device, in the teacher's dtype (the losses upcast to float32). scored: as in `_forward`."""
         # Several teachers (teacher/ensemble.py) route each example by its source id.
         teacher = self.teacher.for_batch(inputs) if hasattr(self.teacher, "for_batch") else self.teacher
         here = labels.device
@@ -249,9 +238,11 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
         if there != here:
             inputs = {key: inputs[key].to(there) for key in ("input_ids", "attention_mask")}
             labels = labels.to(there)
+            scored = scored.to(there) if scored is not None else None
         with torch.no_grad():
             # Logits only where the logit terms read them (not fused, no cache): hidden-state terms need none.
-            out = self._forward(teacher, inputs, labels, body_only=self.fused or not self._teacher_logits_needed)
+            out = self._forward(teacher, inputs, labels, body_only=self.fused or not self._teacher_logits_needed,
+                                scored=scored)
         if self._teacher_sharded:
             release_gathered(self.teacher)
         if there == here:
@@ -289,17 +280,29 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
                 "teacher_logit_scale": [logit_scale(m) for m in members]}
         return {**args, "mixture": mixture} if several else {key: value[0] for key, value in args.items()}
 
+    def _scored(self, model: nn.Module, target: torch.Tensor, return_outputs: bool) -> torch.Tensor | None:
+        """[B, T] bool: the positions whose logits a logit term scores (position t predicts label t+1), when the
+        student forms logits at chosen positions (transformers' logits_to_keep): the lm_heads, the student's head
+        gradient and the loss then skip prompt and padding positions. None: the whole [B, T, V] logits, which
+        fused: true never forms, seq2seq and the cross-tokenizer terms read, and evaluation returns."""
+        if (self.fused or return_outputs or self.cross_vocab is not None or self.task_type != "causal"
+                or not forward_takes(model, "logits_to_keep")):
+            return None
+        keep = target != -100
+        return torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)  # the last position predicts nothing
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        student_out = self._forward(model, inputs, labels, body_only=self.fused)
-        with out_of_memory_hint("the teacher's forward pass"):
-            teacher_out = self._teacher_outputs(inputs, labels) if self._needs_teacher_forward else None
-
         # Causal LMs: position t predicts label t+1 (one shift, here); seq2seq decoders are aligned already.
+        target = labels[:, 1:] if self.task_type == "causal" else labels
+        scored = self._scored(model, target, return_outputs)
+        student_out = self._forward(model, inputs, labels, body_only=self.fused, scored=scored)
+        with out_of_memory_hint("the teacher's forward pass"):
+            teacher_out = self._teacher_outputs(inputs, labels, scored) if self._needs_teacher_forward else None
+
         def aligned(per_position: torch.Tensor) -> torch.Tensor:
             return per_position[:, :-1] if self.task_type == "causal" else per_position
 
-        target = labels[:, 1:] if self.task_type == "causal" else labels
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(labels.device)
 
@@ -319,15 +322,22 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
                     student_softcap=softcap(model), student_logit_scale=logit_scale(model),
                     **self._fused_teacher(teacher_out, aligned))
         else:
-            s_logits = aligned(student_out.logits)[..., : self.shared_vocab]
+            # With scored positions the forward passes returned those rows' logits [n, V]: the rest follow them.
+            def rows(logits: torch.Tensor) -> torch.Tensor:
+                return (logits if scored is not None else aligned(logits))[..., : self.shared_vocab]
+
+            def kept(per_label: torch.Tensor | None) -> torch.Tensor | None:
+                return per_label[scored[:, :-1]] if scored is not None and per_label is not None else per_label
+
+            s_logits = rows(student_out.logits)
             if self.teacher_cache is not None and self.objective.needs_teacher:
-                ids, logprobs, tail = self.teacher_cache.lookup(inputs, target)
-                out = self.objective.cached(s_logits, ids, logprobs, target, num_items=num_items_in_batch,
+                ids, logprobs, tail = map(kept, self.teacher_cache.lookup(inputs, target))
+                out = self.objective.cached(s_logits, ids, logprobs, kept(target), num_items=num_items_in_batch,
                                             cache_temperature=self.teacher_cache.cache_temperature,
                                             tail=self.teacher_cache.tail, teacher_tail=tail)
             else:
-                t_logits = aligned(teacher_out.logits)[..., : self.shared_vocab] if self._teacher_logits_needed else None
-                out = self.objective(s_logits, t_logits, target, num_items=num_items_in_batch)
+                t_logits = rows(teacher_out.logits) if self._teacher_logits_needed else None
+                out = self.objective(s_logits, t_logits, kept(target), num_items=num_items_in_batch)
 
         # Every term divides by the tokens of all processes (num_items), so each process holds its share of the
         # global mean; DDP then averages gradients over the processes, which `spread` undoes.
