@@ -8,28 +8,65 @@ from rich.table import Table
 from lmdistill.config import PipelineConfig
 from lmdistill.models.load import count_parameters, load_student
 
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Float32 [tokens, V] blocks alive at the loss's peak (the forward): the logits path with a live teacher holds the
+# student's logits and log-probs, the teacher's logits, log-probs and probs, and the divergence's temporaries; two more
+# at T != 1 (the logits / T of each model). Against a cache or hard labels alone: the student's logits, log-probs and a
+# temporary. fused: one [chunk, V] block per model and the student's product gradient.
+LOGIT_BLOCKS = {"teacher": 7.25, "teacher_tempered": 9.25, "alone": 3.0, "fused": 3.0}
 
 
 def _bytes_per_param(model) -> int:
     return next(model.parameters()).element_size()
 
 
+def activation_floats(config) -> float:
+    """Values one decoder layer keeps per token for the backward pass, Llama-style (two RMSNorms, attention through
+    scaled_dot_product_attention, a gated MLP): each norm's input and output (4 H), the attention's query, output and
+    o_proj input (3 H), its keys and values (2 H_kv), the MLP's gate, activation, up and product (4 I)."""
+    hidden = config.hidden_size
+    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                    or getattr(config, "d_ff", None) or 4 * hidden)
+    heads = getattr(config, "num_attention_heads", None) or 1
+    kv = hidden * (getattr(config, "num_key_value_heads", None) or heads) / heads
+    return 7 * hidden + 2 * kv + 4 * intermediate
+
+
+def _layers(config) -> int:
+    return (getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0)) + (
+        getattr(config, "num_decoder_layers", None) or 0)
+
+
 def memory_estimate(config: PipelineConfig, teacher, student, vocab: int) -> dict[str, float]:
-    """Rough GiB per training step at the largest configured batch and length: weights, AdamW state, logits."""
+    """GiB at the peak of a training step (the loss's forward), by part, at the largest configured batch with every
+    example max_length long and every position counted. Assumes: weights at their loaded dtype; AdamW's float32
+    gradient and two moments per trainable parameter; the student's activations as `activation_floats` per token and
+    layer, float32 (2 bytes under bf16 / fp16), or only each layer's input plus one layer's with
+    gradient_checkpointing; the loss's [tokens, V] float32 blocks of LOGIT_BLOCKS; the teacher's forward keeping no
+    activations (no gradient). Checked against a measured peak by tests/train/test_memory_estimate.py."""
     gib = 1024 ** 3
     batch = max(config.stage_value(s, "batch_size") for s in config.stages)
     tokens = batch * config.data.max_length
+    training = config.training
     chunk = min([s.chunk_size for s in config.stages if s.chunk_size] or [tokens])
     fused = any(s.fused for s in config.stages)
     s_params = count_parameters(student)
     trainable = count_parameters(student, trainable_only=True)
+    per_layer = activation_floats(student.config)
+    layers = _layers(student.config)
+    kept = (layers * student.config.hidden_size + per_layer if training.gradient_checkpointing
+            else layers * per_layer)
+    if fused:
+        blocks, rows = LOGIT_BLOCKS["fused"], min(chunk, 1024)
+    elif teacher is not None:
+        tempered = any(s.temperature != 1.0 for s in config.stages)
+        blocks, rows = LOGIT_BLOCKS["teacher_tempered" if tempered else "teacher"], min(chunk, tokens)
+    else:
+        blocks, rows = LOGIT_BLOCKS["alone"], min(chunk, tokens)
     estimate = {
         "student weights": s_params * _bytes_per_param(student) / gib,
         "student grads + AdamW state (fp32)": trainable * 4 * 3 / gib,
-        # float32 logits of both models (+ their gradient for the student) over the tokens one chunk holds
-        "loss logits (fp32, per chunk)": (3 if teacher is not None else 2) * min(chunk, tokens) * vocab * 4 / gib
-        if not fused else 3 * min(chunk, 1024) * vocab * 4 / gib,
+        "student activations": tokens * kept * (2 if training.bf16 or training.fp16 else 4) / gib,
+        "loss logits (fp32, per chunk)": blocks * rows * vocab * 4 / gib,
     }
     if teacher is not None:
         estimate["teacher weights"] = count_parameters(teacher) * _bytes_per_param(teacher) / gib
