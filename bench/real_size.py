@@ -7,24 +7,29 @@ Methods, each timed in a fresh subprocess (so that its peak RSS is its own):
   logits      lmdistill DistillationTrainer.training_step, full logits of both models (the default path)
   fused       the same with fused: true (logits formed chunk by chunk from hidden states and lm_heads)
   cached      fused, against a top-k teacher cache (k=64) instead of a live teacher: no teacher forward
-  trl         TRL GKDTrainer.training_step (lmbda=0, beta=0, T=1), when trl is importable (see step_throughput.py)
-Prints s/step (median of --repeats after one warm-up), tokens/s, peak RSS (CPU) or peak allocated memory (CUDA),
-the ratio to the floor and, on CUDA, MFU: model FLOPs (6 x student params x tokens + 2 x teacher params x tokens)
-over the GPU's peak dense bf16 FLOP/s (--peak-tflops, or a known device's).
+  trl         TRL GKDTrainer.training_step (lmbda=0, beta=0, T=1); skipped with a line when trl is not
+              importable (install it beside the venv as step_throughput.py's docstring shows)
+Prints s/step (median of --repeats after one warm-up), tokens/s, peak memory (CPU: the subprocess's peak RSS,
+Python and torch included; CUDA: peak allocated), the ratio to the floor and, on CUDA, MFU: model FLOPs
+(6 x student params x tokens + 2 x teacher params x tokens) over the GPU's peak dense bf16 FLOP/s (--peak-tflops,
+or a known device's).
 
     .venv/bin/python bench/real_size.py [--length 512] [--repeats 3] [--device cuda --dtype bfloat16]
-    .venv/bin/python bench/real_size.py --layers 2   # the same widths with 2 layers each: a quick smoke run
+    .venv/bin/python bench/real_size.py --layers 1   # the same widths with 1 layer each: a quick smoke run
+At full size on CPU (float32) a step takes minutes and a process up to ~14 GB: run it on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from devices import device_name, is_cuda, mfu, peak_mb, peak_tflops, reset_peak, sync
 
 METHODS = ("floor", "logits", "fused", "cached", "trl")
 # Widths from the Qwen2.5-0.5B and Qwen2.5-1.5B configs (tied embeddings, grouped-query attention).
@@ -33,7 +38,6 @@ STUDENT = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, nu
 TEACHER = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                num_key_value_heads=2)
 VOCAB = 151_936
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
 
 def _model(shape: dict, layers: int | None, dtype, device, seed: int):
@@ -112,23 +116,20 @@ def measure(method: str, length: int, repeats: int, layers: int | None, device: 
             trainer.training_step(model, dict(inputs))
 
     times = []
+    reset_peak(device)
     for i in range(repeats + 1):  # the first is a warm-up
         student.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         if i:
             times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
     flops = (6 * n_student + (0 if method == "cached" else 2 * n_teacher)) * length
-    return {"method": method, "seconds": statistics.median(times), "peak_mb": peak, "flops": flops,
-            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
+    return {"method": method, "seconds": statistics.median(times), "peak_mb": peak_mb(device), "flops": flops,
+            "device_name": device_name(device)}
 
 
 def _child(method: str, args: argparse.Namespace) -> dict:
@@ -152,21 +153,24 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--peak-tflops", type=float, help="the device's peak dense FLOP/s in TFLOP/s, for MFU")
     args = ap.parse_args()
-    rows = [_child(m, args) for m in args.methods]
+    methods = list(args.methods)
+    if "trl" in methods and importlib.util.find_spec("trl") is None:
+        print("trl: skipped (not installed; see step_throughput.py's docstring for the one-line install)")
+        methods.remove("trl")
+    rows = [_child(m, args) for m in methods]
     floor = next((r for r in rows if r["method"] == "floor" and "error" not in r), None)
-    device_name = next((r["device_name"] for r in rows if "device_name" in r), args.device)
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    name = next((r["device_name"] for r in rows if "device_name" in r), args.device)
+    peak = peak_tflops(name, args.peak_tflops)
     print(f"\nstudent Qwen2.5-0.5B-shaped, teacher 1.5B-shaped{f' ({args.layers} layers each)' if args.layers else ''}, "
-          f"V={VOCAB:,}, batch 1 x {args.length}, {args.dtype}, {device_name}; median of {args.repeats}")
+          f"V={VOCAB:,}, batch 1 x {args.length}, {args.dtype}, {name}; median of {args.repeats}")
     print(f"{'method':<8} {'s/step':>8} {'tokens/s':>9} {'peak MB':>9} {'x floor':>8} {'MFU':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['method']:<8} not measured: {r['error']}")
             continue
         ratio = f"{r['seconds'] / floor['seconds']:.2f}" if floor else "-"
-        mfu = f"{r['flops'] / r['seconds'] / (peak * 1e12):.1%}" if peak and args.device != "cpu" else "-"
         print(f"{r['method']:<8} {r['seconds']:>8.2f} {args.length / r['seconds']:>9.0f} {r['peak_mb']:>9.0f} "
-              f"{ratio:>8} {mfu:>6}")
+              f"{ratio:>8} {mfu(r['flops'], r['seconds'], peak):>6}")
 
 
 if __name__ == "__main__":
