@@ -111,7 +111,7 @@ class DistillObjective:
         self._require_teacher(teacher_logits)
         denom = self._denominator(labels, student_logits[..., 0].numel(), num_items)
         sums, _ = logit_terms(self._specs(), student_logits, teacher_logits, labels, self.chunk_size,
-                              self._coeffs(denom, student_logits.device))
+                              self._coeffs(denom, student_logits.device), closed=[t.weight / denom for t in self.terms])
         return self._output(sums, denom)
 
     def fused(self, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,

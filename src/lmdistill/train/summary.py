@@ -6,13 +6,12 @@ from rich.console import Console
 from rich.table import Table
 
 from lmdistill.config import PipelineConfig
+from lmdistill.losses.fused import BUDGET_ELEMENTS
 from lmdistill.models.load import count_parameters, load_student
 
-# Float32 [tokens, V] blocks alive at the loss's peak (the forward): the logits path with a live teacher holds the
-# student's logits and log-probs, the teacher's logits, log-probs and probs, and the divergence's temporaries; two more
-# at T != 1 (the logits / T of each model). Against a cache or hard labels alone: the student's logits, log-probs and a
-# temporary. fused: one [chunk, V] block per model and the student's product gradient.
-LOGIT_BLOCKS = {"teacher": 7.25, "teacher_tempered": 9.25, "alone": 3.0, "fused": 3.0}
+# Float32 [tokens, V] blocks alive at the loss's peak on the logits path: the student's logits, the teacher's (or the
+# student's log-probs against a cache or hard labels alone) and the gradient the closed form writes (closed_logits.py).
+LOGIT_BLOCKS = 3
 
 
 def _bytes_per_param(model) -> int:
@@ -41,32 +40,33 @@ def memory_estimate(config: PipelineConfig, teacher, student, vocab: int) -> dic
     example max_length long and every position counted. Assumes: weights at their loaded dtype; AdamW's float32
     gradient and two moments per trainable parameter; the student's activations as `activation_floats` per token and
     layer, float32 (2 bytes under bf16 / fp16), or only each layer's input plus one layer's with
-    gradient_checkpointing; the loss's [tokens, V] float32 blocks of LOGIT_BLOCKS; the teacher's forward keeping no
-    activations (no gradient). Checked against a measured peak by tests/train/test_memory_estimate.py."""
+    gradient_checkpointing; the loss's float32 blocks, LOGIT_BLOCKS [tokens, V] ones on the logits path, or with
+    fused: true a [chunk, V] product per model (the memory budget of losses/fused.py when chunk_size is unset) and the
+    lm_head's gradient; the teacher's forward keeping no activations (no gradient). Checked against a measured peak
+    by tests/train/test_memory_estimate.py."""
     gib = 1024 ** 3
     batch = max(config.stage_value(s, "batch_size") for s in config.stages)
     tokens = batch * config.data.max_length
     training = config.training
-    chunk = min([s.chunk_size for s in config.stages if s.chunk_size] or [tokens])
-    fused = any(s.fused for s in config.stages)
     s_params = count_parameters(student)
     trainable = count_parameters(student, trainable_only=True)
     per_layer = activation_floats(student.config)
     layers = _layers(student.config)
     kept = (layers * student.config.hidden_size + per_layer if training.gradient_checkpointing
             else layers * per_layer)
-    if fused:
-        blocks, rows = LOGIT_BLOCKS["fused"], min(chunk, 1024)
-    elif teacher is not None:
-        tempered = any(s.temperature != 1.0 for s in config.stages)
-        blocks, rows = LOGIT_BLOCKS["teacher_tempered" if tempered else "teacher"], min(chunk, tokens)
-    else:
-        blocks, rows = LOGIT_BLOCKS["alone"], min(chunk, tokens)
+
+    def loss_elements(stage) -> int:
+        if stage.fused:  # one [chunk, V] product per model, and the lm_head's float32 gradient
+            products = 2 * stage.chunk_size * vocab if stage.chunk_size else BUDGET_ELEMENTS
+            return products + vocab * student.config.hidden_size
+        return LOGIT_BLOCKS * tokens * vocab
+
+    loss = max(loss_elements(s) for s in config.stages)
     estimate = {
         "student weights": s_params * _bytes_per_param(student) / gib,
         "student grads + AdamW state (fp32)": trainable * 4 * 3 / gib,
         "student activations": tokens * kept * (2 if training.bf16 or training.fp16 else 4) / gib,
-        "loss logits (fp32, per chunk)": blocks * rows * vocab * 4 / gib,
+        "loss logits (fp32)": loss * 4 / gib,
     }
     if teacher is not None:
         estimate["teacher weights"] = count_parameters(teacher) * _bytes_per_param(teacher) / gib

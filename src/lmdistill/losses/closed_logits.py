@@ -1,0 +1,80 @@
+"""The full-logits objective with its gradient written out (`closed_form.py`), as the fused path scores its chunks.
+
+Autograd through a divergence keeps about seven [N, V] tensors (both models' log-probs, the teacher's probs, masks,
+differences) and runs one backward kernel per forward op, each a pass over memory. Here the forward pass scores the
+rows in blocks small enough to stay in cache and writes d (coeffs . sums) / d student logits into one [N, V] buffer;
+the backward hands that buffer over. A backward that arrives with other term weights than the expected ones (a
+balancer, one term's gradient alone) recomputes the gradient for those weights, so it is always exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lmdistill.losses.closed_form import CLOSED_FORMS, Workspace, block_terms
+from lmdistill.losses.divergences import TermSpec, upcast
+
+# Rows per block: [rows, V] float32 scratch of 1 MiB per thread, so that a block's passes stay in cache (the fused
+# path's ROW_BLOCK_ELEMENTS; fused.py imports this module's functional neighbour, so it cannot be imported here).
+ROW_BLOCK_ELEMENTS = 2**18
+
+
+def closed_form_applies(specs: Sequence[TermSpec], student: Tensor, teacher: Tensor | None) -> bool:
+    """Every term has a written-out gradient, and only the student's logits need one."""
+    return (torch.is_grad_enabled() and student.requires_grad and (teacher is None or not teacher.requires_grad)
+            and all(spec.name in CLOSED_FORMS for spec in specs))
+
+
+def closed_logit_terms(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Tensor, teacher: Tensor | None,
+                       labels: Tensor | None, counted: Tensor | None) -> Tensor:
+    """Term sums over the counted rows, differentiable w.r.t. student. student [N, V] and teacher [N, V'] logits
+    (teacher None when no term needs it), labels [N] or None, counted int64 [n] (None: every row); coeffs: the
+    d total / d sums the caller's backward is expected to send, one per term. Returns [terms] float32."""
+    return _ClosedLogits.apply(tuple(specs), tuple(coeffs), counted, student, teacher, labels)
+
+
+def _score(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Tensor, teacher: Tensor | None,
+           labels: Tensor | None, counted: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(sums [terms], d (coeffs . sums) / d student [N, V] in student's dtype, zero on rows not counted)."""
+    rows = [t.index_select(0, counted) if t is not None and counted is not None else t
+            for t in (student, teacher, labels)]
+    s_rows, t_rows, l_rows = rows
+    grad = torch.empty_like(s_rows)
+    work = Workspace()  # block buffers reused by every block
+    step = max(1, ROW_BLOCK_ELEMENTS * torch.get_num_threads() // max(1, s_rows.shape[1]))
+    total = torch.zeros(len(specs), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
+    for start in range(0, s_rows.shape[0], step):
+        block = slice(start, start + step)
+        sums, block_grad = block_terms(specs, coeffs, upcast(s_rows[block]),
+                                       upcast(t_rows[block]) if t_rows is not None else None,
+                                       l_rows[block] if l_rows is not None else None, work)
+        grad[block].copy_(block_grad)
+        total += sums
+    if counted is not None:
+        grad = torch.zeros_like(student).index_copy_(0, counted, grad)
+    return total, grad
+
+
+class _ClosedLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, specs, coeffs, counted, student, teacher, labels):
+        sums, grad = _score(specs, coeffs, student, teacher, labels, counted)
+        ctx.specs, ctx.coeffs, ctx.counted = specs, coeffs, counted
+        ctx.save_for_backward(student, teacher, labels, grad)
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        student, teacher, labels, grad = ctx.saved_tensors
+        expected = torch.tensor(ctx.coeffs, dtype=grad_sums.dtype, device=grad_sums.device)
+        norm = float((expected * expected).sum())
+        scale = float((grad_sums * expected).sum()) / norm if norm > 0 else 0.0
+        if norm > 0 and torch.allclose(grad_sums, scale * expected, rtol=1e-6, atol=0.0):
+            # the expected backward (up to a factor): hand over the gradient formed in the forward pass
+            return None, None, None, grad if abs(scale - 1.0) < 1e-6 else grad * scale, None, None
+        with torch.no_grad():
+            grad = _score(ctx.specs, grad_sums.tolist(), student, teacher, labels, ctx.counted)[1]
+        return None, None, None, grad, None, None
