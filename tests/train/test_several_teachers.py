@@ -106,7 +106,7 @@ def test_several_teachers_in_a_pipeline(tiny_pipeline, teacher_dir, student_dir,
 
 
 @pytest.mark.parametrize("stage,match", [
-    ({"teacher_source": "cache"}, "use teacher_source: live"),
+    ({"teacher_source": "cache", "temperature": 2.0}, "set teacher_cache.temperature: 2.0"),
     ({"losses": [{"name": "forward_kl"}, {"name": "feature"}]}, "keep logit losses only"),
 ])
 def test_paths_one_teacher_needs_are_refused(tiny_pipeline, teacher_dir, stage, match):

@@ -18,6 +18,8 @@ A shard is written to a temp name, fsynced, checksummed and renamed; only then d
 that dies leaves at most a temp file, which the next run deletes before continuing after the last listed shard.
 Several processes (torchrun) split the shards between them and list theirs in per-process manifest parts that the
 main process merges (manifest.py); the folder they leave is the one a single process writes.
+With several teachers (`teachers:`) the log-probs are those of the target a stage trains on: their weighted mixture
+at the capture temperature, or for a routed source its teacher's alone; the manifest lists the teachers.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,9 +39,10 @@ from lmdistill.data.collate import CrossTokenizerCollator, DistillCollator
 from lmdistill.errors import CacheError
 from lmdistill.teacher.capture import capture_paired_topk, capture_topk
 from lmdistill.teacher.endpoint import EndpointTeacher
+from lmdistill.teacher.ensemble import TeacherEnsemble
 from lmdistill.teacher.fingerprint import examples_fingerprint, sha256_file
-from lmdistill.teacher.manifest import (Manifest, ShardEntry, SourceEntry, merge_parts, part_name, read_manifest,
-                                        shard_name, write_manifest)
+from lmdistill.teacher.manifest import (CachedTeacher, Manifest, ShardEntry, SourceEntry, merge_parts, part_name,
+                                        read_manifest, shard_name, write_manifest)
 from lmdistill.teacher.packing import id_bits, pack_ids
 from lmdistill.teacher.ranks import ONE_PROCESS, Processes, my_share
 
@@ -69,6 +72,7 @@ class CacheInputs:
     teacher_tokenizer_hash: str | None = None
     teacher_pad_token_id: int | None = None
     alignment: str | None = None
+    teachers: list[CachedTeacher] = field(default_factory=list)  # several teachers: the model is their ensemble
 
 
 def payload_bytes_per_token(k: int, vocab_size: int, dtype: str) -> float:
@@ -79,6 +83,11 @@ def payload_bytes_per_token(k: int, vocab_size: int, dtype: str) -> float:
 
 def eval_key(name: str) -> str:
     return f"eval:{name}"
+
+
+def source_name(key: str) -> str:
+    """The source a cache key stands for: an eval set is routed like the training source of its name."""
+    return key.removeprefix("eval:")
 
 
 def counted_tokens(example: dict, task_type: str) -> int:
@@ -105,7 +114,8 @@ def plan_manifest(inputs: CacheInputs, settings: TeacherCacheSettings) -> Manife
                     vocab_size=inputs.vocab_size, id_bits=id_bits(inputs.vocab_size),
                     shard_examples=settings.shard_examples, sources=sources, endpoint=inputs.endpoint,
                     served_model=inputs.served_model, student_tokenizer=inputs.student_tokenizer,
-                    teacher_tokenizer_hash=inputs.teacher_tokenizer_hash, alignment=inputs.alignment)
+                    teacher_tokenizer_hash=inputs.teacher_tokenizer_hash, alignment=inputs.alignment,
+                    teachers=inputs.teachers)
 
 
 def _resume_point(out: Path, planned: Manifest) -> Manifest:
@@ -162,9 +172,13 @@ def _capture_batches(model, examples: list[dict], manifest: Manifest, batch_size
     return parts
 
 
-def _shard_tensors(model, examples: list[dict], manifest: Manifest, batch_size: int,
+def _shard_tensors(model, key: str, examples: list[dict], manifest: Manifest, batch_size: int,
                    collator: DistillCollator) -> dict[str, torch.Tensor]:
-    """Capture one shard's examples and lay them out in example order."""
+    """Capture one shard's examples of cache key `key` and lay them out in example order."""
+    if isinstance(model, TeacherEnsemble):
+        # Several teachers: their mixture, or the routed teacher alone, as a stage trains on it. Formed at the
+        # capture temperature, so the kept log-probs are the target's own.
+        model = model.for_source(source_name(key))
     if isinstance(model, EndpointTeacher):  # a served teacher: per example, concurrent requests
         parts = dict(enumerate(model.capture(examples, manifest.k)))
     else:
@@ -227,7 +241,7 @@ def build_cache(model, inputs: CacheInputs, settings: TeacherCacheSettings, out:
         for key, index in mine:
             lo = index * settings.shard_examples
             examples = inputs.sources[key][lo:lo + settings.shard_examples]
-            tensors = _shard_tensors(model, examples, manifest, settings.batch_size, collator)
+            tensors = _shard_tensors(model, key, examples, manifest, settings.batch_size, collator)
             path = out / shard_name(keys.index(key), index)
             size, digest = _write_shard(path, tensors, {"source": key, "index": str(index)})
             tokens = int(tensors["offsets"][-1])

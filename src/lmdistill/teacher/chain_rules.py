@@ -45,20 +45,25 @@ def check_teachers(config: PipelineConfig) -> TeacherSettings | None:
     if len(config.teachers) > 1:
         for stage in config.stages:
             if uses_run_teachers(stage):
-                _check_mixture_stage(stage, routed=bool(routed))
+                _check_mixture_stage(stage, routed=bool(routed), cache_temperature=config.teacher_cache.temperature)
     first = config.teachers[0]
     return TeacherSettings.model_validate(first.model_dump(exclude={"weight", "sources"}, exclude_unset=True))
 
 
-def _check_mixture_stage(stage: StageSettings, routed: bool) -> None:
-    """Several teachers meet in their output distributions: the paths that need one teacher's hidden states or
-    stored outputs are refused with what to do instead."""
+def _check_mixture_stage(stage: StageSettings, routed: bool, cache_temperature: float) -> None:
+    """Several teachers meet in their output distributions: the paths that need one teacher's hidden states are
+    refused with what to do instead."""
     where = f"stage {stage.name!r} distils from several teachers"
-    if stage.fused and routed:
+    cached = stage.teacher_source == "cache"
+    if stage.fused and routed and not cached:
         raise ValueError(f"{where}: fused: true mixes every teacher on every example, so per-source routing "
-                         "(sources:) needs fused: false (chunk_size bounds the loss memory)")
-    if stage.teacher_source == "cache":
-        raise ValueError(f"{where}, but the teacher cache holds one teacher's top-k: use teacher_source: live")
+                         "(sources:) needs fused: false (chunk_size bounds the loss memory) or teacher_source: cache")
+    if cached and stage.temperature != cache_temperature:
+        # The cache holds the mixture formed at its capture temperature; re-tempering a mixture is not the mixture
+        # of the re-tempered teachers.
+        raise ValueError(f"{where} through the teacher cache, which holds their mixture at teacher_cache.temperature "
+                         f"{cache_temperature}, but the stage trains at temperature {stage.temperature}: set "
+                         f"teacher_cache.temperature: {stage.temperature}")
     bad = [t.name for t in stage.losses if isinstance(t, (*HIDDEN_TERMS, CrossVocabTerm))]
     if bad:
         raise ValueError(f"{where}: {bad[0]} compares one teacher's hidden states or tokens; keep logit losses "

@@ -4,7 +4,8 @@
 returns logits that every divergence reads as the stage's target: the weighted mixture of the teachers'
 distributions at the stage temperature (`losses.mixture`), or, for an example whose source is routed, that one
 teacher's distribution. `for_batch(inputs)` binds the batch's example ids (which name each example's source), so
-each teacher runs only on the rows it scores.
+each teacher runs only on the rows it scores; `for_source(name)` binds a whole batch to one source (what
+`cache-teacher` captures, a source at a time).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class TeacherEnsemble(nn.Module):
         # Teachers of one vocabulary may pad their heads differently: the rows they all have.
         self.vocab = min(t.get_output_embeddings().weight.shape[0] for t in teachers)
         self._example_ids: torch.Tensor | None = None
+        self._source: str | None = None
 
     def use_source_order(self, names: Sequence[str]) -> None:
         """The stage's dataset numbers its sources in this order (example_id = index * ID_STRIDE + row)."""
@@ -45,11 +47,18 @@ class TeacherEnsemble(nn.Module):
 
     def for_batch(self, inputs: Mapping[str, torch.Tensor]) -> TeacherEnsemble:
         """This ensemble with the batch's example ids bound for routing (the trainer calls it before forward)."""
-        self._example_ids = inputs.get("example_id")
+        self._example_ids, self._source = inputs.get("example_id"), None
+        return self
+
+    def for_source(self, name: str) -> TeacherEnsemble:
+        """This ensemble with every row of the next batches from source `name` (routed or mixed as in training)."""
+        self._example_ids, self._source = None, name
         return self
 
     def assignment(self, batch_size: int) -> list[int | None]:
         """Per example: the routed teacher's index, or None for the mixture."""
+        if self._source is not None:
+            return [self.sources.get(self._source)] * batch_size
         if self._example_ids is None or not self.routes:
             return [None] * batch_size
         return [self.routes.get(split_example_id(int(i))[0]) for i in self._example_ids.tolist()]

@@ -52,6 +52,21 @@ class ShardEntry(_Model):
     sha256: str
 
 
+class CachedTeacher(_Model):
+    """One teacher of a cached mixture (`teachers:`): the cache holds their weighted mixture at the capture
+    temperature, and for a routed source this teacher's distribution alone."""
+
+    name: str
+    dtype: str
+    weight: float  # share of the mixture (the configured weights normalised to sum 1)
+    sources: list[str] = []  # routed sources: their examples were scored by this teacher alone
+    config_hash: str | None = None  # None in a run's description (the run loads no teacher to hash)
+
+    def declared(self) -> dict:
+        """What a config states about this teacher (a run compares it with the cache's without loading it)."""
+        return self.model_dump(exclude={"config_hash"})
+
+
 class Manifest(_Model):
     format: Literal["lmdistill-teacher-cache/1"] = FORMAT
     teacher: str
@@ -74,6 +89,7 @@ class Manifest(_Model):
     # student's (lmdistill.data.align.ALIGNMENT). None: the teacher read the student's tokens.
     teacher_tokenizer_hash: str | None = None
     alignment: str | None = None
+    teachers: list[CachedTeacher] = []  # several teachers: whose mixture (or routing) the cache holds
 
     def identity(self) -> dict:
         """Everything that decides the cache's content (not which shards are done yet, nor who computed them, nor

@@ -20,7 +20,7 @@ from lmdistill.data.mixture import split_example_id
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import CacheError
 from lmdistill.teacher.fingerprint import examples_fingerprint, sha256_file
-from lmdistill.teacher.manifest import Manifest, ShardEntry, read_manifest
+from lmdistill.teacher.manifest import CachedTeacher, Manifest, ShardEntry, read_manifest
 from lmdistill.teacher.packing import unpack_ids
 
 REBUILD = "rebuild it with `lmdistill cache-teacher CONFIG`"
@@ -68,6 +68,37 @@ class TeacherCache:
         for shard in m.shards:
             if shard.source in examples:
                 self._check_file(shard)
+
+    def check_teachers(self, declared: list[CachedTeacher], temperature: float) -> None:
+        """Refuse a run whose teachers differ from the mixture the cache holds (names, dtypes, weights, routing),
+        or that mixes them at another temperature. `declared` is empty for a run of one teacher."""
+        cached, where = self.manifest.teachers, f"teacher cache {self.path}"
+        again = "capture it again with `lmdistill cache-teacher CONFIG --out NEW_FOLDER` and set teacher_cache.path"
+
+        def names(teachers: list[CachedTeacher]) -> str:
+            return ", ".join(t.name for t in teachers)
+
+        if not cached and declared:
+            raise CacheError(f"{where} holds one teacher's top-k ({self.manifest.teacher}), but this run mixes "
+                             f"{len(declared)} teachers ({names(declared)}): {again}")
+        if cached and not declared:
+            raise CacheError(f"{where} holds the mixture of {len(cached)} teachers ({names(cached)}), but this run "
+                             f"has one teacher: {again}")
+        if len(cached) != len(declared):
+            raise CacheError(f"{where} holds the mixture of {len(cached)} teachers ({names(cached)}), this run "
+                             f"mixes {len(declared)} ({names(declared)}): {again}")
+        for i, (old, new) in enumerate(zip(cached, declared), start=1):
+            before, now = old.declared(), new.declared()
+            for key in before:
+                if before[key] != now[key]:
+                    what = "weight (share of the mixture)" if key == "weight" else "routed sources" \
+                        if key == "sources" else key
+                    raise CacheError(f"{where}: teacher {i} ({new.name}) has {what} {before[key]!r} in the cache "
+                                     f"but {now[key]!r} in this run: {again}")
+        if cached and temperature != self.manifest.temperature:
+            raise CacheError(f"{where} holds the teachers' mixture formed at temperature {self.manifest.temperature}, "
+                             f"and a mixture cannot be re-tempered; this stage trains at {temperature}: set the "
+                             f"stage's temperature to {self.manifest.temperature}, or {again}")
 
     def _check_file(self, shard: ShardEntry) -> Path:
         file = self.path / shard.file

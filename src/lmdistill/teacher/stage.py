@@ -13,6 +13,7 @@ from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import CacheError, ConfigError
 from lmdistill.teacher.cache import eval_key
 from lmdistill.teacher.generate import load_generations
+from lmdistill.teacher.manifest import CachedTeacher
 from lmdistill.teacher.reader import REBUILD, CacheLookup, PairedCacheLookup, TeacherCache
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,20 @@ def cache_dir(config: PipelineConfig, out: str | Path | None = None) -> Path:
 
 def generations_path(config: PipelineConfig, out: str | Path | None = None) -> Path:
     return Path(out or config.generation.path or Path(config.output_dir) / "generations.jsonl")
+
+
+def mixture_teachers(config: PipelineConfig, config_hashes: list[str] | None = None) -> list[CachedTeacher]:
+    """The teachers whose mixture a cache of this config holds, as its manifest lists them (empty: one teacher).
+    config_hashes: those of the loaded teachers (`cache-teacher`); a run describes them without loading them."""
+    if not config.teachers or len(config.teachers) == 1:
+        return []
+    total = sum(entry.weight for entry in config.teachers)
+    # The first teacher is loaded as the run's teacher (its dtype may follow training.bf16).
+    settings = [config.teacher, *config.teachers[1:]]
+    hashes = config_hashes or [None] * len(settings)
+    return [CachedTeacher(name=entry.name, dtype=f"{s.quantization.bits}-bit" if s.quantization else s.dtype,
+                          weight=entry.weight / total, sources=list(entry.sources or []), config_hash=h)
+            for entry, s, h in zip(config.teachers, settings, hashes)]
 
 
 def needs_live_teacher(config: PipelineConfig, stages: list[StageSettings]) -> bool:
@@ -96,6 +111,7 @@ def _checked_cache(config: PipelineConfig, prep, stage: StageSettings, train_nam
                          f"pairs them by {ALIGNMENT!r}: rebuild it with `lmdistill cache-teacher CONFIG`")
     cache.check_run(tokenizer_hash(prep.tokenizer), config.data.max_length, prep.task_type, examples,
                     tokenizer_name=config.student.name or config.teacher.name)
+    cache.check_teachers(mixture_teachers(config), stage.temperature)
     if m.k < m.vocab_size and m.temperature != stage.temperature:
         # Re-tempering p^(Tc/T) is exact for the kept ids, but the tail is only known as a total, so its re-tempered
         # share is a rough guess; the loss drifts from the live one.

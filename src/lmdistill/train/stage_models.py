@@ -73,10 +73,18 @@ def stage_teacher(config: PipelineConfig, prep, stage: StageSettings, run_dir: P
         return prep.pool.get(f"stage {spec.from_stage}", lambda: _stage_student(config, prep, spec.from_stage, run_dir))
     if not config.teachers or len(config.teachers) == 1:
         return prep.teacher
+    if stage.teacher_source == "cache":
+        return None  # the cache holds the teachers' mixture (and routed teachers) already: none is loaded
+    return run_teachers(config, prep, stage.temperature)
+
+
+def run_teachers(config: PipelineConfig, prep, temperature: float) -> TeacherEnsemble:
+    """The run's several teachers as one module: their mixture at `temperature`, or per source its routed teacher.
+    The teachers beyond the first are loaded on first use and kept in the pool."""
     others = [prep.pool.get(f"teacher {i}", lambda e=entry: _extra_teacher(config, prep, e))
               for i, entry in enumerate(config.teachers[1:], start=1)]
     routes = {source: i for i, entry in enumerate(config.teachers) for source in entry.sources or []}
-    return TeacherEnsemble([prep.teacher, *others], [e.weight for e in config.teachers], routes, stage.temperature)
+    return TeacherEnsemble([prep.teacher, *others], [e.weight for e in config.teachers], routes, temperature)
 
 
 def route_sources(teacher: nn.Module | None, source_names: list[str], eval_sets: dict[str, list[dict]],
@@ -113,7 +121,8 @@ def log_resident(stage: StageSettings, prep, teacher: nn.Module | None, ema: boo
     resident = [("run teacher", prep.teacher)] if prep.teacher is not None else []
     resident += list(prep.pool.models.items())
     parts = [f"{key} ({_dtype(model)})" for key, model in resident]
-    used = ("an EMA of the student" if ema else "none" if teacher is None
+    used = ("an EMA of the student" if ema else "the teacher cache" if stage.teacher_source == "cache"
+            else "none" if teacher is None
             else "a mixture/routing of several teachers" if isinstance(teacher, TeacherEnsemble)
             else next((key for key, model in resident if model is teacher), "the run teacher"))
     log.info("stage %s: teachers resident: %s; this stage distils from %s", stage.name, ", ".join(parts) or "none",
@@ -132,7 +141,7 @@ def _pool_keys(config: PipelineConfig, stages: list[StageSettings]) -> set[str]:
         if stage.teacher is not None:
             if stage.teacher.from_stage is not None:
                 keys.add(f"stage {stage.teacher.from_stage}")
-        elif config.teachers and len(config.teachers) > 1:
+        elif config.teachers and len(config.teachers) > 1 and stage.teacher_source != "cache":
             keys |= {f"teacher {i}" for i in range(1, len(config.teachers))}
     return keys
 

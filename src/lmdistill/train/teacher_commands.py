@@ -12,14 +12,16 @@ from lmdistill.errors import ConfigError
 from lmdistill.models.load import load_tokenizer
 from lmdistill.models.vocab import same_vocab
 from lmdistill.teacher.cache import CacheInputs, build_cache, eval_key
+from lmdistill.teacher.chain_rules import uses_run_teachers
 from lmdistill.teacher.fingerprint import model_config_hash
 from lmdistill.teacher.generations import generation_sources, write_generations
 from lmdistill.teacher.manifest import Manifest
-from lmdistill.teacher.stage import cache_dir
+from lmdistill.teacher.stage import cache_dir, mixture_teachers
 from lmdistill.train.cross_tokenizer import teacher_views
 from lmdistill.train.prepare import prepare, student_tokenizer_name
 from lmdistill.train.processes import launched_processes
 from lmdistill.train.served import served_teacher
+from lmdistill.train.stage_models import run_teachers
 
 
 def with_endpoint(config: PipelineConfig, endpoint: str | None) -> PipelineConfig:
@@ -55,9 +57,10 @@ def _same_tokenizer(config: PipelineConfig) -> bool:
 
 def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int | None = None,
                   temperature: float | None = None) -> tuple[Path, Manifest]:
-    """Capture (or finish capturing) the top-k teacher cache for every training source and eval set; under several
-    processes each captures its share of the shards. A teacher with another tokenizer reads its own tokens and is
-    captured at the positions aligned with the student's (lmdistill.teacher.cache)."""
+    """Capture (or finish capturing) the top-k teacher cache for every training source and eval set: of the teacher,
+    or with several teachers of the target the cached stages train on (their mixture, or a routed source's teacher);
+    under several processes each captures its share of the shards. A teacher with another tokenizer reads its own
+    tokens and is captured at the positions aligned with the student's (lmdistill.teacher.cache)."""
     settings = config.teacher_cache.model_copy()
     if k is not None:
         settings.k = k
@@ -71,6 +74,9 @@ def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int 
         raise ConfigError("`lmdistill cache-teacher` across tokenizers runs the teacher on its own tokens, which a "
                           "teacher server is not asked for: remove teacher.endpoint (or --teacher-endpoint) to "
                           "capture with the teacher loaded here")
+    several = bool(mixture_teachers(config))
+    if several:
+        _check_mixture_capture(config, settings.temperature)
     prep, processes = _prepare_with_teacher(config, "cache-teacher")
     vocab = prep.shared_vocab or prep.teacher.get_output_embeddings().weight.shape[0]
     train, evals = prep.sources, prep.eval_sets
@@ -88,10 +94,28 @@ def cache_teacher(config: PipelineConfig, out: str | Path | None = None, k: int 
     if prep.teacher_tokenizer is not None:
         inputs.teacher_tokenizer_hash, inputs.alignment = tokenizer_hash(prep.teacher_tokenizer), ALIGNMENT
         inputs.teacher_pad_token_id = prep.teacher_tokenizer.pad_token_id
+    teacher = prep.teacher
+    if several:
+        # The target the cached stages train on: the teachers' mixture formed at the capture temperature (their
+        # temperature, checked at load), or a routed source's own teacher.
+        teacher = run_teachers(config, prep, settings.temperature)
+        inputs.teachers = mixture_teachers(config, [model_config_hash(t.config) for t in teacher.teachers])
     if config.teacher.endpoint:
         inputs.endpoint, inputs.served_model = prep.teacher.url, prep.teacher.served_model
     out_dir = cache_dir(config, out)
-    return out_dir, build_cache(prep.teacher, inputs, settings, out_dir, processes)
+    return out_dir, build_cache(teacher, inputs, settings, out_dir, processes)
+
+
+def _check_mixture_capture(config: PipelineConfig, temperature: float) -> None:
+    if config.teacher.endpoint:
+        raise ConfigError("several teachers are mixed in this process, but --teacher-endpoint / teacher.endpoint "
+                          "asks a server for one teacher: drop the endpoint to capture their mixture")
+    trained_at = sorted({stage.temperature for stage in config.stages
+                         if stage.teacher_source == "cache" and uses_run_teachers(stage)})
+    if trained_at and trained_at != [temperature]:
+        raise ConfigError(f"the cached stages train on the teachers' mixture at temperature {trained_at[0]}, and a "
+                          f"mixture captured at {temperature} cannot be re-tempered: drop --temperature (the "
+                          f"capture uses teacher_cache.temperature, {config.teacher_cache.temperature})")
 
 
 def generate(config: PipelineConfig, num_samples: int | None = None, max_new_tokens: int | None = None,
