@@ -13,7 +13,8 @@ Usage: python bench/loss_memory.py [--tokens 1024 4096] [--methods plain_ce fuse
        python bench/loss_memory.py --profile fused --tokens 1024    (where the time goes: torch.profiler, top ops)
 Each (method, B*T) runs `--repeats` times, each in a fresh subprocess (peak RSS is per process); the methods take
 turns within each repeat, so a load that drifts during the run weighs on all of them alike. The table shows the
-medians and each method's time and memory over plain CE's and its time over the floor's.
+medians and each method's time and memory over plain CE's and its time over the floor's; "CPU s" is the process's
+CPU time, which a busy machine inflates less than the wall time (a fair comparison with OMP_NUM_THREADS=1).
 A child that would pass the memory limit (RLIMIT_AS) reports it instead of taking the machine down.
 """
 
@@ -66,7 +67,7 @@ def measure(method: str, tokens: int) -> dict:
     # fused picks its chunk from its memory budget; the chunked logits path runs autograd, with smaller chunks
     chunk = default_chunk_size(VOCAB, closed_form=method == "fused")
     base = _rss_mb()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if method == "floor":
         with torch.no_grad():
             grad_logits = h_s @ w_s.T  # stands in for d loss / d student logits
@@ -74,7 +75,7 @@ def measure(method: str, tokens: int) -> dict:
             grad_logits @ w_s
             grad_logits.T @ h_s
         return {"method": method, "tokens": tokens, "peak_mb": _rss_mb() - base,
-                "seconds": time.perf_counter() - start, "chunk": chunk}
+                "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, "chunk": chunk}
     if method == "fused":
         loss = fused_distill_loss(h_s, w_s, h_t, w_t, labels, loss="jsd", beta=0.5)
     else:
@@ -89,9 +90,9 @@ def measure(method: str, tokens: int) -> dict:
             else:
                 loss = jsd(student_logits, teacher_logits, labels, beta=0.5, chunk_size=chunk)
     loss.backward()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"method": method, "tokens": tokens, "peak_mb": _rss_mb() - base, "seconds": elapsed,
-            "loss": float(loss), "chunk": chunk}
+            "cpu_seconds": cpu, "loss": float(loss), "chunk": chunk}
 
 
 def _child(method: str, tokens: int, limit_gb: float) -> dict:
@@ -112,7 +113,7 @@ def _median(runs: list[dict]) -> dict:
         return runs[0]
     median = statistics.median_low([r["seconds"] for r in ok])
     return {**next(r for r in ok if r["seconds"] == median), "peak_mb": statistics.median(r["peak_mb"] for r in ok),
-            "repeats": len(ok)}
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in ok), "repeats": len(ok)}
 
 
 def profile(method: str, tokens: int, top: int = 15) -> None:
@@ -149,19 +150,20 @@ def main() -> None:
                 runs[m, n].append(_child(m, n, args.mem_limit_gb))
     rows = [_median(runs[m, n]) for n in args.tokens for m in args.methods]
     print(f"\nV={VOCAB:,}, hidden={HIDDEN}, float32, CPU; JSD(beta=0.5) except plain CE; median of {args.repeats}")
-    print(f"{'B*T':>6} {'method':<9} {'peak MB':>9} {'fwd+bwd s':>10} {'x CE mem':>9} {'x CE time':>10} "
-          f"{'x floor':>8}  note")
+    print(f"{'B*T':>6} {'method':<9} {'peak MB':>9} {'fwd+bwd s':>10} {'CPU s':>7} {'x CE mem':>9} {'x CE time':>10} "
+          f"{'x floor':>8} {'CPU x CE':>9} {'CPU x floor':>12}  note")
     for r in rows:
         if "error" in r:
-            print(f"{r['tokens']:>6} {r['method']:<9} {'-':>9} {'-':>10} {'-':>9} {'-':>10} {'-':>8}  "
-                  f"not measured: {r['error']}")
+            print(f"{r['tokens']:>6} {r['method']:<9} {'-':>9} {'-':>10} {'-':>7} {'-':>9} {'-':>10} {'-':>8} {'-':>9} "
+                  f"{'-':>12}  not measured: {r['error']}")
             continue
         ref = {m: next((f for f in rows if f["method"] == m and f["tokens"] == r["tokens"] and "error" not in f),
                        None) for m in ("plain_ce", "floor")}
         note = f"chunk {r['chunk']} tokens" if r["method"] in ("chunked", "fused") else ""
-        print(f"{r['tokens']:>6} {r['method']:<9} {r['peak_mb']:>9.0f} {r['seconds']:>10.2f} "
+        print(f"{r['tokens']:>6} {r['method']:<9} {r['peak_mb']:>9.0f} {r['seconds']:>10.2f} {r['cpu_seconds']:>7.2f} "
               f"{_ratio(r, ref['plain_ce'], 'peak_mb'):>9} {_ratio(r, ref['plain_ce'], 'seconds'):>10} "
-              f"{_ratio(r, ref['floor'], 'seconds'):>8}  {note}")
+              f"{_ratio(r, ref['floor'], 'seconds'):>8} {_ratio(r, ref['plain_ce'], 'cpu_seconds'):>9} "
+              f"{_ratio(r, ref['floor'], 'cpu_seconds'):>12}  {note}")
     print("\nratios (targets: fused time <= 1.6x and mem <= 0.5x plain CE; the floor is 4 matmuls to CE's 3)")
     for n in args.tokens:
         got = {r["method"]: r for r in rows if r["tokens"] == n and "error" not in r}

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lmdistill.losses import DistillObjective, LossTerm, fused_distill_loss
+import lmdistill.losses.fused as fused_module
+from lmdistill.losses import DistillObjective, LossTerm, closed_form, fused_distill_loss
 
 PARAMS = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2},
           "skew_reverse_kl": {"alpha": 0.4}, "tvd": {}, "cross_entropy": {}}
@@ -196,3 +197,25 @@ def test_chunks_reuse_their_buffers(name):
             loss.backward()
         counts.append(counter.count)
     assert counts[0] == counts[1] < 20, counts
+
+
+def test_blocks_run_on_one_thread_and_restore_the_thread_count(monkeypatch):
+    """The cache-sized blocks run on one thread (split over threads they stalled on a busy machine); the caller's
+    thread count is back afterwards, the result unchanged."""
+    hs, ws, bs, teachers, labels = _case(seed=19, bias=True, masked=False)
+    terms = [LossTerm("jsd", 1.0, PARAMS["jsd"])]
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return closed_form.block_terms(*args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "block_terms", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fused = _fused(terms, hs, ws, bs, teachers, None, labels, 2.0)
+        assert torch.get_num_threads() == 2 and set(seen) == {1}
+    finally:
+        torch.set_num_threads(before)
+    _assert_matches(*fused, *_reference(terms, hs, ws, bs, teachers, None, labels, 2.0))

@@ -18,7 +18,8 @@ chunks keep the matmuls efficient and add the lm_head gradient into its one floa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from lmdistill.losses.closed_form import CLOSED_FORMS, Workspace, block_terms
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature, score_rows, upcast
-from lmdistill.losses.engine import ClosedForm, Head, reduce_rows
+from lmdistill.losses.engine import ClosedFn, ClosedForm, Head, reduce_rows
 from lmdistill.losses.errors import LossInputError
 from lmdistill.losses.functional import backward_coeffs, cache_rows, counted_rows, finish
 from lmdistill.losses.mixture import mixture_logits
@@ -34,7 +35,7 @@ from lmdistill.losses.mixture import mixture_logits
 
 BUDGET_ELEMENTS = 2**26  # all [chunk, V] product buffers together: 256 MiB in float32, whatever the vocabulary
 AUTOGRAD_BLOCK_ELEMENTS = 2**24  # per [chunk, V] block when autograd runs: it keeps about ten of them per chunk
-ROW_BLOCK_ELEMENTS = 2**18  # the closed form's [rows, V] scratch blocks: 1 MiB in float32, so they stay in cache
+ROW_BLOCK_ELEMENTS = 2**18  # the closed form's [rows, V] scratch blocks on CPU: 1 MiB in float32, so they stay in cache
 
 
 def default_chunk_size(vocab_size: int, n_models: int = 2, closed_form: bool = True) -> int:
@@ -126,8 +127,8 @@ def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head:
         shared += [head.weight, head.bias]
         heads.append(Head(1 + i, 2 + 2 * i, 3 + 2 * i if head.bias is not None else None))
     closed = None
-    teacher_grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for head, rows in zip(t_heads, t_rows) for t in (head.weight, head.bias, rows))
+    teacher_tensors = [t for head, rows in zip(t_heads, t_rows) for t in (head.weight, head.bias, rows)]
+    teacher_grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in teacher_tensors)
     if all(spec.name in CLOSED_FORMS for spec in specs) and not teacher_grads:
         closed = ClosedForm(_closed_fn(specs, student_head, t_heads, mixture, mixture_temperature), rows=(0,))
     if chunk_size is None:
@@ -137,31 +138,49 @@ def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head:
                        coeffs, heads, closed), count
 
 
+@contextmanager
+def _one_thread(active: bool) -> Iterator[None]:
+    """torch's CPU ops on one thread inside (restored after). The closed form's blocks are cache-sized: split over
+    threads, each op paid a synchronisation, and on a busy machine a descheduled thread stalled it for milliseconds
+    (58 s for one 1024-token loss with 2 threads against 22 s with one)."""
+    threads = torch.get_num_threads()
+    if not active or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _closed_fn(specs: Sequence[TermSpec], student_head: LMHead, t_heads: Sequence[LMHead],
-               mixture: Sequence[float] | None, mixture_temperature: float):
-    """The engine's ClosedForm function for the student's head: scores a chunk in blocks of rows small enough to
-    stay in cache and writes d (weights . sums) / d student product over the product itself."""
+               mixture: Sequence[float] | None, mixture_temperature: float) -> ClosedFn:
+    """The engine's ClosedForm function for the student's head: scores a chunk block by block and writes
+    d (weights . sums) / d student product over the product itself."""
     work = Workspace()  # one set of block buffers for every chunk of this call
     # Products of finite hidden states and weights are finite: only a -inf bias entry masks a token.
     masked = any(head.bias is not None and bool(torch.isneginf(head.bias).any()) for head in [student_head, *t_heads])
 
     def fn(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None],
            weights: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
-        s_product, t_products = rows[0], rows[1: 1 + len(t_heads)]
-        labels = rows[1 + len(t_heads)]
+        s_product, t_products, labels = rows[0], rows[1: 1 + len(t_heads)], rows[1 + len(t_heads)]
         coeffs = weights.expand(len(specs)).tolist()
-        step = max(1, ROW_BLOCK_ELEMENTS * torch.get_num_threads() // s_product.shape[1])
+        on_cpu = s_product.device.type == "cpu"
+        # A CPU works through the chunk in blocks of rows that stay in one core's cache; a GPU takes it whole.
+        step = max(1, ROW_BLOCK_ELEMENTS // s_product.shape[1]) if on_cpu else s_product.shape[0]
         total = None
-        for start in range(0, s_product.shape[0], step):
-            block = slice(start, start + step)
-            s_logits = student_head.logits(s_product[block])
-            t_logits = [head.logits(product[block]) for head, product in zip(t_heads, t_products)]
-            if len(t_logits) > 1:
-                t_logits = [mixture_logits(t_logits, mixture, mixture_temperature)]
-            sums, grad = block_terms(specs, coeffs, s_logits, t_logits[0] if t_logits else None,
-                                     labels[block] if labels is not None else None, work, masked)
-            student_head.product_grad(s_logits, grad, out=s_product[block])
-            total = sums if total is None else total + sums
+        with _one_thread(on_cpu):
+            for start in range(0, s_product.shape[0], step):
+                block = slice(start, start + step)
+                s_logits = student_head.logits(s_product[block])
+                t_logits = [head.logits(product[block]) for head, product in zip(t_heads, t_products)]
+                if len(t_logits) > 1:
+                    t_logits = [mixture_logits(t_logits, mixture, mixture_temperature)]
+                sums, grad = block_terms(specs, coeffs, s_logits, t_logits[0] if t_logits else None,
+                                         labels[block] if labels is not None else None, work, masked)
+                student_head.product_grad(s_logits, grad, out=s_product[block])
+                total = sums if total is None else total + sums
         return total, {0: s_product}
 
     return fn

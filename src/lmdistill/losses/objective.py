@@ -166,7 +166,8 @@ class DistillObjective:
         student = LMHead(student_weight, student_bias, student_softcap, student_logit_scale)
         denom = self._denominator(labels, student_hidden[..., 0].numel(), num_items)
         sums, _ = fused_terms(specs, student_hidden, student, None, None, labels,
-                              self.chunk_size, self._coeffs(denom, student_hidden.device), teacher_ids, teacher_logprobs, teacher_tail)
+                              self.chunk_size, self._coeffs(denom, student_hidden.device), teacher_ids, teacher_logprobs,
+                              teacher_tail)
         return self._output(sums, denom)
 
     def _cached_specs(self, cache_temperature: float, tail: str) -> list[TermSpec]:
