@@ -2,12 +2,13 @@
 batches drawn after an evaluation follow the new weights, and a resume from a checkpoint draws the uninterrupted
 run's batches."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainerState
 
 import lmdistill.train.feedback as feedback
 from lmdistill.config import EvalDrivenSettings, config_from_dict
@@ -88,8 +89,10 @@ def _train(config, student_dir, teacher, out, events, stop_at=None, resume=None)
         model=AutoModelForCausalLM.from_pretrained(student_dir), args=stage_training_arguments(config, stage, out, True),
         train_dataset=dataset, eval_dataset=ListDataset(_rows(4, "domain")), data_collator=collator,
         objective=build_objective(stage), teacher=teacher)
-    trainer.add_callback(feedback.EvalDrivenSampling(dataset, teacher, {n: rows[:4] for n, rows in sources.items()},
-                                                     stage.eval_driven_sampling))
+    sampling = feedback.EvalDrivenSampling(dataset, teacher, {n: rows[:4] for n, rows in sources.items()},
+                                           stage.eval_driven_sampling)
+    trainer.add_callback(sampling)
+    trainer.checkpoint_writers.append(sampling.save)  # as the pipeline registers it
     trainer.add_callback(_Events(events, stop_at))
     trainer.train(resume_from_checkpoint=resume)
     return dataset
@@ -99,19 +102,26 @@ def _train(config, student_dir, teacher, out, events, stop_at=None, resume=None)
 def stage3_run(tmp_path_factory, student_dir, teacher_dir):
     tmp = tmp_path_factory.mktemp("stage3")
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval().requires_grad_(False)
+    save, feedback_before_state = TrainerState.save_to_json, []
+
+    def save_state(state, path):  # trainer_state.json marks a checkpoint complete for resume: was the history in?
+        feedback_before_state.append((Path(path).parent / feedback.STATE_FILE).exists())
+        save(state, path)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(feedback, "agreement_and_kl",
                       lambda teacher, model, examples, batch_size: {"kl_teacher_student": GAPS[examples[0]["source"]]})
+        patch.setattr(TrainerState, "save_to_json", save_state)
         config = _preset_stage3(tmp)
         whole, interrupted, resumed = [], [], []
         dataset = _train(config, student_dir, teacher, tmp / "whole", whole)
         _train(config, student_dir, teacher, tmp / "crash", interrupted, stop_at=6)  # evaluated at 6, saved at 4
         _train(config, student_dir, teacher, tmp / "crash", resumed, resume=str(tmp / "crash" / "checkpoint-4"))
-    return dataset, whole, interrupted, resumed
+    return dataset, whole, interrupted, resumed, feedback_before_state
 
 
 def test_preset_stage3_batches_after_an_evaluation_follow_the_new_weights(stage3_run):
-    dataset, whole, _, _ = stage3_run
+    dataset, whole, *_ = stage3_run
     first_eval = whole.index(("eval", 2))
     before = [dataset.names[split_example_id(i)[0]] for kind, ids in whole[:first_eval] if kind == "batch" for i in ids]
     after = [dataset.names[split_example_id(i)[0]] for kind, ids in whole[first_eval:] if kind == "batch" for i in ids]
@@ -129,7 +139,14 @@ def test_preset_stage3_batches_after_an_evaluation_follow_the_new_weights(stage3
 
 
 def test_resume_draws_the_batches_of_the_uninterrupted_run(stage3_run):
-    _, whole, interrupted, resumed = stage3_run
+    _, whole, interrupted, resumed, _ = stage3_run
     batches = [ids for kind, ids in whole if kind == "batch"]
     assert len(batches) == 8 and ("eval", 6) in interrupted  # the crash came after a later evaluation than saved
     assert [ids for kind, ids in resumed if kind == "batch"] == batches[4:]
+
+
+def test_the_feedback_history_is_in_each_checkpoint_before_it_counts_as_complete(stage3_run):
+    """A run killed right after trainer_state.json is written resumes from that checkpoint: its history must be
+    there already (written through the trainer's checkpoint_writers, not in on_save, which comes after)."""
+    *_, feedback_before_state = stage3_run
+    assert feedback_before_state and all(feedback_before_state)

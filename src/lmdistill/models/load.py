@@ -113,8 +113,11 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str, total_steps: int | None = None):
-    """Wrap a student with peft adapters (LoRA, QLoRA = LoRA on a k-bit base, AdaLoRA)."""
+def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str, total_steps: int | None = None,
+               seed: int = 0):
+    """Wrap a student with peft adapters (LoRA, QLoRA = LoRA on a k-bit base, AdaLoRA). New adapters start from
+    `seed`, not from whatever the global generator holds (it differs from one process to the next), so every
+    run, every process, and a run resumed after a kill start them alike."""
     from peft import AdaLoraConfig, LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     if lora.method == "qlora":
@@ -142,7 +145,10 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str, total
             k: v for k, v in common.items() if k != "r"})
     else:
         peft_config = LoraConfig(**common)
-    return get_peft_model(model, peft_config)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_config)
 
 
 def _keep_4bit_layout(model: PreTrainedModel) -> None:

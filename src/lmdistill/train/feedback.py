@@ -2,8 +2,9 @@
 
 The gap is the teacher-student KL per counted token on each eval set named like a training source (or on each
 bucket, when eval rows carry a `bucket`/`category` field). The mixture's weights move toward the larger gaps,
-bounded so that no source vanishes. The feedback history is saved in every checkpoint, so a stage resumed from one
-draws the batches the uninterrupted run drew.
+bounded so that no source vanishes. The feedback history is saved in every checkpoint (written through the
+trainer's checkpoint_writers, before trainer_state.json marks the checkpoint complete, so a run killed in between
+never resumes without it), so a stage resumed from one draws the batches the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ class EvalDrivenSampling(TrainerCallback):
             log.warning("the checkpoint at step %d has no %s: evaluation-driven sampling starts over from the "
                         "scheduled weights", state.global_step, STATE_FILE)
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self._checkpoint_file(args, state).write_text(json.dumps(self.dataset.state_dict()))
+    def save(self, checkpoint: str | Path) -> None:
+        """Write the feedback history into `checkpoint` (the trainer calls it on the main process, before the
+        checkpoint counts as complete)."""
+        (Path(checkpoint) / STATE_FILE).write_text(json.dumps(self.dataset.state_dict()))
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if len(self.groups) < 2 or model is None:

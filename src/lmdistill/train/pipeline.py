@@ -137,7 +137,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
                            checkpoint=start_from)
     if config.student.lora is not None:
         student = apply_lora(student, config.student.lora, prep.task_type,
-                             total_steps=stage.max_steps or None)
+                             total_steps=stage.max_steps or None, seed=config.training.seed)
     ema = EmaTeacher(student, stage.teacher.decay) if stage.teacher and stage.teacher.self_ == "ema" else None
     teacher = ema.model if ema is not None else teacher
     log_resident(stage, prep, teacher, ema is not None)
@@ -186,6 +186,8 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
     for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset,
                                     prep.scoring_teacher) + early_stopping(config):
         trainer.add_callback(callback)
+        if isinstance(callback, EvalDrivenSampling):
+            trainer.checkpoint_writers.append(callback.save)
     resume = _last_checkpoint(stage_dir)
     if resume:
         log.info("stage %s: resuming from %s", stage.name, resume)

@@ -1,0 +1,105 @@
+"""Resume after a real SIGKILL: `lmdistill run` killed (its whole process group, no handler runs) the moment its
+first checkpoint is complete, then run again, ends with the student weights of the uninterrupted run, and with the
+same EMA teacher in self-distillation.
+
+Equality is torch.equal: the steps after the checkpoint repeat the same float operations on the same inputs in the
+same order, so any difference means some state (initial adapters, batches, sampling weights, rng, optimizer, EMA)
+was not restored. Every run is its own `lmdistill run` process: the uninterrupted one too, since the same steps run
+in the test process can differ from a fresh process in the last bits (a fresh process is what a resume is)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lmdistill.train.ema import EMA_FILE
+
+KD = [{"name": "forward_kl", "weight": 0.8}, {"name": "cross_entropy", "weight": 0.2}]
+
+
+def _start(data: dict, out: Path) -> subprocess.Popen:
+    """`lmdistill run` on `data` into `out`, in its own process group."""
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump({**data, "output_dir": str(out)}))
+    return subprocess.Popen([sys.executable, "-m", "lmdistill.cli", "run", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, out: Path) -> Path:
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    return out
+
+
+def _kill_at_first_checkpoint(proc: subprocess.Popen, out: Path, stage: str) -> None:
+    """SIGKILL the run once a checkpoint of `stage` is complete (Trainer writes trainer_state.json last)."""
+    deadline = time.time() + 120
+    while not list((out / stage).glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    state = json.loads((out / "pipeline_state.json").read_text())
+    assert state["stages"][-1]["status"] == "running"  # killed mid-stage, not after it
+
+
+def _whole_and_resumed(data: dict, tmp_path: Path, stage: str) -> tuple[Path, Path]:
+    """(the uninterrupted run, the run killed at its first checkpoint and run again); the first two side by side."""
+    whole = _start(data, tmp_path / "whole")
+    cut = _start(data, tmp_path / "cut")
+    _kill_at_first_checkpoint(cut, tmp_path / "cut", stage)
+    resumed = _start(data, tmp_path / "cut")
+    return _finish(whole, tmp_path / "whole"), _finish(resumed, tmp_path / "cut")
+
+
+def _small(data: dict) -> dict:
+    for source in data["data"]["sources"].values():
+        source["max_rows"] = 24
+    return data
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = {name: (a[name] - b[name]).abs().max().item() for name in a if not torch.equal(a[name], b[name])}
+    assert not differ, differ
+
+
+def _student(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The run's exported student (adapters merged)."""
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_kd_with_a_scheduled_mixture_and_evaluation_driven_sampling(tiny_pipeline, tmp_path):
+    """The mixture's draws by schedule and by the sampling weights fed back at each evaluation (the feedback file)."""
+    stage = {"name": "s", "max_steps": 4, "save_steps": 2, "eval_steps": 2, "losses": KD,
+             "eval_driven_sampling": {"enabled": True},
+             "mixture": {"weights": {"general": 1.0},
+                         "schedule": {"kind": "linear", "source": "domain", "start": 0.8, "end": 0.3}}}
+    data = _small(tiny_pipeline([stage], evaluation={"enabled": False, "report": False}))
+    # evaluation-driven sampling compares eval sets named like the sources
+    data["data"]["eval"] = {name: {"path": data["data"]["sources"][name]["path"], "max_rows": 8}
+                            for name in ("general", "domain")}
+    whole, resumed = _whole_and_resumed(data, tmp_path, "s")
+    _same(_student(resumed), _student(whole))
+
+
+def test_ema_self_distillation_with_lora_after_sigkill(tiny_pipeline, tmp_path):
+    """The EMA teacher (written before the checkpoint counts as complete), LoRA adapters new in the run (their
+    initial values), LoRA dropout (the rng) and micro-batches of a step."""
+    stage = {"name": "self", "max_steps": 4, "save_steps": 2, "gradient_accumulation_steps": 2, "losses": KD,
+             "teacher": {"self": "ema", "decay": 0.5}}
+    data = _small(tiny_pipeline([stage], evaluation={"enabled": False, "report": False}))
+    del data["teacher"]  # self-distillation needs no other model
+    data["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1}
+    whole, resumed = _whole_and_resumed(data, tmp_path, "self")
+    _same(load_file(resumed / "self" / "checkpoint-4" / EMA_FILE), load_file(whole / "self" / "checkpoint-4" / EMA_FILE))
+    _same(_student(resumed), _student(whole))
