@@ -13,8 +13,9 @@ as a free vector), dD/da = q * (g - <q, g>) (the softmax Jacobian). Per term, m 
     skew_reverse_kl   g = log q - log m - alpha q / m      (m = alpha q + (1 - alpha) p)
     tvd               g = sign(q - p) / 2
     cross_entropy     d/ds = softmax(s) - onehot(label)     (T = 1, the whole student vocabulary)
-Log-probs are floored at the dtype's lowest value, so a token a side gives no mass (-inf logit) adds 0, never NaN, to
-every sum and gradient, as in `divergences`.
+When logits may hold -inf (masked tokens), log-probs are floored at the dtype's lowest value, so a token a side gives no
+mass adds 0, never NaN, to every sum and gradient, as in `divergences`. Where `divergences` gives +inf (KL(a || b) with
+a > 0 = b), the floor gives a huge value, finite or +inf.
 """
 
 from __future__ import annotations
