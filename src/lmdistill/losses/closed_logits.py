@@ -4,7 +4,9 @@ Autograd through a divergence keeps about seven [N, V] tensors (both models' log
 differences) and runs one backward kernel per forward op, each a pass over memory. Here the forward pass scores the
 rows in blocks small enough to stay in cache and writes d (coeffs . sums) / d student logits into one [N, V] buffer;
 the backward hands that buffer over. A backward that arrives with other term weights than the expected ones (a
-balancer, one term's gradient alone) recomputes the gradient for those weights, so it is always exact.
+balancer, one term's gradient alone) recomputes the gradient for those weights, so it is always exact. A backward
+with create_graph=True (a gradient penalty, a Hessian-vector product) recomputes by autograd, so that the gradient
+it returns can be differentiated again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lmdistill.losses.closed_form import CLOSED_FORMS, Workspace, block_terms
-from lmdistill.losses.divergences import TermSpec, upcast
+from lmdistill.losses.divergences import TermSpec, score_rows, upcast
 
 # Rows per block: [rows, V] float32 scratch of 1 MiB per thread, so that a block's passes stay in cache (the fused
 # path's ROW_BLOCK_ELEMENTS; fused.py imports this module's functional neighbour, so it cannot be imported here).
@@ -69,6 +71,11 @@ class _ClosedLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sums):
         student, teacher, labels, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the written-out gradient has no graph to differentiate again
+            rows = [t.index_select(0, ctx.counted) if t is not None and ctx.counted is not None else t
+                    for t in (student, teacher, labels)]
+            objective = (score_rows(ctx.specs, *rows) * grad_sums).sum()
+            return None, None, None, torch.autograd.grad(objective, student, create_graph=True)[0], None, None
         expected = torch.tensor(ctx.coeffs, dtype=grad_sums.dtype, device=grad_sums.device)
         norm = float((expected * expected).sum())
         scale = float((grad_sums * expected).sum()) / norm if norm > 0 else 0.0

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmdistill.losses.errors import LossInputError
+
 RowFn = Callable[[Sequence[Tensor | None], Sequence[Tensor | None]], Tensor]  # (row chunks, shared) -> [terms]
 # (row chunks with the heads' products, shared, weights [terms]) -> ([terms], {row: d (weights . terms) / d product})
 ClosedFn = Callable[[Sequence[Tensor | None], Sequence[Tensor | None], Tensor], tuple[Tensor, dict[int, Tensor]]]
@@ -206,7 +208,7 @@ class _HeadState:
         """Add one chunk's gradients through the head, given the product's gradient grad [n, V]."""
         head = self.head
         if needs[head.row]:
-            grads[head.row].index_copy_(0, idx, grad @ self.weight)
+            grads[head.row].index_copy_(0, idx, (grad @ self.weight).to(grads[head.row].dtype))  # autocast: bf16
         w_grad = grads[n_rows + head.weight]
         if w_grad is not None:
             if w_grad.dtype == grad.dtype:
@@ -238,6 +240,10 @@ class _ChunkedRows(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         tensors = [next(saved) if present else None for present in ctx.present]
         stored = [next(saved) if has else None for has in ctx.has_grad]
+        if torch.is_grad_enabled():  # its gradients are formed chunk by chunk, outside any graph
+            raise LossInputError("a chunked or fused loss gives first derivatives only, but this backward asks for "
+                                 "a graph of them (create_graph=True): compute the loss on full logits "
+                                 "(fused: false, chunk_size: null) to differentiate it twice")
         if not grad_sums.any():
             return (None,) * (1 + len(tensors))
         coeffs = (plan.coeffs if plan.coeffs is not None else torch.ones(())).to(grad_sums).expand_as(grad_sums)
