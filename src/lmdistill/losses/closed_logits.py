@@ -18,10 +18,7 @@ from torch import Tensor
 
 from lmdistill.losses.closed_form import CLOSED_FORMS, Workspace, block_terms
 from lmdistill.losses.divergences import TermSpec, score_rows, upcast
-
-# Rows per block: [rows, V] float32 scratch of 1 MiB per thread, so that a block's passes stay in cache (the fused
-# path's ROW_BLOCK_ELEMENTS; fused.py imports this module's functional neighbour, so it cannot be imported here).
-ROW_BLOCK_ELEMENTS = 2**18
+from lmdistill.losses.fused import ROW_BLOCK_ELEMENTS, _one_thread
 
 
 def closed_form_applies(specs: Sequence[TermSpec], student: Tensor, teacher: Tensor | None) -> bool:
@@ -46,15 +43,19 @@ def _score(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Tensor, 
     s_rows, t_rows, l_rows = rows
     grad = torch.empty_like(s_rows)
     work = Workspace()  # block buffers reused by every block
-    step = max(1, ROW_BLOCK_ELEMENTS * torch.get_num_threads() // max(1, s_rows.shape[1]))
+    # As on the fused path: a CPU works through the rows in blocks that stay in one core's cache, on one thread; a
+    # GPU takes them whole.
+    on_cpu = student.device.type == "cpu"
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, s_rows.shape[1])) if on_cpu else max(1, s_rows.shape[0])
     total = torch.zeros(len(specs), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
-    for start in range(0, s_rows.shape[0], step):
-        block = slice(start, start + step)
-        sums, block_grad = block_terms(specs, coeffs, upcast(s_rows[block]),
-                                       upcast(t_rows[block]) if t_rows is not None else None,
-                                       l_rows[block] if l_rows is not None else None, work)
-        grad[block].copy_(block_grad)
-        total += sums
+    with _one_thread(on_cpu):
+        for start in range(0, s_rows.shape[0], step):
+            block = slice(start, start + step)
+            sums, block_grad = block_terms(specs, coeffs, upcast(s_rows[block]),
+                                           upcast(t_rows[block]) if t_rows is not None else None,
+                                           l_rows[block] if l_rows is not None else None, work)
+            grad[block].copy_(block_grad)
+            total += sums
     if counted is not None:
         grad = torch.zeros_like(student).index_copy_(0, counted, grad)
     return total, grad

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lmdistill.losses.closed_logits import closed_form_applies, closed_logit_terms
 from lmdistill.losses.divergences import (IGNORE_INDEX, TAILS, TermSpec, check_params, check_temperature,
                                           score_rows)
 from lmdistill.losses.engine import reduce_rows
@@ -92,24 +91,29 @@ def cache_rows(student: Tensor, what: str, vocab: int, teacher_ids: Tensor | Non
     return teacher_ids.reshape(n_rows, -1), teacher_logprobs.reshape(n_rows, -1), tails  # [N, k], [N, k]
 
 
-def logit_terms(specs: Sequence[TermSpec], student_logits: Tensor, teacher_logits: Tensor | None,
-                labels: Tensor | None, chunk_size: int | None = None, coeffs: Tensor | None = None,
-                teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None,
-                teacher_tail: Tensor | None = None, closed: Sequence[float] | None = None) -> tuple[Tensor, int]:
-    """Term sums over counted tokens from full logits. student_logits [..., V]; teacher_logits [..., V'] or
-    None; labels [...]; teacher_ids / teacher_logprobs [..., k] and teacher_tail [...] (or None) for topk_kl.
-    closed: coeffs as numbers, to write the gradient out (`closed_logits.py`) where every term allows it; -inf
-    log-probs are then floored at the dtype's lowest value, as on the fused path. Returns ([terms], count)."""
-    v = student_logits.shape[-1]
-    student = student_logits.reshape(-1, v)  # [N, V]
+def logit_rows(student_logits: Tensor, teacher_logits: Tensor | None,
+               labels: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, int]:
+    """student_logits [..., V], teacher_logits [..., V'] or None, labels [...] -> rows: (student [N, V], teacher
+    [N, V'] or None, flat labels [N] or None, int64 indices of the counted rows or None when all count, count)."""
+    student = student_logits.reshape(-1, student_logits.shape[-1])  # [N, V]
     flat_labels, counted, count = counted_rows(labels, student.shape[0])
     teacher = None
     if teacher_logits is not None:
         _check_pair(student_logits, teacher_logits, "logits")
         teacher = teacher_logits.reshape(student.shape[0], -1)  # [N, V']
-    ids, lps, tails = cache_rows(student_logits, "logits", v, teacher_ids, teacher_logprobs, teacher_tail)
-    if closed is not None and ids is None and closed_form_applies(specs, student, teacher):
-        return closed_logit_terms(specs, closed, student, teacher, flat_labels, counted), count
+    return student, teacher, flat_labels, counted, count
+
+
+def logit_terms(specs: Sequence[TermSpec], student_logits: Tensor, teacher_logits: Tensor | None,
+                labels: Tensor | None, chunk_size: int | None = None, coeffs: Tensor | None = None,
+                teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None,
+                teacher_tail: Tensor | None = None) -> tuple[Tensor, int]:
+    """Term sums over counted tokens from full logits. student_logits [..., V]; teacher_logits [..., V'] or
+    None; labels [...]; teacher_ids / teacher_logprobs [..., k] and teacher_tail [...] (or None) for topk_kl.
+    Returns ([terms], count)."""
+    student, teacher, flat_labels, counted, count = logit_rows(student_logits, teacher_logits, labels)
+    ids, lps, tails = cache_rows(student_logits, "logits", student.shape[1], teacher_ids, teacher_logprobs,
+                                 teacher_tail)
 
     def fn(rows: Sequence[Tensor | None], shared: Sequence[Tensor | None]) -> Tensor:
         return score_rows(specs, *rows)

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmdistill.losses.closed_logits import closed_form_applies, closed_logit_terms
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature
 from lmdistill.losses.errors import LossConfigError
-from lmdistill.losses.functional import LOGIT_LOSSES, counted_rows, logit_terms, topk_spec
+from lmdistill.losses.functional import LOGIT_LOSSES, counted_rows, logit_rows, logit_terms, topk_spec
 from lmdistill.losses.fused import LMHead, fused_terms
 
 
@@ -110,8 +111,14 @@ class DistillObjective:
         """student_logits [..., V], teacher_logits [..., V'] (None if not needs_teacher), labels [...]."""
         self._require_teacher(teacher_logits)
         denom = self._denominator(labels, student_logits[..., 0].numel(), num_items)
-        sums, _ = logit_terms(self._specs(), student_logits, teacher_logits, labels, self.chunk_size,
-                              self._coeffs(denom, student_logits.device), closed=[t.weight / denom for t in self.terms])
+        specs = self._specs()
+        if closed_form_applies(specs, student_logits, teacher_logits):  # the gradient written out, no autograd graph
+            student, teacher, flat_labels, counted, _ = logit_rows(student_logits, teacher_logits, labels)
+            sums = closed_logit_terms(specs, [t.weight / denom for t in self.terms], student, teacher, flat_labels,
+                                      counted)
+        else:
+            sums, _ = logit_terms(specs, student_logits, teacher_logits, labels, self.chunk_size,
+                                  self._coeffs(denom, student_logits.device))
         return self._output(sums, denom)
 
     def fused(self, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
