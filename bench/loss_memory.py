@@ -11,6 +11,8 @@ default) except (b), which is the plain cross-entropy ordinary fine-tuning pays:
                student's two gradients), timed alone: the "x floor" column divides each method's time by it
 Usage: python bench/loss_memory.py [--tokens 1024 4096] [--methods plain_ce fused floor] [--repeats 3]
        python bench/loss_memory.py --profile fused --tokens 1024    (where the time goes: torch.profiler, top ops)
+       python bench/loss_memory.py --device cuda --dtype bfloat16   (a GPU: peak allocated memory over the inputs,
+           and MFU, the four-matmul floor's FLOPs, three for plain CE, over the GPU's peak dense bf16 FLOP/s)
 Each (method, B*T) runs `--repeats` times, each in a fresh subprocess (peak RSS is per process); the methods take
 turns within each repeat, so a load that drifts during the run weighs on all of them alike. The table shows the
 medians and each method's time and memory over plain CE's and its time over the floor's; "CPU s" is the process's
@@ -28,12 +30,25 @@ import subprocess
 import sys
 import time
 
+from devices import device_name, is_cuda, mfu, peak_tflops, sync
+
 VOCAB, HIDDEN = 151_936, 896
 METHODS = ("naive", "plain_ce", "chunked", "fused", "floor")
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _peak_mb(device: str) -> float:
+    """CUDA: peak allocated since the last reset; CPU: the process's peak RSS (Linux reports KiB)."""
+    if is_cuda(device):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _flops(method: str, tokens: int) -> float:
+    """The matmul FLOPs each method must do: both models' logits and the student's two gradients (plain CE: the
+    student's logits and two gradients)."""
+    return (3 if method == "plain_ce" else 4) * 2 * tokens * HIDDEN * VOCAB
 
 
 def _naive_jsd(student_logits, teacher_logits, labels, beta=0.5):
@@ -51,7 +66,7 @@ def _naive_jsd(student_logits, teacher_logits, labels, beta=0.5):
     return jsd[mask].sum() / mask.sum()
 
 
-def measure(method: str, tokens: int) -> dict:
+def measure(method: str, tokens: int, device: str = "cpu", dtype_name: str = "float32") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -60,13 +75,17 @@ def measure(method: str, tokens: int) -> dict:
 
     torch.manual_seed(0)
     # Scaled in place: a temporary copy of a weight would raise the baseline peak and hide that much of each method's
-    h_s = torch.randn(tokens, HIDDEN).mul_(0.5).requires_grad_(True)
-    w_s = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN).mul_(0.02))
-    h_t, w_t = torch.randn(tokens, HIDDEN).mul_(0.5), torch.randn(VOCAB, HIDDEN).mul_(0.02)
-    labels = torch.randint(0, VOCAB, (tokens,))
+    kw = {"device": device, "dtype": getattr(torch, dtype_name)}
+    h_s = torch.randn(tokens, HIDDEN, **kw).mul_(0.5).requires_grad_(True)
+    w_s = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN, **kw).mul_(0.02))
+    h_t, w_t = torch.randn(tokens, HIDDEN, **kw).mul_(0.5), torch.randn(VOCAB, HIDDEN, **kw).mul_(0.02)
+    labels = torch.randint(0, VOCAB, (tokens,), device=device)
     # fused picks its chunk from its memory budget; the chunked logits path runs autograd, with smaller chunks
     chunk = default_chunk_size(VOCAB, closed_form=method == "fused")
-    base = _rss_mb()
+    if is_cuda(device):
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() / 2**20 if is_cuda(device) else _peak_mb(device)
+    sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     if method == "floor":
         with torch.no_grad():
@@ -74,8 +93,10 @@ def measure(method: str, tokens: int) -> dict:
             h_t @ w_t.T
             grad_logits @ w_s
             grad_logits.T @ h_s
-        return {"method": method, "tokens": tokens, "peak_mb": _rss_mb() - base,
-                "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, "chunk": chunk}
+        sync(device)
+        return {"method": method, "tokens": tokens, "peak_mb": _peak_mb(device) - base,
+                "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, "chunk": chunk,
+                "flops": _flops(method, tokens), "device_name": device_name(device)}
     if method == "fused":
         loss = fused_distill_loss(h_s, w_s, h_t, w_t, labels, loss="jsd", beta=0.5)
     else:
@@ -90,15 +111,21 @@ def measure(method: str, tokens: int) -> dict:
             else:
                 loss = jsd(student_logits, teacher_logits, labels, beta=0.5, chunk_size=chunk)
     loss.backward()
+    sync(device)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"method": method, "tokens": tokens, "peak_mb": _rss_mb() - base, "seconds": elapsed,
+    return {"method": method, "tokens": tokens, "peak_mb": _peak_mb(device) - base, "seconds": elapsed,
+            "flops": _flops(method, tokens), "device_name": device_name(device),
             "cpu_seconds": cpu, "loss": float(loss), "chunk": chunk}
 
 
-def _child(method: str, tokens: int, limit_gb: float) -> dict:
-    code = (f"import json, resource, sys; sys.path.insert(0, 'bench');"
-            f"resource.setrlimit(resource.RLIMIT_AS, ({int(limit_gb * 2**30)}, {int(limit_gb * 2**30)}));"
-            f"import loss_memory as m; print(json.dumps(m.measure({method!r}, {tokens})))")
+def _child(method: str, tokens: int, limit_gb: float, device: str = "cpu", dtype: str = "float32") -> dict:
+    # CPU: an address-space limit guards the machine. CUDA: no limit (its context reserves far more address space
+    # than it uses), and a first run in the same process warms the kernels and the allocator up.
+    limit = (f"resource.setrlimit(resource.RLIMIT_AS, ({int(limit_gb * 2**30)}, {int(limit_gb * 2**30)}));"
+             if not is_cuda(device) else "")
+    run = f"m.measure({method!r}, {tokens}, {device!r}, {dtype!r})"
+    code = (f"import json, resource, sys; sys.path.insert(0, 'bench');{limit}"
+            f"import loss_memory as m; {run + ';' if is_cuda(device) else ''} print(json.dumps({run}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
         reason = "out of memory" if "alloc" in done.stderr.lower() or "memory" in done.stderr.lower() else "failed"
@@ -138,6 +165,10 @@ def main() -> None:
     parser.add_argument("--mem-limit-gb", type=float, default=16.0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per (method, B*T); the median is shown")
     parser.add_argument("--profile", choices=METHODS[:4], help="profile one method in this process instead")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="of the hidden states and lm_head weights (the losses compute in float32)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak dense FLOP/s in TFLOP/s, for MFU")
     args = parser.parse_args()
     if args.profile:
         for n in args.tokens:
@@ -147,15 +178,18 @@ def main() -> None:
     for n in args.tokens:
         for _ in range(args.repeats):
             for m in args.methods:  # the methods take turns, so drifting load is shared
-                runs[m, n].append(_child(m, n, args.mem_limit_gb))
+                runs[m, n].append(_child(m, n, args.mem_limit_gb, args.device, args.dtype))
     rows = [_median(runs[m, n]) for n in args.tokens for m in args.methods]
-    print(f"\nV={VOCAB:,}, hidden={HIDDEN}, float32, CPU; JSD(beta=0.5) except plain CE; median of {args.repeats}")
+    name = next((r["device_name"] for r in rows if "device_name" in r), args.device)
+    peak = peak_tflops(name, args.peak_tflops) if is_cuda(args.device) else None
+    print(f"\nV={VOCAB:,}, hidden={HIDDEN}, {args.dtype}, {name}; JSD(beta=0.5) except plain CE; median of "
+          f"{args.repeats}{'; MFU: the matmul FLOPs (4 KD, 3 CE) over the peak' if peak else ''}")
     print(f"{'B*T':>6} {'method':<9} {'peak MB':>9} {'fwd+bwd s':>10} {'CPU s':>7} {'x CE mem':>9} {'x CE time':>10} "
-          f"{'x floor':>8} {'CPU x CE':>9} {'CPU x floor':>12}  note")
+          f"{'x floor':>8} {'CPU x CE':>9} {'CPU x floor':>12} {'MFU':>6}  note")
     for r in rows:
         if "error" in r:
             print(f"{r['tokens']:>6} {r['method']:<9} {'-':>9} {'-':>10} {'-':>7} {'-':>9} {'-':>10} {'-':>8} {'-':>9} "
-                  f"{'-':>12}  not measured: {r['error']}")
+                  f"{'-':>12} {'-':>6}  not measured: {r['error']}")
             continue
         ref = {m: next((f for f in rows if f["method"] == m and f["tokens"] == r["tokens"] and "error" not in f),
                        None) for m in ("plain_ce", "floor")}
@@ -163,7 +197,7 @@ def main() -> None:
         print(f"{r['tokens']:>6} {r['method']:<9} {r['peak_mb']:>9.0f} {r['seconds']:>10.2f} {r['cpu_seconds']:>7.2f} "
               f"{_ratio(r, ref['plain_ce'], 'peak_mb'):>9} {_ratio(r, ref['plain_ce'], 'seconds'):>10} "
               f"{_ratio(r, ref['floor'], 'seconds'):>8} {_ratio(r, ref['plain_ce'], 'cpu_seconds'):>9} "
-              f"{_ratio(r, ref['floor'], 'cpu_seconds'):>12}  {note}")
+              f"{_ratio(r, ref['floor'], 'cpu_seconds'):>12} {mfu(r['flops'], r['seconds'], peak):>6}  {note}")
     print("\nratios (targets: fused time <= 1.6x and mem <= 0.5x plain CE; the floor is 4 matmuls to CE's 3)")
     for n in args.tokens:
         got = {r["method"]: r for r in rows if r["tokens"] == n and "error" not in r}

@@ -2,9 +2,9 @@
 random weights, vocabulary 151,936, no hub), batch 1 x 512 by default.
 
 Methods, each timed in a fresh subprocess (so that its peak RSS is its own):
-  floor       the student's plain SFT step (forward with labels, backward) plus a teacher forward: what any KD
-              step costs at least
-  logits      lmdistill DistillationTrainer.training_step, full logits of both models (the default path)
+  floor       the student's plain SFT step (cross-entropy, backward) plus a teacher forward, both models' logits
+              formed at the label positions only (logits_to_keep): what any KD step costs at least
+  logits      lmdistill DistillationTrainer.training_step, both models' logits at the label positions (the default)
   fused       the same with fused: true (logits formed chunk by chunk from hidden states and lm_heads)
   cached      fused, against a top-k teacher cache (k=64) instead of a live teacher: no teacher forward
   trl         TRL GKDTrainer.training_step (lmbda=0, beta=0, T=1); skipped with a line when trl is not
@@ -85,11 +85,15 @@ def measure(method: str, length: int, repeats: int, layers: int | None, device: 
     inputs = {k: v.to(device) for k, v in DistillCollator(0)(rows).items()}
     bf16 = dtype == torch.bfloat16
     if method == "floor":
-        def step():
+        target = inputs["labels"][:, 1:]
+        scored = torch.cat([target != -100, torch.zeros_like(target[:, :1], dtype=torch.bool)], dim=1)
+
+        def step():  # both heads at the scored positions only, as lmdistill's logits path forms them
             with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                loss = student(input_ids=inputs["input_ids"], labels=inputs["labels"]).loss
+                logits = student(input_ids=inputs["input_ids"], logits_to_keep=scored, use_cache=False).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), target[target != -100])
                 with torch.no_grad():
-                    teacher(input_ids=inputs["input_ids"])
+                    teacher(input_ids=inputs["input_ids"], logits_to_keep=scored, use_cache=False)
             loss.backward()
     else:
         if method == "trl":
@@ -98,8 +102,11 @@ def measure(method: str, length: int, repeats: int, layers: int | None, device: 
 
             args = GKDConfig(output_dir="/tmp/bench_real_trl", use_cpu=device == "cpu", report_to="none", bf16=bf16,
                              lmbda=0.0, beta=0.0, temperature=1.0, per_device_train_batch_size=1, max_length=10_000)
+            from lmdistill.models.tiny import train_tokenizer
+
             trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-                                 data_collator=DistillCollator(0))
+                                 data_collator=DistillCollator(0),  # a tokenizer only because GKDTrainer asks one
+                                 processing_class=train_tokenizer(["tokenizer text"] * 4, vocab_size=300))
         else:
             args = TrainingArguments(output_dir="/tmp/bench_real", use_cpu=device == "cpu", report_to="none", bf16=bf16,
                                      per_device_train_batch_size=1, remove_unused_columns=False)
