@@ -220,3 +220,23 @@ def test_the_fused_loss_runs_under_autocast():
     for plain, autocast in zip(*results):
         assert autocast.dtype == plain.dtype
         torch.testing.assert_close(autocast, plain, rtol=0.05, atol=0.05 * float(plain.abs().max()))
+
+
+def test_on_a_gpu_the_blocks_stay_within_the_fused_budget(monkeypatch):
+    """On a GPU the rows went into block_terms all at once: its ten-odd [block, V] buffers then cost ten [N, V]
+    tensors, more than autograd kept. Shapes only (the meta device): each block holds at most the fused path's budget."""
+    import lmdistill.losses.closed_logits as closed_logits
+    from lmdistill.losses.divergences import TermSpec
+    from lmdistill.losses.fused import BUDGET_ELEMENTS
+
+    blocks = []
+
+    def shapes_only(specs, coeffs, student, teacher, labels, work, masked=True):
+        blocks.append(student.shape[0])
+        return torch.zeros(len(specs), device=student.device), torch.empty_like(student)
+
+    monkeypatch.setattr(closed_logits, "block_terms", shapes_only)
+    n, vocab = 8192, 151_936
+    student, teacher = (torch.empty(n, vocab, device="meta") for _ in range(2))
+    closed_logits._score([TermSpec("forward_kl")], [1.0], student, teacher, None, None)
+    assert sum(blocks) == n and max(blocks) * vocab <= BUDGET_ELEMENTS and len(blocks) < 100, blocks[:3]
