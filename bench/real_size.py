@@ -68,6 +68,24 @@ class _TopK:
         return self.ids.to(labels.device), self.logprobs.to(labels.device), self.tails.to(labels.device)
 
 
+def _estimate_mb(method: str, student, teacher, length: int, dtype) -> float | None:
+    """`run --stage test`'s memory estimate for this step (batch 1 x length, the logits or fused path), less AdamW's two
+    moments: a bench step runs no optimizer step, so they never exist here."""
+    import torch
+
+    from lmdistill.config import config_from_dict
+    from lmdistill.train.summary import memory_estimate
+
+    if method not in ("logits", "fused"):
+        return None
+    config = config_from_dict({"data": {"max_length": length}, "training": {"batch_size": 1,
+                                                                            "bf16": dtype == torch.bfloat16},
+                               "stages": [{"name": "kd", "losses": [{"name": "forward_kl"}],
+                                           "fused": method == "fused"}]})
+    estimate = sum(memory_estimate(config, teacher, student, VOCAB).values()) * 1024
+    return estimate - 2 * 4 * sum(p.numel() for p in student.parameters() if p.requires_grad) / 2**20
+
+
 def measure(method: str, length: int, repeats: int, layers: int | None, device: str, dtype_name: str) -> dict:
     import torch
     from transformers import TrainingArguments
@@ -77,6 +95,7 @@ def measure(method: str, length: int, repeats: int, layers: int | None, device: 
     from lmdistill.train.trainer import DistillationTrainer
 
     dtype = getattr(torch, dtype_name)
+    base_mb = peak_mb(device) if not is_cuda(device) else 0.0  # the process before the models: Python, torch
     student = _model(STUDENT, layers, torch.float32, device, seed=2)  # float32 master weights
     teacher = _model(TEACHER, layers, dtype, device, seed=1).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
@@ -136,6 +155,7 @@ def measure(method: str, length: int, repeats: int, layers: int | None, device: 
     n_teacher = sum(p.numel() for p in teacher.parameters())
     flops = (6 * n_student + (0 if method == "cached" else 2 * n_teacher)) * length
     return {"method": method, "seconds": statistics.median(times), "peak_mb": peak_mb(device), "flops": flops,
+            "step_mb": peak_mb(device) - base_mb, "estimate_mb": _estimate_mb(method, student, teacher, length, dtype),
             "device_name": device_name(device)}
 
 
@@ -178,6 +198,11 @@ def main() -> None:
         ratio = f"{r['seconds'] / floor['seconds']:.2f}" if floor else "-"
         print(f"{r['method']:<8} {r['seconds']:>8.2f} {args.length / r['seconds']:>9.0f} {r['peak_mb']:>9.0f} "
               f"{ratio:>8} {mfu(r['flops'], r['seconds'], peak):>6}")
+    for r in rows:
+        if r.get("estimate_mb"):
+            print(f"{r['method']}: run --stage test's estimate {r['estimate_mb']:,.0f} MB (less AdamW's moments: no "
+                  f"optimizer step here) vs measured {r['step_mb']:,.0f} MB (peak over the process before the models):"
+                  f" {r['estimate_mb'] / r['step_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def memory_estimate(config: PipelineConfig, teacher, student, vocab: int) -> dic
     example max_length long and every position counted. Assumes: weights at their loaded dtype; AdamW's float32
     gradient and two moments per trainable parameter; the student's activations as `activation_floats` per token and
     layer, float32 (2 bytes under bf16 / fp16), or only each layer's input plus one layer's with
-    gradient_checkpointing; the loss's float32 blocks, LOGIT_BLOCKS [tokens, V] ones on the logits path, or with
+    gradient_checkpointing; the loss's float32 blocks, LOGIT_BLOCKS [tokens, V] ones on the logits path (and the
+    lm_head's [V, H] gradient beside the embedding's when they are tied), or with
     fused: true a [chunk, V] product per model (the memory budget of losses/fused.py when chunk_size is unset) and the
     lm_head's gradient; the teacher's forward keeping no activations (no gradient). Checked against a measured peak
     by tests/train/test_memory_estimate.py."""
@@ -59,7 +60,9 @@ def memory_estimate(config: PipelineConfig, teacher, student, vocab: int) -> dic
         if stage.fused:  # one [chunk, V] product per model, and the lm_head's float32 gradient
             products = 2 * stage.chunk_size * vocab if stage.chunk_size else BUDGET_ELEMENTS
             return products + vocab * student.config.hidden_size
-        return LOGIT_BLOCKS * tokens * vocab
+        # Tied embeddings: the lm_head's [V, H] gradient exists beside the embedding's until autograd adds them.
+        tied = getattr(student.config, "tie_word_embeddings", False)
+        return LOGIT_BLOCKS * tokens * vocab + (vocab * student.config.hidden_size if tied else 0)
 
     loss = max(loss_elements(s) for s in config.stages)
     estimate = {
