@@ -290,18 +290,27 @@ def ask_plan(asker: Asker) -> Plan:
 
 
 # ------------------------------------------------------------------------------------------------ write, run, report
-def write_plan(plan: Plan) -> None:
-    """The held-out data files (when any) and the config, with a header saying how to re-run it."""
+def write_plan(plan: Plan, restart: bool = False) -> None:
+    """The held-out data files (when any) and the config, with a header saying how to re-run it. Split files an
+    earlier run of the output directory trained on are replaced only when starting over (restart): their paths
+    stay the same, so nothing else would tell that run its data changed."""
     from lmdistill.config import config_from_dict
 
     config_from_dict(plan.config, source="wizard answers")  # the answers must make a valid config before any write
     if plan.train_rows is not None:
         data = plan.config["data"]
-        for rows, path in ((plan.train_rows, data["sources"]["train"]["path"]),
-                           (plan.eval_rows, data["eval"]["heldout"]["path"])):
-            target = Path(path)
+        files = [(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                 for rows, path in ((plan.train_rows, data["sources"]["train"]["path"]),
+                                    (plan.eval_rows, data["eval"]["heldout"]["path"]))]
+        for target, text in files:
+            if not restart and target.exists() and target.read_text(encoding="utf-8") != text:
+                raise ConfigError(f"{target} holds another split of the data (an earlier run in this output "
+                                  "directory trained on it; the dataset, samples or eval_rows answers differ): run "
+                                  "`lmdistill wizard --restart` to start it over with these answers, or give "
+                                  "another output directory")
+        for target, text in files:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            target.write_text(text, encoding="utf-8")
     header = (f"# written by `lmdistill wizard`; re-run with: lmdistill run {plan.config_file}\n"
               f"# every key is explained in `lmdistill init --preset {'simple' if 'teacher' in plan.config else 'finetune'}`\n")
     body = (json.dumps(plan.config, indent=2) if plan.config_file.suffix == ".json"
@@ -338,7 +347,7 @@ def run_wizard(console: Console, *, yes: bool = False, defaults: dict[str, str] 
         raise ConfigError(f"--set {unknown[0]}=...: no such wizard question; the keys are {', '.join(QUESTION_KEYS)}")
     asker = Asker(console, yes=yes, defaults=dict(defaults or {}), restart=restart)
     plan = ask_plan(asker)
-    write_plan(plan)
+    write_plan(plan, restart)
     console.print(Panel(Syntax(plan.config_file.read_text(encoding="utf-8"), "yaml", word_wrap=True),
                         title=f"config: {plan.config_file}"))
     console.print(f"wrote {plan.config_file}; re-run any time with: lmdistill run {plan.config_file}")

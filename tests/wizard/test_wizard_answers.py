@@ -119,3 +119,25 @@ def test_other_answers_into_an_earlier_run_stop_naming_wizard_restart_which_star
     assert result.exit_code == 0, result.output
     assert runs == [True]
     assert yaml.safe_load((tmp_path / "out.yaml").read_text())["training"]["learning_rate"] == 1e-3  # replaced
+
+
+def test_other_split_answers_do_not_overwrite_an_earlier_runs_data(tmp_path, student_dir, qa_jsonl):
+    """The held-out split files keep their paths whatever the answers, so the config compares equal: before, other
+    samples / eval_rows answers silently rewrote the rows an earlier run (and its resume) trained on."""
+    from lmdistill.config import load_config, save_config
+    from lmdistill.train.pipeline import CONFIG_FILE
+
+    answers = _answers(tmp_path, student_dir, qa_jsonl)
+    run_wizard(_console(), yes=True, defaults=answers)
+    save_config(load_config(tmp_path / "out.yaml"), tmp_path / "out" / CONFIG_FILE)  # an earlier run's
+    data = tmp_path / "out" / "data"
+    before = {name: (data / name).read_text() for name in ("train.jsonl", "eval.jsonl")}
+    other = {**answers, "samples": "20", "config": str(tmp_path / "other.yaml")}
+    with pytest.raises(ConfigError, match=r"train.jsonl holds another split of the data .*: run `lmdistill wizard "
+                                          r"--restart` to start it over with these answers, or give another output "
+                                          r"directory$"):
+        run_wizard(_console(), yes=True, defaults=other)
+    assert {name: (data / name).read_text() for name in before} == before
+    run_wizard(_console(), yes=True, defaults={**answers, "config": str(tmp_path / "same.yaml")})  # same split: ok
+    run_wizard(_console(), yes=True, defaults={**other, "config": str(tmp_path / "third.yaml")}, restart=True)
+    assert len((data / "train.jsonl").read_text().splitlines()) == 18  # 20 rows, 2 held out
