@@ -101,5 +101,6 @@ def test_ema_self_distillation_with_lora_after_sigkill(tiny_pipeline, tmp_path):
     del data["teacher"]  # self-distillation needs no other model
     data["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1}
     whole, resumed = _whole_and_resumed(data, tmp_path, "self")
-    _same(load_file(resumed / "self" / "checkpoint-4" / EMA_FILE), load_file(whole / "self" / "checkpoint-4" / EMA_FILE))
+    ema = [load_file(run / "self" / "checkpoint-4" / EMA_FILE) for run in (resumed, whole)]
+    _same(*ema)
     _same(_student(resumed), _student(whole))
