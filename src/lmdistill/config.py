@@ -142,7 +142,9 @@ class StageSettings(Strict):
     eval_driven_sampling: EvalDrivenSettings | None = None
     teacher_source: Literal["live", "cache", "generations"] = "live"
     onpolicy: OnPolicySettings | None = None
-    chunk_size: int | None = Field(None, gt=0, description="Tokens per loss chunk (memory bound); None: no chunking.")
+    chunk_size: int | None = Field(None, gt=0, description="Tokens per loss chunk (memory bound) with fused: true "
+                                   "(None: from a 256 MiB budget) or a top-k teacher (cache or server); the other logit "
+                                   "losses need none (they write their gradient out in small row blocks).")
     fused: bool = Field(False, description="Compute logits inside the loss chunk by chunk (full logits never exist).")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps; unset: at every "
                                                           "save_steps, else at the end of each epoch.")

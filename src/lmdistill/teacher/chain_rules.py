@@ -57,7 +57,7 @@ def _check_mixture_stage(stage: StageSettings, routed: bool, cache_temperature: 
     cached = stage.teacher_source == "cache"
     if stage.fused and routed and not cached:
         raise ValueError(f"{where}: fused: true mixes every teacher on every example, so per-source routing "
-                         "(sources:) needs fused: false (chunk_size bounds the loss memory) or teacher_source: cache")
+                         "(sources:) needs fused: false or teacher_source: cache")
     if cached and stage.temperature != cache_temperature:
         # The cache holds the mixture formed at its capture temperature; re-tempering a mixture is not the mixture
         # of the re-tempered teachers.

@@ -108,13 +108,13 @@ def fused_blocker(student: nn.Module, teacher: nn.Module | None, device: torch.d
     for who, model in (("student", student), *(("teacher", t) for t in teachers)):
         if model is not None and hasattr(unwrapped(model), "final_logits_bias"):
             return (f"fused: true cannot apply the {who}'s final_logits_bias (BART-style heads add it after the "
-                    "lm_head); set fused: false and bound the loss memory with chunk_size")
+                    "lm_head); set fused: false")
     if has_adapter(output_layer(student)):
         return ("fused: true applies the student's lm_head weight itself, so a LoRA adapter on lm_head would be left "
                 "out of the loss: remove lm_head from student.lora.target_modules, or set fused: false")
     if is_sharded(teacher) or fsdp or is_deepspeed_zero3_enabled():
         return ("fused: true reads the teacher's and the student's lm_head weights directly, but FSDP / DeepSpeed "
-                "ZeRO-3 shard them over the processes: set fused: false (chunk_size bounds the loss memory instead)")
+                "ZeRO-3 shard them over the processes: set fused: false")
     if teacher is not None and not same_device(next(teacher.parameters()).device, device):
         return ("fused: true needs the teacher on the student's device (its lm_head enters the loss); set "
                 "teacher.device to the student's, or fused: false")

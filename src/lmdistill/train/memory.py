@@ -9,7 +9,7 @@ import torch
 
 from lmdistill.errors import TrainingError
 
-KNOBS = ("set the stage's chunk_size (tokens per loss chunk, e.g. 512), fused: true (full logits never formed), "
+KNOBS = ("set the stage's fused: true (full logits never formed; chunk_size, tokens per loss chunk, bounds its blocks), "
          "teacher_source: cache (teacher log-probs read from disk, no live teacher), or a smaller batch_size with "
          "more gradient_accumulation_steps (same effective batch)")
 
