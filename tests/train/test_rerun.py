@@ -8,7 +8,7 @@ import yaml
 from lmdistill.config import config_from_dict, save_config
 from lmdistill.errors import ConfigError
 from lmdistill.train.pipeline import CONFIG_FILE, run_pipeline
-from lmdistill.train.rerun import changed_keys
+from lmdistill.train.rerun import changed_keys, check_same_config
 
 
 def _config(tmp_path, **stage):
@@ -28,6 +28,21 @@ def test_changed_keys_name_what_changes_results_only(tmp_path):
     changed = _config(tmp_path, temperature=2.0, losses=[{"name": "reverse_kl"}])
     assert changed_keys(run_dir, changed, CONFIG_FILE) == [("stages[0].losses[0].name", "forward_kl", "reverse_kl"),
                                                            ("stages[0].temperature", 1.0, 2.0)]
+
+
+@pytest.mark.parametrize("output", ["pipeline_state.json", "a", "student_init"])
+def test_an_attempt_refused_before_it_ran_binds_nothing(tmp_path, output):
+    """A run refused after its config was stored (a mistyped data path, a served teacher's refusal) left the config
+    alone in the directory, and the corrected config was then refused as "run with other settings": now a stored
+    config binds once the run wrote anything beside it (its state, a stage folder, the student it starts from)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(_config(tmp_path, losses=[{"name": "jsd"}]), run_dir / CONFIG_FILE)
+    check_same_config(run_dir, _config(tmp_path), CONFIG_FILE)  # the corrected config runs
+    (run_dir / output).mkdir()
+    with pytest.raises(ConfigError, match=r"was run with other settings \(stages\[0\].losses\[0\].name: jsd -> "
+                                          r"forward_kl\); pass --restart"):
+        check_same_config(run_dir, _config(tmp_path), CONFIG_FILE)
 
 
 def test_rerun_with_other_settings_stops_and_restart_starts_over(tiny_pipeline):

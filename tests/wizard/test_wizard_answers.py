@@ -103,6 +103,7 @@ def test_other_answers_into_an_earlier_run_stop_naming_wizard_restart_which_star
     run_wizard(_console(), yes=True, defaults={**answers, "start": "n"})
     (tmp_path / "out").mkdir(exist_ok=True)
     save_config(load_config(tmp_path / "out.yaml"), tmp_path / "out" / pipeline.CONFIG_FILE)  # an earlier run's
+    (tmp_path / "out" / "pipeline_state.json").write_text("{}")
     runs = []
     monkeypatch.setattr(pipeline, "run_pipeline",
                         lambda config, restart=False: runs.append(restart) or tmp_path / "out")

@@ -62,7 +62,11 @@ RUN_WAY_OUT = "pass --restart to start it over with these, or choose a new --out
 
 
 def check_same_config(run_dir: Path, config: PipelineConfig, config_file: str, way_out: str = RUN_WAY_OUT) -> None:
-    """Raises when `run_dir` was run with other settings, naming them, then `way_out` (what the user can do)."""
+    """Raises when `run_dir` was run with other settings, naming them, then `way_out` (what the user can do). A
+    stored config with nothing else of a run beside it (an attempt refused before it trained or scored anything, e.g.
+    a mistyped data path) binds nothing: the corrected config replaces it."""
+    if not _run_outputs(run_dir, config, config_file):
+        return
     changes = changed_keys(run_dir, config, config_file)
     if not changes:
         return
@@ -74,17 +78,22 @@ def check_same_config(run_dir: Path, config: PipelineConfig, config_file: str, w
 def clear_run(run_dir: Path, config: PipelineConfig, config_file: str) -> None:
     """Delete what a run wrote to `run_dir` (stage folders of the stored and the new config, state, metrics,
     samples, report, final/, the stored config), keeping teacher outputs."""
-    stored = run_dir / config_file
-    stages = {s.name for s in config.stages}
-    if stored.exists():
-        raw = yaml.safe_load(stored.read_text(encoding="utf-8")) or {}
-        stages |= {s.get("name") for s in raw.get("stages", []) if isinstance(s, dict) and s.get("name")}
-    for name in sorted(stages) + list(RUN_FILES) + [config_file]:
-        if name in ("", ".", "..") or Path(name).name != name:
-            continue  # never a path outside the run directory
-        target = run_dir / name
+    for target in [*_run_outputs(run_dir, config, config_file), run_dir / config_file]:
         if target.is_dir():
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
     log.info("--restart: cleared the previous run in %s (teacher outputs, if any, are kept)", run_dir)
+
+
+def _run_outputs(run_dir: Path, config: PipelineConfig, config_file: str) -> list[Path]:
+    """What a run wrote to `run_dir` that exists (stage folders of the stored and the given config, RUN_FILES),
+    besides the stored config and teacher outputs."""
+    stored = run_dir / config_file
+    stages = {s.name for s in config.stages}
+    if stored.exists():
+        raw = yaml.safe_load(stored.read_text(encoding="utf-8")) or {}
+        stages |= {s.get("name") for s in raw.get("stages", []) if isinstance(s, dict) and s.get("name")}
+    names = [name for name in sorted(stages) + list(RUN_FILES)
+             if name not in ("", ".", "..") and Path(name).name == name]  # never a path outside the run directory
+    return [run_dir / name for name in names if (run_dir / name).exists()]
