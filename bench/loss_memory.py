@@ -66,7 +66,8 @@ def _naive_jsd(student_logits, teacher_logits, labels, beta=0.5):
     return jsd[mask].sum() / mask.sum()
 
 
-def measure(method: str, tokens: int, device: str = "cpu", dtype_name: str = "float32") -> dict:
+def measure(method: str, tokens: int, device: str = "cpu", dtype_name: str = "float32", profiler=None) -> dict:
+    """One method's fwd+bwd on fresh inputs. profiler: a torch.profiler.profile run around the timed work only."""
     import torch
     import torch.nn.functional as F
 
@@ -74,7 +75,7 @@ def measure(method: str, tokens: int, device: str = "cpu", dtype_name: str = "fl
     from lmdistill.losses.fused import default_chunk_size
 
     torch.manual_seed(0)
-    # Scaled in place: a temporary copy of a weight would raise the baseline peak and hide that much of each method's
+    # Scaled in place: a temporary copy of a weight would raise the baseline peak and hide as much of each method's.
     kw = {"device": device, "dtype": getattr(torch, dtype_name)}
     h_s = torch.randn(tokens, HIDDEN, **kw).mul_(0.5).requires_grad_(True)
     w_s = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN, **kw).mul_(0.02))
@@ -87,6 +88,8 @@ def measure(method: str, tokens: int, device: str = "cpu", dtype_name: str = "fl
     base = torch.cuda.memory_allocated() / 2**20 if is_cuda(device) else _peak_mb(device)
     sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
+    if profiler is not None:
+        profiler.start()
     if method == "floor":
         with torch.no_grad():
             grad_logits = h_s @ w_s.T  # stands in for d loss / d student logits
@@ -94,6 +97,8 @@ def measure(method: str, tokens: int, device: str = "cpu", dtype_name: str = "fl
             grad_logits @ w_s
             grad_logits.T @ h_s
         sync(device)
+        if profiler is not None:
+            profiler.stop()
         return {"method": method, "tokens": tokens, "peak_mb": _peak_mb(device) - base,
                 "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, "chunk": chunk,
                 "flops": _flops(method, tokens), "device_name": device_name(device)}
@@ -112,10 +117,12 @@ def measure(method: str, tokens: int, device: str = "cpu", dtype_name: str = "fl
                 loss = jsd(student_logits, teacher_logits, labels, beta=0.5, chunk_size=chunk)
     loss.backward()
     sync(device)
+    if profiler is not None:
+        profiler.stop()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"method": method, "tokens": tokens, "peak_mb": _peak_mb(device) - base, "seconds": elapsed,
             "flops": _flops(method, tokens), "device_name": device_name(device),
-            "cpu_seconds": cpu, "loss": float(loss), "chunk": chunk}
+            "cpu_seconds": cpu, "loss": float(loss.detach()), "chunk": chunk}
 
 
 def _child(method: str, tokens: int, limit_gb: float, device: str = "cpu", dtype: str = "float32") -> dict:
@@ -148,8 +155,8 @@ def profile(method: str, tokens: int, top: int = 15) -> None:
     import torch
 
     measure(method, min(tokens, 256))  # warm-up: thread pools, first-touch of the allocator
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        seconds = measure(method, tokens)["seconds"]
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    seconds = measure(method, tokens, profiler=prof)["seconds"]
     print(f"{method}, B*T={tokens}: {seconds:.2f} s under the profiler")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
