@@ -219,3 +219,21 @@ def test_blocks_run_on_one_thread_and_restore_the_thread_count(monkeypatch):
     finally:
         torch.set_num_threads(before)
     _assert_matches(*fused, *_reference(terms, hs, ws, bs, teachers, None, labels, 2.0))
+
+
+def test_a_teacher_that_needs_gradients_gets_them_through_autograd():
+    """The written-out gradient is the student's only: when a teacher's head or hidden states ask for gradients, the
+    chunks run autograd and both sides' gradients equal the reference."""
+    hs, ws, bs, teachers, labels = _case(seed=23, bias=True, masked=False)
+    ht, wt, bt = teachers[0]
+    wt.requires_grad_(True)
+    ht.requires_grad_(True)
+    fused = fused_distill_loss(hs, ws, ht, wt, labels, loss="jsd", temperature=2.0, student_bias=bs, teacher_bias=bt,
+                               chunk_size=5, **PARAMS["jsd"])
+    student = (hs @ ws.T + bs).double()
+    teacher = (ht @ wt.T + bt).double()
+    ref = _term("jsd", PARAMS["jsd"], student.reshape(18, -1), torch.softmax(teacher / 2.0, -1).reshape(18, -1),
+                labels.reshape(-1), 2.0) / int((labels != -100).sum())
+    torch.testing.assert_close(fused.double(), ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(fused, (hs, ws, ht, wt)), torch.autograd.grad(ref, (hs, ws, ht, wt))):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6)
