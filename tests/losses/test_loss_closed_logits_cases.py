@@ -240,3 +240,19 @@ def test_on_a_gpu_the_blocks_stay_within_the_fused_budget(monkeypatch):
     student, teacher = (torch.empty(n, vocab, device="meta") for _ in range(2))
     closed_logits._score([TermSpec("forward_kl")], [1.0], student, teacher, None, None)
     assert sum(blocks) == n and max(blocks) * vocab <= BUDGET_ELEMENTS and len(blocks) < 100, blocks[:3]
+
+
+def test_a_retained_graph_backs_up_again_into_leaf_logits():
+    """Leaf logits, several backwards of one retained graph (and a zero_grad in place between): before, autograd kept
+    the handed-over gradient as .grad and added into it, so the third backward failed ("modified by an inplace
+    operation")."""
+    student, teacher, labels = _inputs(seed=8)
+    leaf = student.clone().requires_grad_(True)
+    out = DistillObjective(ALL, 2.0)(leaf, teacher, labels)
+    once = torch.autograd.grad(out.total, leaf, retain_graph=True)[0]
+    for _ in range(3):
+        out.total.backward(retain_graph=True)
+    torch.testing.assert_close(leaf.grad, 3 * once)
+    leaf.grad.zero_()
+    out.total.backward()
+    torch.testing.assert_close(leaf.grad, once)

@@ -66,12 +66,13 @@ class _ClosedLogits(torch.autograd.Function):
     def forward(ctx, specs, coeffs, counted, student, teacher, labels):
         sums, grad = _score(specs, coeffs, student, teacher, labels, counted)
         ctx.specs, ctx.coeffs, ctx.counted = specs, coeffs, counted
-        ctx.save_for_backward(student, teacher, labels, grad)
+        ctx.save_for_backward(student, teacher, labels)
+        ctx.grad = grad  # not saved: handed over once (below), so it must not be version-checked on a later backward
         return sums
 
     @staticmethod
     def backward(ctx, grad_sums):
-        student, teacher, labels, grad = ctx.saved_tensors
+        student, teacher, labels = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the written-out gradient has no graph to differentiate again
             rows = [t.index_select(0, ctx.counted) if t is not None and ctx.counted is not None else t
                     for t in (student, teacher, labels)]
@@ -80,9 +81,14 @@ class _ClosedLogits(torch.autograd.Function):
         expected = torch.tensor(ctx.coeffs, dtype=grad_sums.dtype, device=grad_sums.device)
         norm = float((expected * expected).sum())
         scale = float((grad_sums * expected).sum()) / norm if norm > 0 else 0.0
-        if norm > 0 and torch.allclose(grad_sums, scale * expected, rtol=1e-6, atol=0.0):
-            # the expected backward (up to a factor): hand over the gradient formed in the forward pass
-            return None, None, None, grad if abs(scale - 1.0) < 1e-6 else grad * scale, None, None
+        if ctx.grad is not None and norm > 0 and torch.allclose(grad_sums, scale * expected, rtol=1e-6, atol=0.0):
+            # the expected backward (up to a factor): hand over the gradient formed in the forward pass. Autograd may
+            # keep the handed-over tensor as a leaf's .grad and add the next backward into it, so it is given once;
+            # a later backward of a retained graph recomputes.
+            if abs(scale - 1.0) >= 1e-6:
+                return None, None, None, ctx.grad * scale, None, None
+            grad, ctx.grad = ctx.grad, None
+            return None, None, None, grad, None, None
         with torch.no_grad():
             grad = _score(ctx.specs, grad_sums.tolist(), student, teacher, labels, ctx.counted)[1]
         return None, None, None, grad, None, None
