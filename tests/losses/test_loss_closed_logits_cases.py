@@ -256,3 +256,15 @@ def test_a_retained_graph_backs_up_again_into_leaf_logits():
     leaf.grad.zero_()
     out.total.backward()
     torch.testing.assert_close(leaf.grad, once)
+
+
+def test_a_retained_graph_backs_up_again_into_leaf_hidden_states_on_the_fused_path():
+    """As on the logits path: the chunked engine handed its stored gradients over as saved tensors, and the third
+    backward of a retained graph failed once autograd had added into them as the leaves' .grad."""
+    hs, ws, ht, wt, labels = _fused_case()
+    out = DistillObjective(ALL, 2.0, chunk_size=3).fused(hs, ws, None, ht, wt, None, labels)
+    once = torch.autograd.grad(out.total, (hs, ws), retain_graph=True)
+    for _ in range(3):
+        out.total.backward(retain_graph=True)
+    for leaf, grad in zip((hs, ws), once):
+        torch.testing.assert_close(leaf.grad, 3 * grad)

@@ -229,9 +229,9 @@ class _ChunkedRows(torch.autograd.Function):
         sums, grads = _run(plan, tensors, needs, coeffs)
         ctx.plan, ctx.needs = plan, needs
         ctx.present = [t is not None for t in tensors]
-        ctx.has_grad = [g is not None for g in grads]
-        # Saved (not kept as attributes) so that autograd frees the gradients after backward.
-        ctx.save_for_backward(*[t for t in tensors if t is not None], *[g for g in grads if g is not None])
+        ctx.save_for_backward(*[t for t in tensors if t is not None])
+        # Not saved: handed over once (below), so they must not be version-checked on a later backward.
+        ctx.stored = grads
         return sums
 
     @staticmethod
@@ -239,7 +239,6 @@ class _ChunkedRows(torch.autograd.Function):
         plan: _Plan = ctx.plan
         saved = iter(ctx.saved_tensors)
         tensors = [next(saved) if present else None for present in ctx.present]
-        stored = [next(saved) if has else None for has in ctx.has_grad]
         if torch.is_grad_enabled():  # its gradients are formed chunk by chunk, outside any graph
             raise LossInputError("a chunked or fused loss gives first derivatives only, but this backward asks for "
                                  "a graph of them (create_graph=True): compute the loss on full logits "
@@ -249,10 +248,13 @@ class _ChunkedRows(torch.autograd.Function):
         coeffs = (plan.coeffs if plan.coeffs is not None else torch.ones(())).to(grad_sums).expand_as(grad_sums)
         norm = float((coeffs * coeffs).sum())
         scale = float((grad_sums * coeffs).sum()) / norm if norm > 0 else 0.0
-        if norm > 0 and torch.allclose(grad_sums, scale * coeffs, rtol=1e-6, atol=0.0):
-            if abs(scale - 1.0) < 1e-6:  # the expected backward: hand over the stored gradients, no copy
-                return (None, *stored)
-            return (None, *[g * scale if g is not None else None for g in stored])
+        if ctx.stored is not None and norm > 0 and torch.allclose(grad_sums, scale * coeffs, rtol=1e-6, atol=0.0):
+            if abs(scale - 1.0) >= 1e-6:
+                return (None, *[g * scale if g is not None else None for g in ctx.stored])
+            # The expected backward: hand over the stored gradients, no copy. Autograd may keep one as a leaf's .grad
+            # and add the next backward into it, so they are given once; a retained graph's next backward recomputes.
+            stored, ctx.stored = ctx.stored, None
+            return (None, *stored)
         with torch.no_grad():
             grads = _run(plan, tensors, ctx.needs, grad_sums)[1]
         return (None, *grads)
