@@ -376,6 +376,9 @@ class PipelineConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------------- load / save
+# The resolved config a run writes into its output directory (and an export into the model folder).
+CONFIG_FILE = "lmdistill_config.yaml"
+
 _TYPE_ERRORS = {"int_type", "float_type", "bool_type"}
 
 

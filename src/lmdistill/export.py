@@ -14,10 +14,10 @@ from typing import Any, TypedDict
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
+from lmdistill.config import CONFIG_FILE
 from lmdistill.errors import LmdistillError, ModelError
 from lmdistill.eval.evaluate import KNOWN_ROLES
 
-CONFIG_FILE = "lmdistill_config.yaml"
 FINAL_DIR = "final"
 
 

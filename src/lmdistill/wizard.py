@@ -96,10 +96,12 @@ def dataset(raw: str) -> tuple[str, str]:
 
 
 def output_dir(raw: str) -> str:
+    from lmdistill.config import CONFIG_FILE
+
     folder = Path(raw.strip()).expanduser()
     if folder.is_file():
         raise ValueError(f"{folder} is a file; give a folder for the run")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / "lmdistill_config.yaml").exists():
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG_FILE).exists():
         raise ValueError(f"{folder} is not empty and holds no lmdistill run; give a new or empty folder")
     return str(folder)
 
@@ -353,8 +355,8 @@ def run_wizard(console: Console, *, yes: bool = False, defaults: dict[str, str] 
     console.print(f"wrote {plan.config_file}; re-run any time with: lmdistill run {plan.config_file}")
     if not asker.ask("start", "Start training now? y/n", "y", yes_no):
         return None
-    from lmdistill.config import load_config
-    from lmdistill.train.pipeline import CONFIG_FILE, run_pipeline
+    from lmdistill.config import CONFIG_FILE, load_config
+    from lmdistill.train.pipeline import run_pipeline
     from lmdistill.train.rerun import check_same_config
 
     config = load_config(plan.config_file)

@@ -13,7 +13,7 @@ from lmdistill.cli import PRESETS, _preset_dict, app
 from lmdistill.config import config_from_dict, save_config
 from lmdistill.errors import ConfigError
 from lmdistill.overrides import apply_overrides, flags_only_config, preset_for_flags
-from lmdistill.train.pipeline import CONFIG_FILE
+from lmdistill.config import CONFIG_FILE
 
 from test_cli import cli
 
@@ -121,6 +121,7 @@ def test_cli_names_the_changed_flag_before_loading_anything(tmp_path):
     save_config(config, cfg)
     Path(config.output_dir).mkdir()
     save_config(config, Path(config.output_dir) / CONFIG_FILE)
+    (Path(config.output_dir) / "pipeline_state.json").write_text("{}")  # the earlier run trained: the folder is bound
     result = CliRunner().invoke(app, ["run", str(cfg), "--learning_rate", "3e-4"])
     assert isinstance(result.exception, ConfigError)
     assert "stages[0].learning_rate: (unset) -> 0.0003" in str(result.exception)

@@ -42,7 +42,7 @@ def test_tokenizers_and_configs_are_loaded_with_each_models_trust_remote_code(ti
 def test_lmdistill_eval_loads_a_runs_tokenizers_with_their_trust_remote_code(tiny_pipeline, monkeypatch, tmp_path,
                                                                              student_dir, teacher_dir,
                                                                              student_trusts, teacher_trusts):
-    from lmdistill.train.pipeline import CONFIG_FILE
+    from lmdistill.config import CONFIG_FILE
 
     data = tiny_pipeline([{"name": "a", "max_steps": 1}])
     data["teacher"]["trust_remote_code"] = teacher_trusts

@@ -7,7 +7,8 @@ import yaml
 
 from lmdistill.config import config_from_dict, save_config
 from lmdistill.errors import ConfigError
-from lmdistill.train.pipeline import CONFIG_FILE, run_pipeline
+from lmdistill.config import CONFIG_FILE
+from lmdistill.train.pipeline import run_pipeline
 from lmdistill.train.rerun import changed_keys, check_same_config
 
 

@@ -126,7 +126,7 @@ def test_other_split_answers_do_not_overwrite_an_earlier_runs_data(tmp_path, stu
     """The held-out split files keep their paths whatever the answers, so the config compares equal: before, other
     samples / eval_rows answers silently rewrote the rows an earlier run (and its resume) trained on."""
     from lmdistill.config import load_config, save_config
-    from lmdistill.train.pipeline import CONFIG_FILE
+    from lmdistill.config import CONFIG_FILE
 
     answers = _answers(tmp_path, student_dir, qa_jsonl)
     run_wizard(_console(), yes=True, defaults=answers)

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmdistill.config import CONFIG_FILE
 from lmdistill.errors import LmdistillError
 from lmdistill.eval.evaluate import read_metrics
 from lmdistill.eval.samples import read_samples
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "lmdistill_config.yaml"
 STATE_FILE = "pipeline_state.json"
 LOG_HISTORY_FILE = "log_history.json"
 

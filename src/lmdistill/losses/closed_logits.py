@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lmdistill.losses.closed_form import CLOSED_FORMS, Workspace, block_terms
 from lmdistill.losses.divergences import TermSpec, score_rows, upcast
-from lmdistill.losses.fused import BUDGET_ELEMENTS, ROW_BLOCK_ELEMENTS, _one_thread
+from lmdistill.losses.fused import BUDGET_ELEMENTS, ROW_BLOCK_ELEMENTS, one_thread
 
 
 def closed_form_applies(specs: Sequence[TermSpec], student: Tensor, teacher: Tensor | None) -> bool:
@@ -48,7 +48,7 @@ def _score(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Tensor, 
     on_cpu = student.device.type == "cpu"
     step = max(1, (ROW_BLOCK_ELEMENTS if on_cpu else BUDGET_ELEMENTS) // max(1, s_rows.shape[1]))
     total = torch.zeros(len(specs), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
-    with _one_thread(on_cpu):
+    with one_thread(on_cpu):
         for start in range(0, s_rows.shape[0], step):
             block = slice(start, start + step)
             sums, block_grad = block_terms(specs, coeffs, upcast(s_rows[block]),

@@ -139,7 +139,7 @@ def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head:
 
 
 @contextmanager
-def _one_thread(active: bool) -> Iterator[None]:
+def one_thread(active: bool) -> Iterator[None]:
     """torch's CPU ops on one thread inside (restored after). The closed form's blocks are cache-sized: split over
     threads, each op paid a synchronisation, and on a busy machine a descheduled thread stalled it for milliseconds
     (58 s for one 1024-token loss with 2 threads against 22 s with one)."""
@@ -170,7 +170,7 @@ def _closed_fn(specs: Sequence[TermSpec], student_head: LMHead, t_heads: Sequenc
         # A CPU works through the chunk in blocks of rows that stay in one core's cache; a GPU takes it whole.
         step = max(1, ROW_BLOCK_ELEMENTS // s_product.shape[1]) if on_cpu else s_product.shape[0]
         total = None
-        with _one_thread(on_cpu):
+        with one_thread(on_cpu):
             for start in range(0, s_product.shape[0], step):
                 block = slice(start, start + step)
                 s_logits = student_head.logits(s_product[block])

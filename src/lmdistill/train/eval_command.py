@@ -7,13 +7,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmdistill.config import PipelineConfig, SourceSettings, config_from_dict, load_config
+from lmdistill.config import CONFIG_FILE, PipelineConfig, SourceSettings, config_from_dict, load_config
 from lmdistill.errors import ConfigError, ModelError
 from lmdistill.eval.evaluate import METRICS_FILE, write_metrics
 from lmdistill.models.load import detect_task_type, freeze, load_model, load_student, load_tokenizer, resolve_device
 from lmdistill.models.vocab import same_vocab
 from lmdistill.train.finish import evaluate_roles
-from lmdistill.train.pipeline import CONFIG_FILE
 from lmdistill.train.prepare import load_data, student_trusts_remote_code
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from lmdistill.config import CrossVocabTerm, PipelineConfig, StageSettings, save_config
+from lmdistill.config import CONFIG_FILE, CrossVocabTerm, PipelineConfig, StageSettings, save_config
 from lmdistill.data.collate import DistillCollator
 from lmdistill.errors import ConfigError
 from lmdistill.models.load import apply_lora, load_student
@@ -50,7 +50,6 @@ from lmdistill.train.warm_start import warn_if_cold_start
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "lmdistill_config.yaml"
 STAGE_KINDS = {"all": None, "non_policy": {"non_policy"}, "policy": {"policy"}}
 
 
