@@ -4,11 +4,15 @@ independent of lmdistill's code."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per token for probability tensors [..., V]."""
-    return (a * (a.log() - b.log())).sum(-1)
+    """KL(a || b) per token for probability tensors [..., V]; 0 log 0 = 0 (tokens a gives no mass add nothing)."""
+    keep = a > 0
+    # Masked entries read 1 before the log, so no -inf (nor a NaN gradient) comes from the branch where() drops.
+    a_kept, b_kept = torch.where(keep, a, 1.0), torch.where(keep, b, 1.0)
+    return torch.where(keep, a * (a_kept.log() - b_kept.log()), 0.0).sum(-1)
 
 
 def per_token(name: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float, **params) -> torch.Tensor:
@@ -88,3 +92,19 @@ def random_case(shape: tuple[int, ...], vocab: int, seed: int, masked: float = 0
     labels = torch.randint(0, vocab, shape, generator=g)
     labels[torch.rand(shape, generator=g) < masked] = -100
     return student, teacher, labels
+
+
+class NewTensorsShaped(TorchDispatchMode):
+    """Counts the ops that allocate a new tensor of a given shape (views, in-place and out= ops write no new one)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        writes_out = func._overloadname == "out" or "out" in (kwargs or {})
+        writes_in_place = func._schema.name.endswith("_") or writes_out or func.is_view
+        if not writes_in_place and isinstance(out, torch.Tensor) and out.shape == self.shape:
+            self.count += 1
+        return out

@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from loss_reference import NewTensorsShaped, per_token
 
 import lmdistill.losses.fused as fused_module
 from lmdistill.losses import DistillObjective, LossTerm, closed_form, fused_distill_loss
@@ -19,11 +20,6 @@ PARAMS = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.3}, "skew_kl": {
 MASKED = [3, 7, 20]  # vocabulary rows neither model may emit (-inf bias)
 
 
-def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    keep = a > 0  # 0 log 0 = 0: only tokens a gives mass enter
-    return (a[keep] * (a[keep].log() - b[keep].log())).sum()
-
-
 def _term(name: str, params: dict, student: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor,
           temperature: float) -> torch.Tensor:
     """Sum over counted tokens of one term, float64: student logits [N, Vs], teacher_probs [N, Vt] at T."""
@@ -31,27 +27,8 @@ def _term(name: str, params: dict, student: torch.Tensor, teacher_probs: torch.T
     student = student[keep]
     if name == "cross_entropy":
         return -torch.log_softmax(student, -1).gather(1, labels[keep][:, None]).sum()
-    vocab = min(student.shape[-1], teacher_probs.shape[-1])
-    q = torch.softmax(student[:, :vocab] / temperature, -1)
-    p = teacher_probs[keep][:, :vocab]
-    p = p / p.sum(-1, keepdim=True)
-    if name == "forward_kl":
-        value = _kl(p, q)
-    elif name == "reverse_kl":
-        value = _kl(q, p)
-    elif name == "jsd":
-        b = params["beta"]
-        m = b * p + (1 - b) * q
-        value = b * _kl(p, m) + (1 - b) * _kl(q, m)
-    elif name == "skew_kl":
-        a = params["alpha"]
-        value = _kl(p, a * p + (1 - a) * q)
-    elif name == "skew_reverse_kl":
-        a = params["alpha"]
-        value = _kl(q, a * q + (1 - a) * p)
-    else:
-        value = 0.5 * (p - q).abs().sum()
-    return temperature**2 * value
+    # log(p) * T re-tempered at T is p again (renormalised over the shared vocabulary, as the definitions cut it).
+    return per_token(name, student, teacher_probs[keep].log() * temperature, temperature, **params).sum()
 
 
 def _logits(hidden, weight, bias, softcap, scale):
@@ -166,21 +143,6 @@ def test_every_term_at_once_and_each_term_backward_alone():
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
-class _NewTensorsShaped(TorchDispatchMode):
-    """Counts the ops that allocate a new tensor of a given shape (views, in-place and out= ops write no new one)."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.shape, self.count = torch.Size(shape), 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        writes_in_place = func._schema.name.endswith("_") or "out" in (kwargs or {}) or func.is_view
-        if not writes_in_place and isinstance(out, torch.Tensor) and out.shape == self.shape:
-            self.count += 1
-        return out
-
-
 @pytest.mark.parametrize("name", ["jsd", "skew_reverse_kl"])
 def test_chunks_reuse_their_buffers(name):
     """Twice the chunks, the same number of new [chunk, V] tensors: every chunk reuses the buffers of the first
@@ -191,7 +153,7 @@ def test_chunks_reuse_their_buffers(name):
     weight.requires_grad_(True)
     counts = []
     for n in (24, 48):
-        with _NewTensorsShaped((4, 300)) as counter:
+        with NewTensorsShaped((4, 300)) as counter:
             loss = fused_distill_loss(hidden[:n], weight, t_hidden[:n], t_weight, None, loss=name, chunk_size=4,
                                       **PARAMS[name])
             loss.backward()

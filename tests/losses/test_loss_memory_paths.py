@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from loss_reference import random_case, reference_loss
+from loss_reference import NewTensorsShaped, random_case, reference_loss
 
 from lmdistill.losses import LOGIT_LOSSES, DistillObjective, LossTerm, cross_entropy, fused_distill_loss
 
@@ -134,21 +133,6 @@ def test_objective_fused_matches_objective_on_logits():
     torch.testing.assert_close(out.total, ref)
 
 
-class _NewTensorsShaped(TorchDispatchMode):
-    """Counts the ops that allocate a new tensor of a given shape (views, in-place and out= ops write no new one)."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.shape, self.count = torch.Size(shape), 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        writes_in_place = func._schema.name.endswith("_") or func._overloadname == "out" or func.is_view
-        if not writes_in_place and isinstance(out, torch.Tensor) and out.shape == self.shape:
-            self.count += 1
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_adds_the_lm_head_gradient_into_one_buffer(dtype):
     """12 chunks, one float32 gradient accumulator for the [V, H] weight (plus one low-precision product buffer):
@@ -159,7 +143,7 @@ def test_fused_adds_the_lm_head_gradient_into_one_buffer(dtype):
     weight = (torch.randn(vocab, hid, generator=g) * 0.5).to(dtype).requires_grad_(True)
     t_hidden, t_weight = torch.randn(48, hid, generator=g).to(dtype), torch.randn(vocab, hid, generator=g).to(dtype)
     labels = torch.randint(0, vocab, (48,), generator=g)
-    with _NewTensorsShaped((vocab, hid)) as counter:
+    with NewTensorsShaped((vocab, hid)) as counter:
         loss = fused_distill_loss(hidden, weight, t_hidden, t_weight, labels, loss="jsd", chunk_size=4)
         loss.backward()
     assert counter.count <= (1 if dtype == torch.float32 else 3), counter.count
