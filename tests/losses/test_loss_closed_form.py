@@ -6,14 +6,17 @@ and the chunks allocate no [chunk, V] tensor of their own."""
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
 
 from loss_reference import NewTensorsShaped, per_token
 
+import lmdistill.losses.closed_logits as closed_logits_module
 import lmdistill.losses.fused as fused_module
 from lmdistill.losses import DistillObjective, LossTerm, closed_form, fused_distill_loss
+from lmdistill.losses.errors import LossInputError
 
 PARAMS = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2},
           "skew_reverse_kl": {"alpha": 0.4}, "tvd": {}, "cross_entropy": {}}
@@ -161,26 +164,63 @@ def test_chunks_reuse_their_buffers(name):
     assert counts[0] == counts[1] < 20, counts
 
 
-def test_blocks_run_on_one_thread_and_restore_the_thread_count(monkeypatch):
-    """The cache-sized blocks run on one thread (split over threads they stalled on a busy machine); the caller's
-    thread count is back afterwards, the result unchanged."""
-    hs, ws, bs, teachers, labels = _case(seed=19, bias=True, masked=False)
-    terms = [LossTerm("jsd", 1.0, PARAMS["jsd"])]
-    seen = []
-
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return closed_form.block_terms(*args, **kwargs)
-
-    monkeypatch.setattr(fused_module, "block_terms", spy)
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Two torch threads and blocks of 2 rows at V = 70, so the loss's rows span several blocks per thread."""
+    monkeypatch.setattr(closed_form, "ROW_BLOCK_ELEMENTS", 2 * 70)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        fused = _fused(terms, hs, ws, bs, teachers, None, labels, 2.0)
-        assert torch.get_num_threads() == 2 and set(seen) == {1}
-    finally:
-        torch.set_num_threads(before)
-    _assert_matches(*fused, *_reference(terms, hs, ws, bs, teachers, None, labels, 2.0))
+    yield
+    torch.set_num_threads(before)
+
+
+def _on_logits(terms, hs, ws, bs, teachers, labels, temperature):
+    """The full-logits path on the same case: autograd from the logits back to (hs, ws, bs)."""
+    ht, wt, bt = teachers[0]
+    out = DistillObjective(terms, temperature)(hs @ ws.T + bs, (ht @ wt.T + bt).detach(), labels)
+    return out, torch.autograd.grad(out.total, [hs, ws, bs], retain_graph=True)
+
+
+@pytest.mark.parametrize("path", ["fused", "logits"])
+def test_blocks_split_over_the_threads_torch_uses(two_threads, monkeypatch, path):
+    """On two threads the counted rows are cut into two ranges, each walked by its own Python thread that runs its
+    ops on one thread (split per op over OpenMP threads, the blocks stalled on a busy machine). Every counted row is
+    scored once, the caller's thread count is back afterwards, the result equals the float64 reference, and a second
+    run gives the same bits (the sums are added in row order, not in the order the threads finish)."""
+    hs, ws, bs, teachers, labels = _case(seed=19, bias=True, masked=True)
+    terms = [LossTerm(name, 0.5 + i, PARAMS[name]) for i, name in enumerate(PARAMS)]
+    calls = []
+
+    def spy(specs, coeffs, student, *args, **kwargs):
+        calls.append((threading.get_ident(), torch.get_num_threads(), student.shape[0]))
+        return closed_form.block_terms(specs, coeffs, student, *args, **kwargs)
+
+    monkeypatch.setattr(fused_module if path == "fused" else closed_logits_module, "block_terms", spy)
+    run = (lambda: _fused(terms, hs, ws, bs, teachers, None, labels, 2.0)) if path == "fused" else (
+        lambda: _on_logits(terms, hs, ws, bs, teachers, labels, 2.0))
+    first = run()
+    assert torch.get_num_threads() == 2
+    assert len({ident for ident, _, _ in calls}) == 2 and {threads for _, threads, _ in calls} == {1}
+    assert sum(rows for _, _, rows in calls) == int((labels != -100).sum())
+    _assert_matches(*first, *_reference(terms, hs, ws, bs, teachers, None, labels, 2.0))
+    second = run()
+    assert torch.equal(first[0].total, second[0].total)
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1], strict=True))
+
+
+def test_an_error_in_another_thread_reaches_the_caller(two_threads, monkeypatch):
+    main = threading.get_ident()
+
+    def fails_off_the_main_thread(*args, **kwargs):
+        if threading.get_ident() != main:
+            raise LossInputError("raised in the second thread")
+        return closed_form.block_terms(*args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "block_terms", fails_off_the_main_thread)
+    hs, ws, bs, teachers, labels = _case(seed=19, bias=True, masked=False)
+    with pytest.raises(LossInputError, match="raised in the second thread"):
+        _fused([LossTerm("jsd", 1.0, PARAMS["jsd"])], hs, ws, bs, teachers, None, labels, 2.0)
+    assert torch.get_num_threads() == 2
 
 
 def test_a_teacher_that_needs_gradients_gets_them_through_autograd():

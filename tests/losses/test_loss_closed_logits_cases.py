@@ -231,7 +231,7 @@ def test_on_a_gpu_the_blocks_stay_within_the_fused_budget(monkeypatch):
 
     blocks = []
 
-    def shapes_only(specs, coeffs, student, teacher, labels, work, masked=True):
+    def shapes_only(specs, coeffs, student, teacher, labels, work, masked=True, out=None):
         blocks.append(student.shape[0])
         return torch.zeros(len(specs), device=student.device), torch.empty_like(student)
 

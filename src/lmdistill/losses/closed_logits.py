@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lmdistill.losses.closed_form import CLOSED_FORMS, Workspace, block_terms
+from lmdistill.losses.closed_form import CLOSED_FORMS, RowBlocks, Workspace, block_terms
 from lmdistill.losses.divergences import TermSpec, score_rows, upcast
-from lmdistill.losses.fused import BUDGET_ELEMENTS, ROW_BLOCK_ELEMENTS, one_thread
+from lmdistill.losses.fused import BUDGET_ELEMENTS
 
 
 def closed_form_applies(specs: Sequence[TermSpec], student: Tensor, teacher: Tensor | None) -> bool:
@@ -42,20 +42,21 @@ def _score(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Tensor, 
             for t in (student, teacher, labels)]
     s_rows, t_rows, l_rows = rows
     grad = torch.empty_like(s_rows)
-    work = Workspace()  # block buffers reused by every block
-    # As on the fused path: a CPU works through the rows in blocks that stay in one core's cache, on one thread; a
-    # GPU in blocks of the fused path's chunk budget (all N rows at once would hold about ten [N, V] buffers).
-    on_cpu = student.device.type == "cpu"
-    step = max(1, (ROW_BLOCK_ELEMENTS if on_cpu else BUDGET_ELEMENTS) // max(1, s_rows.shape[1]))
-    total = torch.zeros(len(specs), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
-    with one_thread(on_cpu):
-        for start in range(0, s_rows.shape[0], step):
-            block = slice(start, start + step)
-            sums, block_grad = block_terms(specs, coeffs, upcast(s_rows[block]),
-                                           upcast(t_rows[block]) if t_rows is not None else None,
-                                           l_rows[block] if l_rows is not None else None, work)
-            grad[block].copy_(block_grad)
-            total += sums
+
+    def score(block: slice, work: Workspace) -> Tensor:
+        s_logits = upcast(s_rows[block])
+        target = grad[block]  # float32 logits get their gradient written in place, others through a copy
+        sums, block_grad = block_terms(specs, coeffs, s_logits, upcast(t_rows[block]) if t_rows is not None else None,
+                                       l_rows[block] if l_rows is not None else None, work,
+                                       out=target if target.dtype == s_logits.dtype else None)
+        if block_grad is not target:
+            target.copy_(block_grad)
+        return sums
+
+    # A GPU takes blocks of the fused path's chunk budget: all N rows at once would hold about ten [N, V] buffers.
+    total = RowBlocks(BUDGET_ELEMENTS).run(s_rows.shape[0], s_rows.shape[1], student.device, score)
+    if total is None:
+        total = torch.zeros(len(specs), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
     if counted is not None:
         grad = torch.zeros_like(student).index_copy_(0, counted, grad)
     return total, grad

@@ -11,21 +11,21 @@ student's, so the cached KD terms too see only one chunk of student logits at a 
 are mixed per chunk (`losses.mixture`), so no teacher's full logits exist either.
 
 Time: every term but top-k KL has its gradient written out (`closed_form.py`), so a chunk costs its matmuls plus a
-few passes over small blocks of rows that stay in cache; autograd runs only for top-k KL or when a teacher needs
+few passes over small blocks of rows that stay in cache, split over the cores (`closed_form.RowBlocks`), with the
+student's gradient written over its product buffer; autograd runs only for top-k KL or when a teacher needs
 gradients. The chunk size comes from a memory budget for the [chunk, V] product buffers (one per model): large
 chunks keep the matmuls efficient and add the lm_head gradient into its one float32 buffer fewer times.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lmdistill.losses.closed_form import CLOSED_FORMS, Workspace, block_terms
+from lmdistill.losses.closed_form import CLOSED_FORMS, RowBlocks, Workspace, block_terms
 from lmdistill.losses.divergences import TermSpec, check_params, check_temperature, score_rows, upcast
 from lmdistill.losses.engine import ClosedFn, ClosedForm, Head, reduce_rows
 from lmdistill.losses.errors import LossInputError
@@ -35,7 +35,6 @@ from lmdistill.losses.mixture import mixture_logits
 
 BUDGET_ELEMENTS = 2**26  # all [chunk, V] product buffers together: 256 MiB in float32, whatever the vocabulary
 AUTOGRAD_BLOCK_ELEMENTS = 2**24  # per [chunk, V] block when autograd runs: it keeps about ten of them per chunk
-ROW_BLOCK_ELEMENTS = 2**18  # the closed form's [rows, V] scratch blocks on CPU: 1 MiB in float32, so they stay in cache
 
 
 def default_chunk_size(vocab_size: int, n_models: int = 2, closed_form: bool = True) -> int:
@@ -71,7 +70,8 @@ class LMHead:
             grad.mul_(torch.div(logits, self.softcap).square_().neg_().add_(1.0))
         if self.logit_scale != 1.0:
             grad.mul_(self.logit_scale)
-        out.copy_(grad)
+        if grad is not out:
+            out.copy_(grad)
 
 
 def _check_head(hidden: Tensor, head: LMHead, who: str) -> None:
@@ -138,27 +138,11 @@ def fused_terms(specs: Sequence[TermSpec], student_hidden: Tensor, student_head:
                        coeffs, heads, closed), count
 
 
-@contextmanager
-def one_thread(active: bool) -> Iterator[None]:
-    """torch's CPU ops on one thread inside (restored after). The closed form's blocks are cache-sized: split over
-    threads, each op paid a synchronisation, and on a busy machine a descheduled thread stalled it for milliseconds
-    (58 s for one 1024-token loss with 2 threads against 22 s with one)."""
-    threads = torch.get_num_threads()
-    if not active or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _closed_fn(specs: Sequence[TermSpec], student_head: LMHead, t_heads: Sequence[LMHead],
                mixture: Sequence[float] | None, mixture_temperature: float) -> ClosedFn:
     """The engine's ClosedForm function for the student's head: scores a chunk block by block and writes
     d (weights . sums) / d student product over the product itself."""
-    work = Workspace()  # one set of block buffers for every chunk of this call
+    blocks = RowBlocks(BUDGET_ELEMENTS)  # its block buffers serve every chunk of this call
     # Products of finite hidden states and weights are finite: only a -inf bias entry masks a token.
     masked = any(head.bias is not None and bool(torch.isneginf(head.bias).any()) for head in [student_head, *t_heads])
 
@@ -166,22 +150,22 @@ def _closed_fn(specs: Sequence[TermSpec], student_head: LMHead, t_heads: Sequenc
            weights: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
         s_product, t_products, labels = rows[0], rows[1: 1 + len(t_heads)], rows[1 + len(t_heads)]
         coeffs = weights.expand(len(specs)).tolist()
-        on_cpu = s_product.device.type == "cpu"
-        # A CPU works through the chunk in blocks of rows that stay in one core's cache; a GPU takes it whole.
-        step = max(1, ROW_BLOCK_ELEMENTS // s_product.shape[1]) if on_cpu else s_product.shape[0]
-        total = None
-        with one_thread(on_cpu):
-            for start in range(0, s_product.shape[0], step):
-                block = slice(start, start + step)
-                s_logits = student_head.logits(s_product[block])
-                t_logits = [head.logits(product[block]) for head, product in zip(t_heads, t_products)]
-                if len(t_logits) > 1:
-                    t_logits = [mixture_logits(t_logits, mixture, mixture_temperature)]
-                sums, grad = block_terms(specs, coeffs, s_logits, t_logits[0] if t_logits else None,
-                                         labels[block] if labels is not None else None, work, masked)
-                student_head.product_grad(s_logits, grad, out=s_product[block])
-                total = sums if total is None else total + sums
-        return total, {0: s_product}
+
+        def score(block: slice, work: Workspace) -> Tensor:
+            s_logits = student_head.logits(s_product[block])
+            t_logits = [head.logits(product[block]) for head, product in zip(t_heads, t_products)]
+            if len(t_logits) > 1:
+                t_logits = [mixture_logits(t_logits, mixture, mixture_temperature)]
+            # The gradient goes straight over the product when the logits are the product itself (float32, no
+            # scale or soft-cap): no copy per block.
+            target = s_product[block]
+            sums, grad = block_terms(specs, coeffs, s_logits, t_logits[0] if t_logits else None,
+                                     labels[block] if labels is not None else None, work, masked,
+                                     out=target if s_logits.data_ptr() == target.data_ptr() else None)
+            student_head.product_grad(s_logits, grad, out=target)
+            return sums
+
+        return blocks.run(s_product.shape[0], s_product.shape[1], s_product.device, score), {0: s_product}
 
     return fn
 
