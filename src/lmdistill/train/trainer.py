@@ -3,10 +3,12 @@
 Only `compute_loss` and `log` are overridden, and `create_optimizer` is extended: the projections of hidden-state
 terms join the optimiser, and since they live outside the model, their gradients are averaged over the processes,
 clipped and cleared here as Trainer does for the model's; a step whose loss was non-finite is skipped. The projections
-are saved beside each checkpoint (`_save` / `_load_from_checkpoint`). A loss balancer acts on training steps only
-(`balancing.py`). An out-of-memory error names the settings that lower the memory (`memory.py`). Accumulation,
-precision, optimizers, schedules, clipping of the model, checkpoints, resume and logging are Trainer's own; AdaLoRA's
-rank budget is allocated after each optimizer step and checkpointed for resume, its regulariser added (`adalora.py`).
+are saved beside each checkpoint (`_save` / `_load_from_checkpoint`). The student's and the teacher's forward passes
+(logits only at scored positions, or the fused loss's head inputs) are `forward.py`'s. A loss balancer acts on
+training steps only (`balancing.py`). An out-of-memory error names the settings that lower the memory (`memory.py`).
+Accumulation, precision, optimizers, schedules, clipping of the model, checkpoints, resume and logging are Trainer's
+own; AdaLoRA's rank budget is allocated after each optimizer step and checkpointed for resume, its regulariser added
+(`adalora.py`).
 
 Normalisation: every logit term is a sum over counted tokens divided by `num_items_in_batch`, which Trainer counts over
 the whole accumulated batch (after the causal shift), so N micro-batches give the same update as one batch N times
@@ -23,16 +25,15 @@ from typing import Protocol
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.modeling_outputs import CausalLMOutput
 
 from lmdistill.errors import TrainingError
 from lmdistill.losses import DistillObjective
-from lmdistill.models.sharding import is_sharded, release_gathered
+from lmdistill.models.sharding import is_sharded
 from lmdistill.train.adalora import AdaLoraBudget, adalora_budget, adalora_model
 from lmdistill.train.balancing import BalancedTraining
 from lmdistill.train.deepspeed_teacher import deepspeed_teacher
-from lmdistill.train.heads import (forward_takes, fused_blocker, head_inputs, head_rows, logit_scale, output_layer,
-                                   softcap, unwrapped)
+from lmdistill.train.forward import ForwardPasses
+from lmdistill.train.heads import fused_blocker, head_rows, logit_scale, output_layer, softcap
 from lmdistill.train.hidden_terms import AuxTerms, hidden_terms
 from lmdistill.train.memory import out_of_memory_hint
 
@@ -92,7 +93,6 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
         if fused and (reason := fused_blocker(self.model, teacher, self.args.device, self.is_fsdp_enabled)):
             raise TrainingError(reason)
         self.teacher = teacher
-        self._teacher_sharded = is_sharded(teacher)
         self.teacher_cache = teacher_cache
         self.cross_vocab = cross_vocab
         self.objective = objective
@@ -101,6 +101,11 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
         self.task_type = task_type
         self.shared_vocab = shared_vocab
         self.fused = fused
+        # The step's forward passes; the teacher's logits only when the logit terms score the live teacher (no cache).
+        self.forward_passes = ForwardPasses(
+            teacher, teacher_logits=teacher is not None and objective.needs_teacher and teacher_cache is None,
+            hidden=self.aux.needs_hidden, attentions=self.aux.needs_attentions, task_type=task_type, fused=fused,
+            cross_vocab=cross_vocab is not None, shared_vocab=shared_vocab)
         # Callables(folder) that write extra state into each checkpoint (e.g. the EMA teacher), see _save_checkpoint.
         self.checkpoint_writers: list = []
         # Our compute_loss divides by the token count of the whole accumulated batch itself.
@@ -200,105 +205,16 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
 
             modules.load_state_dict(load_file(path))
 
-    # ------------------------------------------------------------------ forward passes
-    def _forward(self, model: nn.Module, inputs: dict, labels: torch.Tensor, *, body_only: bool,
-                 scored: torch.Tensor | None = None):
-        """The model's outputs; body_only: no logits, but `head_input` [B, T, H], what enters the lm_head. scored
-        [B, T] bool (see `_scored`): logits [n, V] at those positions only."""
-        kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                      output_hidden_states=self.aux.needs_hidden, output_attentions=self.aux.needs_attentions)
-        if forward_takes(model, "use_cache"):
-            kwargs["use_cache"] = False  # nothing here decodes; the teacher's cache would live through the loss
-        if scored is not None and not body_only and forward_takes(model, "logits_to_keep"):
-            kwargs["logits_to_keep"] = scored
-        if self.task_type == "seq2seq":
-            kwargs["decoder_input_ids"] = unwrapped(model).prepare_decoder_input_ids_from_labels(labels=labels)
-        if not body_only:
-            out = model(**kwargs)
-            if scored is not None and "logits_to_keep" not in kwargs:  # e.g. several teachers: cut here instead
-                out["logits"] = out.logits[scored]
-            return out
-        if hasattr(model, "mixed"):  # several teachers (teacher/ensemble.py): each mixed teacher's head input
-            out = CausalLMOutput()
-            out["head_input"] = [self._forward(member, inputs, labels, body_only=True).head_input
-                                 for member in model.mixed()[0]]
-            return out
-        with head_inputs(model) as captured:
-            out = model(**kwargs)
-        out["head_input"] = captured[-1]
-        return out
-
-    def _teacher_outputs(self, inputs: dict, labels: torch.Tensor, scored: torch.Tensor | None):
-        """The teacher's forward pass, on the teacher's own device (teacher.device); outputs come back to the
-        student's device, in the teacher's dtype (the losses upcast to float32). scored: as in `_forward`."""
-        # Several teachers (teacher/ensemble.py) route each example by its source id.
-        teacher = self.teacher.for_batch(inputs) if hasattr(self.teacher, "for_batch") else self.teacher
-        here = labels.device
-        there = next(teacher.parameters()).device
-        if there != here:
-            inputs = {key: inputs[key].to(there) for key in ("input_ids", "attention_mask")}
-            labels = labels.to(there)
-            scored = scored.to(there) if scored is not None else None
-        with torch.no_grad():
-            # Logits only where the logit terms read them (not fused, no cache): hidden-state terms need none.
-            out = self._forward(teacher, inputs, labels, body_only=self.fused or not self._teacher_logits_needed,
-                                scored=scored)
-        if self._teacher_sharded:
-            release_gathered(self.teacher)
-        if there == here:
-            return out
-        for key, value in out.items():
-            if torch.is_tensor(value):
-                out[key] = value.to(here)
-            elif isinstance(value, tuple) and all(torch.is_tensor(v) for v in value):  # hidden states, attentions
-                out[key] = tuple(v.to(here) for v in value)
-        return out
-
     # ------------------------------------------------------------------ the loss
-    @property
-    def _teacher_logits_needed(self) -> bool:
-        """The logit terms score the live teacher's distribution (not a cache's)."""
-        return self.teacher is not None and self.objective.needs_teacher and self.teacher_cache is None
-
-    @property
-    def _needs_teacher_forward(self) -> bool:
-        if self.teacher is None:
-            return False
-        return self._teacher_logits_needed or self.aux.needs_hidden or self.aux.needs_attentions
-
-    def _fused_teacher(self, teacher_out, aligned) -> dict:
-        """The fused loss's teacher arguments: the teacher's head input and head (rows cut to the shared vocabulary,
-        as the logits are), or with several teachers a sequence of each, one per mixed teacher, and their weights."""
-        if not self._teacher_logits_needed:
-            return {"teacher_hidden": None, "teacher_weight": None, "teacher_bias": None}
-        several = hasattr(self.teacher, "mixed")
-        members, mixture = self.teacher.mixed() if several else ([self.teacher], None)
-        hidden = teacher_out.head_input if several else [teacher_out.head_input]
-        rows = [head_rows(output_layer(m), self.shared_vocab) for m in members]
-        args = {"teacher_hidden": [aligned(h) for h in hidden], "teacher_weight": [w for w, _ in rows],
-                "teacher_bias": [b for _, b in rows], "teacher_softcap": [softcap(m) for m in members],
-                "teacher_logit_scale": [logit_scale(m) for m in members]}
-        return {**args, "mixture": mixture} if several else {key: value[0] for key, value in args.items()}
-
-    def _scored(self, model: nn.Module, target: torch.Tensor, return_outputs: bool) -> torch.Tensor | None:
-        """[B, T] bool: the positions whose logits a logit term scores (position t predicts label t+1), when the
-        student forms logits at chosen positions (transformers' logits_to_keep): the lm_heads, the student's head
-        gradient and the loss then skip prompt and padding positions. None: the whole [B, T, V] logits, which
-        fused: true never forms, seq2seq and the cross-tokenizer terms read, and evaluation returns."""
-        if (self.fused or return_outputs or self.cross_vocab is not None or self.task_type != "causal"
-                or not forward_takes(model, "logits_to_keep")):
-            return None
-        keep = target != -100
-        return torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)  # the last position predicts nothing
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         # Causal LMs: position t predicts label t+1 (one shift, here); seq2seq decoders are aligned already.
         target = labels[:, 1:] if self.task_type == "causal" else labels
-        scored = self._scored(model, target, return_outputs)
-        student_out = self._forward(model, inputs, labels, body_only=self.fused, scored=scored)
+        passes = self.forward_passes
+        scored = passes.scored(model, target, return_outputs)
+        student_out = passes.student(model, inputs, labels, scored)
         with out_of_memory_hint("the teacher's forward pass"):
-            teacher_out = self._teacher_outputs(inputs, labels, scored) if self._needs_teacher_forward else None
+            teacher_out = passes.teacher_outputs(inputs, labels, scored) if passes.runs_teacher else None
 
         def aligned(per_position: torch.Tensor) -> torch.Tensor:
             return per_position[:, :-1] if self.task_type == "causal" else per_position
@@ -320,7 +236,7 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
                 out = self.objective.fused(
                     s_hidden, s_weight, s_bias, labels=target, num_items=num_items_in_batch,
                     student_softcap=softcap(model), student_logit_scale=logit_scale(model),
-                    **self._fused_teacher(teacher_out, aligned))
+                    **passes.fused_teacher(teacher_out, aligned))
         else:
             # With scored positions the forward passes returned those rows' logits [n, V]: the rest follow them.
             def rows(logits: torch.Tensor) -> torch.Tensor:
@@ -336,7 +252,7 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
                                             cache_temperature=self.teacher_cache.cache_temperature,
                                             tail=self.teacher_cache.tail, teacher_tail=tail)
             else:
-                t_logits = rows(teacher_out.logits) if self._teacher_logits_needed else None
+                t_logits = rows(teacher_out.logits) if passes.teacher_logits else None
                 out = self.objective(s_logits, t_logits, kept(target), num_items=num_items_in_batch)
 
         # Every term divides by the tokens of all processes (num_items), so each process holds its share of the
