@@ -23,7 +23,7 @@ def _examples(n=8, seed=0):
     return out
 
 
-def _train_once(student_dir, teacher, batch, accum, tmp_path, objective=None, steps=1, clip=0.0):
+def _train_once(student_dir, teacher, batch, accum, tmp_path, objective=None, steps=1, clip=0.0, fused=False):
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     args = TrainingArguments(output_dir=str(tmp_path / f"o{batch}x{accum}"), per_device_train_batch_size=batch,
@@ -34,7 +34,7 @@ def _train_once(student_dir, teacher, batch, accum, tmp_path, objective=None, st
     objective = objective or DistillObjective(terms=[LossTerm("forward_kl", 0.7, {}), LossTerm("cross_entropy", 0.3, {})],
                                               temperature=2.0)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=_examples(),
-                                  data_collator=DistillCollator(0), objective=objective, teacher=teacher)
+                                  data_collator=DistillCollator(0), objective=objective, teacher=teacher, fused=fused)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer.train()
     return before, student, trainer
@@ -98,6 +98,28 @@ def test_nonfinite_step_is_skipped_then_training_continues(student_dir, teacher,
     for k, v in student.state_dict().items():
         assert torch.equal(v, before[k]), k  # the NaN step changed nothing
     assert "non-finite loss term(s) forward_kl" in caplog.text
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_token_the_teacher_gives_no_mass_makes_reverse_kl_infinite_and_skips_the_step(student_dir, teacher_dir,
+                                                                                        tmp_path, caplog, fused):
+    """A teacher whose lm_head bias is -inf on a token the student gives mass: reverse KL is +inf, on the written-out
+    gradient's paths (logits and fused) as through autograd, so the guard skips the step rather than apply the
+    huge gradient that flooring the teacher's log-probs would give."""
+    bad_teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    head = bad_teacher.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()[7] = float("-inf")
+    bad_teacher.lm_head = biased
+    bad_teacher.eval().requires_grad_(False)
+    objective = DistillObjective(terms=[LossTerm("reverse_kl", 1.0, {})], temperature=1.0)
+    before, student, _ = _train_once(student_dir, bad_teacher, batch=8, accum=1, tmp_path=tmp_path,
+                                     objective=objective, fused=fused)
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert "non-finite loss term(s) reverse_kl; skipping this step" in caplog.text
 
 
 def test_three_nonfinite_in_a_row_stop_the_run_naming_the_term(student_dir, tmp_path):

@@ -15,7 +15,9 @@ as a free vector), dD/da = q * (g - <q, g>) (the softmax Jacobian). Per term, m 
     cross_entropy     d/ds = softmax(s) - onehot(label)     (T = 1, the whole student vocabulary)
 When logits may hold -inf (masked tokens), log-probs are floored at the dtype's lowest value, so a token a side gives no
 mass adds 0, never NaN, to every sum and gradient, as in `divergences`. Where `divergences` gives +inf (KL(a || b) with
-a > 0 = b), the floor gives a huge value, finite or +inf.
+a > 0 = b: reverse KL on a token the student gives mass and the teacher none, forward KL the other way round,
+cross-entropy on a masked label), the floor alone would give a huge finite value that a non-finite step guard lets
+through: such a sum is +inf here too.
 """
 
 from __future__ import annotations
@@ -65,20 +67,36 @@ class _Distributions:
     def __init__(self, work: Workspace, masked: bool) -> None:
         self.work, self.masked = work, masked
         self._done: dict[tuple[str, float, int], tuple[Tensor, Tensor]] = {}
+        self._floored: list[Tensor] = []  # the log-probs that hold floored (-inf) entries
 
     def get(self, which: str, logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-        """(log softmax(logits / T), softmax(logits / T)), each [n, V]; log-probs floored when masked."""
+        """(log softmax(logits / T), softmax(logits / T)), each [n, V]; log-probs floored where logits are -inf."""
         key = (which, temperature, logits.shape[-1])
         if key not in self._done:
             name = f"{which}{len(self._done)}"
             log_probs = self.work.get(name + "_log", logits)
+            # masked: some block may hold -inf logits; a min (read only) tells whether this one does, so a block
+            # without is neither floored nor checked for +inf terms
+            floored = self.masked and bool(logits.amin() == -math.inf)
             if temperature != 1.0:
                 logits = torch.div(logits, temperature, out=self.work.get("scaled", logits))
             torch.log_softmax(logits, -1, out=log_probs)
-            if self.masked:
-                log_probs.clamp_min_(torch.finfo(log_probs.dtype).min)
+            if floored:
+                self._floored.append(log_probs.clamp_min_(torch.finfo(log_probs.dtype).min))
             self._done[key] = log_probs, torch.exp(log_probs, out=self.work.get(name, logits))
         return self._done[key]
+
+    def floored(self, log_probs: Tensor) -> bool:
+        """Whether log_probs (from `get`) hold floored entries: tokens with no mass."""
+        return any(log_probs is done for done in self._floored)
+
+    def kl_sum(self, value: Tensor, mass: Tensor, log_probs: Tensor, scratch: Tensor) -> Tensor:
+        """value, a sum of KL(mass || b) with b's log_probs, or +inf where mass falls on a token b gives none (its
+        log-prob floored), as `divergences` gives it. Free when b has no such token."""
+        if not self.floored(log_probs):
+            return value
+        missing = torch.eq(log_probs, torch.finfo(log_probs.dtype).min, out=scratch)  # 1 where b has no mass
+        return value.masked_fill(torch.dot(mass.view(-1), missing.view(-1)) > 0, math.inf)
 
 
 def _log_mixture(p: Tensor, q: Tensor, weight_p: float, out: Tensor) -> Tensor:
@@ -104,11 +122,11 @@ def _kd_term(spec: TermSpec, coeff: float, dist: _Distributions, student: Tensor
         name = "forward_kl" if name in ("jsd", "skew_kl") else "reverse_kl"
     d, e, scratch = work.get("diff", lq), work.get("extra", lq), work.get("product", lq)
     if name == "forward_kl":
-        value = torch.dot(p.view(-1), torch.sub(lp, lq, out=d).view(-1))
+        value = dist.kl_sum(torch.dot(p.view(-1), torch.sub(lp, lq, out=d).view(-1)), p, lq, scratch)
         grad.add_(q, alpha=c).sub_(p, alpha=c)
     elif name == "reverse_kl":
         rows = _row_dot(q, torch.sub(lq, lp, out=d), scratch)  # KL(q || p) per token
-        value = rows.sum()
+        value = dist.kl_sum(rows.sum(), q, lp, scratch)
         grad.addcmul_(q, d.sub_(rows[:, None]), value=c)
     elif name == "jsd":
         lm = _log_mixture(p, q, beta, e)
@@ -143,7 +161,7 @@ def block_terms(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Ten
     """Each term's sum over one block of counted tokens, and d (coeffs . sums) / d student.
 
     student [n, Vs] and teacher [n, Vt] float logits (teacher None when no term needs it; read only); labels [n];
-    coeffs one per spec; masked False promises that no logit is -inf (skips flooring the log-probs). KD terms
+    coeffs one per spec; masked False promises that no logit is -inf (skips looking for them). KD terms
     compare the shared vocabulary prefix, as `divergences.score_rows` does. out: where the gradient goes [n, Vs]; it
     may be the student logits' own memory (they are read before it is written), which saves a copy of each block.
     Returns ([terms] sums, gradient [n, Vs]: out, or a workspace buffer overwritten by the next block).
@@ -165,7 +183,10 @@ def block_terms(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Ten
     for spec, coeff in zip(specs, coeffs, strict=True):
         if spec.name == "cross_entropy":
             lq, q = dist.get("student", student, 1.0)
-            sums.append(-lq.gather(1, labels[:, None]).sum())
+            picked = lq.gather(1, labels[:, None])
+            # +inf on a label the student gives no mass (floored), as F.cross_entropy gives it
+            sums.append((-picked.sum()).masked_fill((picked == torch.finfo(lq.dtype).min).any(), math.inf)
+                        if dist.floored(lq) else -picked.sum())
             grad.add_(q, alpha=coeff).scatter_add_(1, labels[:, None], q.new_full((q.shape[0], 1), -coeff))
         else:
             sums.append(_kd_term(spec, coeff, dist, student[:, :vocab], teacher[:, :vocab], grad[:, :vocab], work))
