@@ -40,3 +40,22 @@ def test_warns_for_a_random_student_only(student_dir, tokenizer, corpus, caplog)
         student(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
     assert not warn_if_cold_start(_stage(), student, {"general": examples}, vocab)
+
+
+def test_a_sharded_student_is_not_probed(caplog, monkeypatch):
+    """The probe runs on the main process alone: a student sharded over the processes (FSDP, DeepSpeed ZeRO-3), whose
+    forward passes are collective, would hang the others there, so it is skipped with a note; a whole one is probed."""
+    import lmdistill.train.warm_start as warm_start
+
+    vocab, probed = 16, []
+    monkeypatch.setattr(warm_start, "perplexity", lambda model, rows, batch_size: probed.append(rows) or float(vocab))
+    student = torch.nn.Linear(4, vocab)
+    sources = {"general": [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}]}
+    assert warn_if_cold_start(_stage(), student, sources, vocab)
+    assert len(probed) == 1
+    for p in student.parameters():
+        p.ds_id = 0  # as DeepSpeed ZeRO-3 marks the parameters it partitions
+    with caplog.at_level(logging.INFO):
+        assert not warn_if_cold_start(_stage(), student, sources, vocab)
+    assert len(probed) == 1
+    assert "student is sharded over the processes" in caplog.text and "check" in caplog.text

@@ -5,6 +5,10 @@ randomly initialised student spreads its mass evenly, so the gradient carries li
 student collapses (observed: the loss stuck near its start, the student writing only spaces). A forward KL or CE
 stage first gives it a distribution to refine. "Never trained" is read from the student itself: its perplexity on
 a few training examples is close to the vocabulary size, as a uniform guess would score.
+
+The probe runs on the main process alone. A student split over the processes (FSDP, DeepSpeed ZeRO-3) cannot be
+probed so: its forward passes are collective, and one run on a single process would hang the others (a ZeRO-3
+partition not yet in its engine cannot run one at all). Its check is skipped, with a note in the log.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from lmdistill.config import LogitTerm, StageSettings
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.eval.metrics import perplexity
+from lmdistill.models.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +42,16 @@ def mode_seeking(stage: StageSettings) -> str | None:
 def warn_if_cold_start(stage: StageSettings, student: torch.nn.Module, sources: dict[str, list[dict]],
                        vocab_size: int) -> bool:
     """Log a warning when `stage` is mode-seeking and `student` scores a few of the `sources`' examples about as
-    well as a uniform guess over `vocab_size` ids; returns whether it warned."""
+    well as a uniform guess over `vocab_size` ids; returns whether it warned. Called on the main process alone: a
+    sharded student is not probed (a note says so)."""
     reason = mode_seeking(stage)
     if reason is None:
+        return False
+    if is_sharded(student):
+        log.info("stage %s: the student is sharded over the processes (FSDP / DeepSpeed ZeRO-3), so the check that it "
+                 "is not an untrained student before this mode-seeking stage (%s) is skipped; a random student should "
+                 "be warm-started with a forward_kl or cross_entropy stage first (README: \"Base models and plain "
+                 "text\").", stage.name, reason)
         return False
     probe = [ex for rows in sources.values() for ex in rows if any(t != IGNORE_INDEX for t in ex["labels"])]
     if not probe:
