@@ -5,12 +5,14 @@ same EMA teacher in self-distillation.
 Equality is torch.equal: the steps after the checkpoint repeat the same float operations on the same inputs in the
 same order, so any difference means some state (initial adapters, batches, sampling weights, rng, optimizer, EMA)
 was not restored. Every run is its own `lmdistill run` process: the uninterrupted one too, since the same steps run
-in the test process can differ from a fresh process in the last bits (a fresh process is what a resume is)."""
+in the test process can differ from a fresh process in the last bits (a fresh process is what a resume is). The
+processes are forked from a forkserver that has imported lmdistill's training stack and run nothing, so each starts
+fresh without paying the imports again (most of a tiny run's time); each is its own process group."""
 
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,41 +26,66 @@ from lmdistill.train.ema import EMA_FILE
 KD = [{"name": "forward_kl", "weight": 0.8}, {"name": "cross_entropy", "weight": 0.2}]
 
 
-def _start(data: dict, out: Path) -> subprocess.Popen:
+# The stack `lmdistill run` imports, loaded once; every run is a fork of this server (state: imports only).
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["lmdistill.cli", "lmdistill.train.pipeline"])
+
+
+def _cli_run(config: str, log: str) -> None:
+    """In the forked child: `lmdistill run CONFIG` as its own process group (killpg reaches it all), stderr to log."""
+    os.setsid()
+    with open(log, "wb") as err, open(os.devnull, "wb") as out:
+        os.dup2(err.fileno(), 2)
+        os.dup2(out.fileno(), 1)
+    sys.argv = ["lmdistill", "run", config]
+    from lmdistill.cli import main
+
+    main()
+
+
+def _start(data: dict, out: Path) -> multiprocessing.Process:
     """`lmdistill run` on `data` into `out`, in its own process group."""
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump({**data, "output_dir": str(out)}))
-    return subprocess.Popen([sys.executable, "-m", "lmdistill.cli", "run", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = _FORKS.Process(target=_cli_run, args=(str(config), str(out.with_suffix(".log"))))
+    proc.start()
+    return proc
 
 
-def _finish(proc: subprocess.Popen, out: Path) -> Path:
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr.decode()[-3000:]
-    return out
+def _log(out: Path) -> str:
+    """What the run wrote to stderr (its log, or its error)."""
+    return out.with_suffix(".log").read_text()
 
 
-def _kill_at_first_checkpoint(proc: subprocess.Popen, out: Path, stage: str) -> None:
+def _finish(proc: multiprocessing.Process, out: Path) -> None:
+    proc.join(timeout=300)
+    assert proc.exitcode == 0, _log(out)[-3000:]
+
+
+def _kill_at_first_checkpoint(proc: multiprocessing.Process, out: Path, stage: str) -> None:
     """SIGKILL the run once a checkpoint of `stage` is complete (Trainer writes trainer_state.json last)."""
     deadline = time.time() + 120
     while not list((out / stage).glob("checkpoint-*/trainer_state.json")):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.is_alive(), _log(out)[-3000:]
         assert time.time() < deadline, "no checkpoint within 120 s"
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
     state = json.loads((out / "pipeline_state.json").read_text())
     assert state["stages"][-1]["status"] == "running"  # killed mid-stage, not after it
 
 
 def _whole_and_resumed(data: dict, tmp_path: Path, stage: str) -> tuple[Path, Path]:
     """(the uninterrupted run, the run killed at its first checkpoint and run again); the first two side by side."""
-    whole = _start(data, tmp_path / "whole")
-    cut = _start(data, tmp_path / "cut")
-    _kill_at_first_checkpoint(cut, tmp_path / "cut", stage)
-    resumed = _start(data, tmp_path / "cut")
-    return _finish(whole, tmp_path / "whole"), _finish(resumed, tmp_path / "cut")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    uninterrupted = _start(data, whole)
+    _kill_at_first_checkpoint(_start(data, cut), cut, stage)
+    resumed = _start(data, cut)
+    _finish(uninterrupted, whole)
+    _finish(resumed, cut)
+    assert f"stage {stage}: resuming from" in _log(cut)  # continued from the checkpoint, not restarted
+    return whole, cut
 
 
 def _small(data: dict) -> dict:
