@@ -35,7 +35,7 @@ def _no_teacher(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a cached stage loaded the teacher")
 
-    monkeypatch.setattr(prepare_module, "load_model", refuse)
+    monkeypatch.setattr(prepare_module, "frozen_teacher", refuse)
 
 
 def test_cache_holds_the_pairs_and_the_teachers_distribution_at_them(cross_config, cross_cache):

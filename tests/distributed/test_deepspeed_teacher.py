@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 from accelerate.utils import DeepSpeedPlugin
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from lmdistill.errors import TrainingError
-from lmdistill.train.deepspeed_teacher import deepspeed_teacher, teacher_zero3_config
+from lmdistill.teacher.ensemble import TeacherEnsemble
+from lmdistill.train.deepspeed_teacher import deepspeed_teacher, deepspeed_teachers, teacher_zero3_config
 
 
 def _student_config(stage: int = 3) -> dict:
@@ -134,3 +136,20 @@ def test_missing_deepspeed_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` raise ImportError
     with pytest.raises(TrainingError, match="deepspeed is not installed: pip install deepspeed"):
         deepspeed_teacher(nn.Linear(4, 4), _accelerator(_student_config(3)))
+
+
+def test_each_of_several_teachers_is_partitioned_by_its_own_shard_setting(teacher_dir, student_dir, monkeypatch):
+    """Under ZeRO-3 the trainer hands each teacher to an engine of its own unless its entry says shard: never."""
+    engines = []
+    fake = SimpleNamespace(initialize=lambda model, config: (engines.append(model) or SimpleNamespace(module=model),))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    accelerator = _accelerator(_student_config(3))
+    models = [AutoModelForCausalLM.from_pretrained(d) for d in (teacher_dir, student_dir)]
+    ensemble = TeacherEnsemble(models, [1.0, 1.0], {}, temperature=1.0)
+    assert deepspeed_teachers(ensemble, ["never", "auto"], accelerator) is ensemble
+    assert len(engines) == 1 and engines[0] is models[1]
+    engines.clear()
+    assert deepspeed_teachers(ensemble, ["always", "never"], accelerator) is ensemble
+    assert len(engines) == 1 and engines[0] is models[0]
+    engines.clear()
+    assert deepspeed_teachers(models[0], ["never"], accelerator) is models[0] and not engines  # one teacher, as before

@@ -89,3 +89,25 @@ def test_sharded_teacher_trains_like_a_whole_teacher(tmp_path, teacher_dir, stud
         assert metrics["always"][role] == pytest.approx(metrics["never"][role], rel=1e-5)
     samples = {shard: (run / "samples.jsonl").read_text().splitlines() for shard, run in runs.items()}
     assert samples["always"] and samples["always"] == samples["never"]
+
+
+@pytest.mark.multiprocess
+def test_each_of_several_teachers_follows_its_own_shard_setting(tmp_path, teacher_dir, student_dir, qa_jsonl):
+    """teachers: the first kept whole (shard: never), the second split over the two processes (shard: always): each
+    process holds all of the first and half of the second, and the mixture trains the same student on both."""
+    cfg = yaml.safe_load(_config(tmp_path, teacher_dir, student_dir, qa_jsonl, "never").read_text())
+    del cfg["teacher"]
+    cfg["teachers"] = [{"name": str(teacher_dir), "shard": "never"}, {"name": str(student_dir), "shard": "always"}]
+    cfg["evaluation"]["enabled"] = False
+    cfg["stages"][0].update(max_steps=2, losses=[{"name": "forward_kl"}])
+    path = tmp_path / "teachers.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    probes = _launch(tmp_path, path)
+
+    from transformers import AutoModelForCausalLM
+
+    second = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(student_dir).parameters())
+    for probe in probes:
+        held, total = probe["teacher_params"]
+        assert held == total - second / 2
+    assert probes[0]["digest"] == probes[1]["digest"]

@@ -44,7 +44,7 @@ def test_fused_cached_stage_trains_like_the_unfused_one(teacher_config, tmp_path
         head_rows.append(weight.shape[0])
         return fused_cached(self, hidden, weight, *args, **kwargs)
 
-    monkeypatch.setattr(prepare, "load_model", no_teacher)
+    monkeypatch.setattr(prepare, "frozen_teacher", no_teacher)
     monkeypatch.setattr(DistillObjective, "fused_cached", spy)
     student = _padded_student(fixture_paths["student"], tmp_path / "student") if padded else fixture_paths["student"]
     runs = {}

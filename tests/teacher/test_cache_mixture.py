@@ -116,8 +116,8 @@ def test_k_equal_v_cached_mixture_trains_like_the_live_mixture(tmp_path, fixture
     def no_teacher(*args, **kwargs):
         raise AssertionError("a cached stage with several teachers loaded a teacher")
 
-    monkeypatch.setattr(prepare_module, "load_model", no_teacher)
-    monkeypatch.setattr(stage_models, "load_model", no_teacher)
+    monkeypatch.setattr(prepare_module, "frozen_teacher", no_teacher)
+    monkeypatch.setattr(stage_models, "frozen_teacher", no_teacher)
     with caplog.at_level(logging.INFO):
         losses, evals = _losses(run_pipeline(cached))
     assert "stage s: teachers resident: none; this stage distils from the teacher cache" in caplog.text

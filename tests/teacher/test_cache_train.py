@@ -35,7 +35,7 @@ def _cached_run(teacher_config, tmp_path, cache, monkeypatch, name):
     def no_teacher(*args, **kwargs):
         raise AssertionError("a cached stage loaded the teacher")
 
-    monkeypatch.setattr(prepare_module, "load_model", no_teacher)
+    monkeypatch.setattr(prepare_module, "frozen_teacher", no_teacher)
     stage = {**STAGE, "teacher_source": "cache"}
     config = config_from_dict(teacher_config([stage], output_dir=str(tmp_path / name),
                                              teacher_cache={"path": str(cache)}))

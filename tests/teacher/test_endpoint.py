@@ -159,7 +159,7 @@ def test_run_with_endpoint_trains_non_policy_on_served_generations(server, teach
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded in-process")
 
-    monkeypatch.setattr(prepare, "load_model", no_teacher)
+    monkeypatch.setattr(prepare, "frozen_teacher", no_teacher)
     stages = [{"name": "off", "kind": "non_policy", "max_steps": 2, "losses": [{"name": "cross_entropy"}]}]
     config = _config(teacher_config, tmp_path, server.url, stages=stages,
                      generation={"sources": ["domain"], "max_new_tokens": 4, "do_sample": False})

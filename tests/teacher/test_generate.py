@@ -74,7 +74,7 @@ def generations_file(teacher_config, tmp_path):
 
 def test_generations_stage_trains_on_teacher_text_without_the_teacher(teacher_config, generations_file, tokenizer,
                                                                       monkeypatch):
-    monkeypatch.setattr(prepare, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher")))
+    monkeypatch.setattr(prepare, "frozen_teacher", lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher")))
     examples = load_generations(generations_file, tokenizer_hash(tokenizer), 32, "causal")
     lines = _lines(generations_file)
     assert examples[0]["input_ids"] == lines[0]["prompt_ids"] + lines[0]["completion_ids"]

@@ -1,6 +1,8 @@
-"""Several teachers in one stage: routing by source, one teacher of weight 1 as today, a pipeline run."""
+"""Several teachers in one stage: routing by source, one teacher of weight 1 as today, a pipeline run, and each
+teacher sharded (or not) by its own `shard` setting."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,12 +11,15 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from lmdistill.config import config_from_dict
 from lmdistill.data.collate import DistillCollator
 from lmdistill.data.mixture import ID_STRIDE
-from lmdistill.errors import ConfigError
+from lmdistill.errors import ConfigError, TrainingError
 from lmdistill.losses import DistillObjective, LossTerm
 from lmdistill.losses.mixture import mixture_logits
+from lmdistill.models import load
+from lmdistill.models.sharding import is_sharded
 from lmdistill.teacher.ensemble import TeacherEnsemble
+from lmdistill.train import prepare as prepare_module
 from lmdistill.train.pipeline import run_pipeline
-from lmdistill.train.stage_models import route_sources
+from lmdistill.train.stage_models import route_sources, run_teachers
 from lmdistill.train.trainer import DistillationTrainer
 
 
@@ -165,3 +170,44 @@ def test_fused_several_teachers_run_and_refuse_routing(tiny_pipeline, teacher_di
     teachers[1]["sources"] = ["domain"]
     with pytest.raises(ConfigError, match="per-source routing .sources:. needs fused: false"):
         config_from_dict(data)
+
+
+def test_each_teacher_is_split_by_its_own_shard_setting(tiny_pipeline, teacher_dir, student_dir, monkeypatch):
+    """Under two launched processes, the run's teacher and every other of `teachers:` are loaded sharded or whole as
+    their own entry's `shard` says (FSDP2 itself needs the processes: tests/distributed/test_sharded_teacher.py)."""
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    teachers = [{"name": str(teacher_dir), "shard": "always"}, {"name": str(student_dir), "shard": "never"},
+                {"name": str(teacher_dir), "shard": "always"}]
+    data = tiny_pipeline([{"name": "mix", "losses": [{"name": "forward_kl"}]}], teachers=teachers)
+    del data["teacher"]
+    config = config_from_dict(data)
+    asked = []
+
+    def load_whole(settings, task_type, *, device, name=None, shard_over=1):
+        asked.append(shard_over)
+        return real_load(settings, task_type, device=device, name=name)  # one process here: nothing to shard over
+
+    real_load = load.load_model
+    monkeypatch.setattr(load, "load_model", load_whole)
+    monkeypatch.setattr(prepare_module, "launched_processes", lambda config: SimpleNamespace(num_processes=2))
+    prep = prepare_module.prepare(config, shard_teacher=True)
+    ensemble = run_teachers(config, prep, temperature=1.0)
+    assert asked == [2, 1, 2] and len(ensemble.teachers) == 3
+
+
+def test_a_sharded_teacher_is_not_routed(teacher_dir, student_dir, tmp_path):
+    """Routing runs each teacher on other examples on each process, but a sharded teacher's forward passes must
+    run on every process together: refused when the trainer is built, with what to do."""
+    models = [AutoModelForCausalLM.from_pretrained(d).eval().requires_grad_(False) for d in (teacher_dir, student_dir)]
+    models[1]._is_fsdp_managed_module = True  # what transformers marks a model it loaded with FSDP2
+    mixed = TeacherEnsemble(models, [1.0, 1.0], {}, temperature=1.0)
+    assert is_sharded(mixed) and not is_sharded(TeacherEnsemble(models[:1], [1.0], {}, temperature=1.0))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no")
+    objective = DistillObjective([LossTerm("forward_kl")])
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    DistillationTrainer(model=student, args=args, objective=objective, teacher=mixed)  # a mixture: every teacher runs
+    routed = TeacherEnsemble(models, [1.0, 1.0], {"domain": 1}, temperature=1.0)
+    with pytest.raises(TrainingError, match=r"^teachers routed by source .sources:. .*set shard: never on"):
+        DistillationTrainer(model=student, args=args, objective=objective, teacher=routed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -9,7 +10,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from lmdistill.config import LoraSettings, ModelSettings, StudentSettings
 from lmdistill.errors import ModelError
+from lmdistill.model_config import LoadedTeacher
+from lmdistill.models.sharding import local_parameter_count, teacher_shard_size
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,7 +84,7 @@ def load_model(settings: ModelSettings, task_type: str, *, device: torch.device,
         raise ModelError("no model name or path given")
     if shard_over > 1 and settings.quantization is not None:
         raise ModelError(f"{name!r}: a quantized teacher cannot be sharded over processes; set teacher.shard: never "
-                         "(each process then holds a whole quantized copy)")
+                         "(or shard: never on its entry of teachers:): each process then holds a whole quantized copy")
     auto = AutoModelForSeq2SeqLM if task_type == "seq2seq" else AutoModelForCausalLM
     kwargs = {"trust_remote_code": settings.trust_remote_code}
     if settings.dtype != "auto":
@@ -111,6 +115,19 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def frozen_teacher(settings: LoadedTeacher, task_type: str, *, device: torch.device,
+                   processes: int) -> PreTrainedModel:
+    """A frozen teacher, each one (the run's and every other of `teachers:`) split over the `processes` launched
+    when its own `shard` setting says so (lmdistill.models.sharding); processes=1: a whole copy."""
+    shard_over = teacher_shard_size(settings.shard, processes)
+    teacher = freeze(load_model(settings, task_type, device=device, shard_over=shard_over))
+    if shard_over > 1:
+        held, total = local_parameter_count(teacher)
+        log.info("teacher %s sharded over %d processes: this one holds %d of its %d parameters", settings.name,
+                 shard_over, held, total)
+    return teacher
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str, total_steps: int | None = None,

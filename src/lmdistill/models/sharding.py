@@ -42,14 +42,16 @@ def teacher_shard_size(setting: ShardSetting, world_size: int) -> int:
 
 def is_sharded(model: nn.Module | None) -> bool:
     """True for a model whose parameters are split over processes (FSDP 1 or 2, by transformers or accelerate, or a
-    DeepSpeed ZeRO-3 partition): its forward passes must run on every process together."""
+    DeepSpeed ZeRO-3 partition), or that runs one (several teachers, one of them sharded by its own `shard`
+    setting): its forward passes must run on every process together."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    if model is None:
+    if not isinstance(model, nn.Module):
         return False
-    if isinstance(model, FSDPModule | FullyShardedDataParallel) or getattr(model, "_is_fsdp_managed_module", False):
+    fsdp = (FSDPModule, FullyShardedDataParallel)
+    if any(isinstance(m, fsdp) or getattr(m, "_is_fsdp_managed_module", False) for m in model.modules()):
         return True
-    return isinstance(model, nn.Module) and any(hasattr(p, "ds_id") for p in model.parameters())
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def local_parameter_count(model: nn.Module) -> tuple[int, int]:

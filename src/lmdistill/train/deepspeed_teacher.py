@@ -16,11 +16,13 @@ process must run the same number of teacher forwards, in the same order.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from lmdistill.errors import TrainingError
+from lmdistill.models.sharding import is_sharded
 
 # zero_optimization keys that matter to a model that is only ever run forward: where its parameters live and how
 # they are fetched. Everything else there (gradient buckets, reduce-scatter, optimizer offload, sub-groups, saving
@@ -186,3 +188,19 @@ def deepspeed_teacher(teacher: nn.Module, accelerator) -> nn.Module:
     # with the engine collected: tests/distributed/test_deepspeed_cpu.py).
     return engine.module.eval()
 
+
+def deepspeed_teachers(teacher: nn.Module, settings: Sequence[str], accelerator) -> nn.Module:
+    """`teacher` with each of its teachers whose `shard` setting is not 'never' partitioned by an engine of its own
+    (`deepspeed_teacher`), once per run: later stages share the teachers, already partitioned.
+
+    Args:
+        teacher: one frozen teacher, or several (teacher/ensemble.py: its `teachers`, each partitioned or not).
+        settings: the `shard` setting of each teacher, in order (one for a single teacher).
+        accelerator: as for `deepspeed_teacher`.
+    """
+    several = hasattr(teacher, "mixed")
+    members = teacher.teachers if several else [teacher]
+    for i, (member, setting) in enumerate(zip(members, settings, strict=True)):
+        if setting != "never" and not is_sharded(member):
+            members[i] = deepspeed_teacher(member, accelerator)
+    return teacher if several else members[0]

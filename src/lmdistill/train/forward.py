@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
+from lmdistill.errors import TrainingError
 from lmdistill.models.sharding import is_sharded, release_gathered
 from lmdistill.train.heads import forward_takes, head_inputs, head_rows, logit_scale, output_layer, softcap, unwrapped
 
@@ -37,6 +38,10 @@ class ForwardPasses:
         self.cross_vocab = cross_vocab
         self.shared_vocab = shared_vocab
         self._teacher_sharded = is_sharded(teacher)
+        if self._teacher_sharded and getattr(teacher, "sources", None):
+            raise TrainingError("teachers routed by source (sources:) run on other examples on each process, but a "
+                                "sharded teacher's forward passes must run on every process together: set shard: never "
+                                "on every entry of teachers:, or drop sources:")
 
     @property
     def runs_teacher(self) -> bool:

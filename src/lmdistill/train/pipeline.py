@@ -43,7 +43,8 @@ from lmdistill.train.served import served_run
 from lmdistill.train.stage import (ListDataset, build_aux, build_balancer, build_objective, build_train_dataset,
                                    write_seed_aliases)
 from lmdistill.train.ema import EMA_FILE, EmaTeacher
-from lmdistill.train.stage_models import log_resident, route_sources, stage_student, stage_teacher
+from lmdistill.train.stage_models import (log_resident, route_sources, stage_student, stage_teacher,
+                                         teacher_shard_settings)
 from lmdistill.train.state import PipelineState, replace_dir_atomic
 from lmdistill.train.trainer import DistillationTrainer
 from lmdistill.train.warm_start import warn_if_cold_start
@@ -180,7 +181,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         data_collator=collator,
         processing_class=prep.tokenizer, objective=objective, teacher=teacher, aux=aux, balancer=build_balancer(stage),
         task_type=prep.task_type, shared_vocab=shared_vocab, fused=stage.fused, teacher_cache=teacher_cache,
-        cross_vocab=cross_vocab, teacher_shard=config.teacher.shard, **policy,
+        cross_vocab=cross_vocab, teacher_shard=teacher_shard_settings(config, teacher), **policy,
     )
     for callback in stage_callbacks(config, prep, stage, stage_dir, train_dataset,
                                     prep.scoring_teacher) + early_stopping(config):

@@ -17,8 +17,7 @@ from lmdistill.data.formats import load_source
 from lmdistill.data.holdout import split_holdout
 from lmdistill.data.tokenize import Layout
 from lmdistill.errors import ConfigError
-from lmdistill.models.load import detect_task_type, freeze, load_model, load_tokenizer, resolve_device
-from lmdistill.models.sharding import local_parameter_count, teacher_shard_size
+from lmdistill.models.load import detect_task_type, frozen_teacher, load_tokenizer, resolve_device
 from lmdistill.models.vocab import check_same_vocab, same_vocab
 from lmdistill.teacher.retokenize import needs_shared_vocab
 from lmdistill.train.args import check_precision, check_reporting
@@ -46,6 +45,8 @@ class Prepared:
     pool: TeacherPool = field(default_factory=TeacherPool)  # teachers besides `teacher` (train/stage_models.py)
     # The teacher on a server (teacher.endpoint; `teacher` is then None): stages ask it as they train (served.py).
     served: object | None = None
+    # The launched processes each teacher may be split over, as its `shard` setting says (1: whole teachers).
+    teacher_processes: int = 1
 
     @property
     def scoring_teacher(self) -> torch.nn.Module | None:
@@ -105,8 +106,8 @@ def load_data(config: PipelineConfig, tokenizer, task_type: str, eval_only: bool
 
 def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bool = False,
             vocab_check: bool = True) -> Prepared:
-    """shard_teacher: split the teacher over the launched processes when `teacher.shard` says so (training runs;
-    the one-process commands keep it whole). vocab_check=False: a teacher with another vocabulary is accepted
+    """shard_teacher: split each teacher over the launched processes when its `shard` setting says so (training
+    runs; the one-process commands keep them whole). vocab_check=False: a teacher with another vocabulary is accepted
     whatever the stages' losses (`generate` only needs its text)."""
     check_precision(config)
     check_reporting(config)
@@ -116,16 +117,11 @@ def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bo
     task_type = config.task_type if config.task_type != "auto" else detect_task_type(student_name, trust)
     tokenizer = load_tokenizer(student_name, trust)
     teacher, shared_vocab, other_tokenizer = None, None, None
+    teacher_processes = launched_processes(config).num_processes if shard_teacher else 1
     if load_teacher and config.teacher.name:
         teacher_tokenizer = load_tokenizer(config.teacher.name, config.teacher.trust_remote_code)
         teacher_device = resolve_device(config.teacher.device, no_cuda=config.training.no_cuda)
-        shard_over = teacher_shard_size(config.teacher.shard, launched_processes(config).num_processes) \
-            if shard_teacher else 1
-        teacher = freeze(load_model(config.teacher, task_type, device=teacher_device, shard_over=shard_over))
-        if shard_over > 1:
-            held, total = local_parameter_count(teacher)
-            log.info("teacher sharded over %d processes: this one holds %d of its %d parameters", shard_over, held,
-                     total)
+        teacher = frozen_teacher(config.teacher, task_type, device=teacher_device, processes=teacher_processes)
         needed_by = needs_shared_vocab(config) if vocab_check else None
         if same_vocab(teacher_tokenizer, tokenizer) or needed_by:
             student_rows = teacher.get_output_embeddings().weight.shape[0]
@@ -145,7 +141,7 @@ def prepare(config: PipelineConfig, load_teacher: bool = True, shard_teacher: bo
         raise ConfigError("the stages distill from a teacher, but teacher.name is not set (or use --teacher_model)")
     sources, eval_sets, report = load_data(config, tokenizer, task_type)
     return Prepared(task_type, tokenizer, sources, eval_sets, teacher, shared_vocab, device, report, config.student,
-                    other_tokenizer)
+                    other_tokenizer, teacher_processes=teacher_processes)
 
 
 def saved_student_init(config: PipelineConfig, prep: Prepared, run_dir: Path, processes) -> StudentSettings:

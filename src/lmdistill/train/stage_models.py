@@ -22,7 +22,7 @@ from torch import nn
 from lmdistill.config import FromTeacher, PipelineConfig, StageSettings, StudentSettings, TeacherEntry
 from lmdistill.data.mixture import ID_STRIDE
 from lmdistill.errors import ConfigError
-from lmdistill.models.load import freeze, load_model, load_student, load_tokenizer, resolve_device
+from lmdistill.models.load import freeze, frozen_teacher, load_student, load_tokenizer, resolve_device
 from lmdistill.models.student_init import student_from_teacher
 from lmdistill.models.vocab import check_same_vocab
 from lmdistill.teacher.ensemble import TeacherEnsemble
@@ -85,6 +85,14 @@ def run_teachers(config: PipelineConfig, prep, temperature: float) -> TeacherEns
               for i, entry in enumerate(config.teachers[1:], start=1)]
     routes = {source: i for i, entry in enumerate(config.teachers) for source in entry.sources or []}
     return TeacherEnsemble([prep.teacher, *others], [e.weight for e in config.teachers], routes, temperature)
+
+
+def teacher_shard_settings(config: PipelineConfig, teacher: nn.Module | None) -> list[str]:
+    """The `shard` setting of each of the stage's teachers, in order: with several, each entry's own; else the run
+    teacher's (which an earlier stage's student run as a teacher follows too)."""
+    if isinstance(teacher, TeacherEnsemble):
+        return [entry.shard for entry in config.teachers]
+    return [config.teacher.shard]
 
 
 def route_sources(teacher: nn.Module | None, source_names: list[str], eval_sets: dict[str, list[dict]],
@@ -161,7 +169,7 @@ def _stage_student(config: PipelineConfig, prep, name: str, run_dir: Path) -> nn
 
 def _extra_teacher(config: PipelineConfig, prep, entry: TeacherEntry) -> nn.Module:
     device = resolve_device(entry.device, no_cuda=config.training.no_cuda)
-    model = freeze(load_model(entry, prep.task_type, device=device))
+    model = frozen_teacher(entry, prep.task_type, device=device, processes=prep.teacher_processes)
     rows = model.get_output_embeddings().weight.shape[0]
     first_rows = prep.teacher.get_output_embeddings().weight.shape[0]
     check_same_vocab(load_tokenizer(entry.name, entry.trust_remote_code), prep.tokenizer, rows, first_rows,

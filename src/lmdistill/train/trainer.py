@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -28,10 +29,9 @@ from transformers import Trainer, TrainerCallback
 
 from lmdistill.errors import TrainingError
 from lmdistill.losses import DistillObjective
-from lmdistill.models.sharding import is_sharded
 from lmdistill.train.adalora import AdaLoraBudget, adalora_budget, adalora_model
 from lmdistill.train.balancing import BalancedTraining
-from lmdistill.train.deepspeed_teacher import deepspeed_teacher
+from lmdistill.train.deepspeed_teacher import deepspeed_teachers
 from lmdistill.train.forward import ForwardPasses
 from lmdistill.train.heads import fused_blocker, head_rows, logit_scale, output_layer, softcap
 from lmdistill.train.hidden_terms import AuxTerms, hidden_terms
@@ -82,12 +82,12 @@ class DistillationTrainer(BalancedTraining, AdaLoraBudget, Trainer):
                  aux: AuxTerms | None = None, balancer=None, task_type: str = "causal",
                  shared_vocab: int | None = None, fused: bool = False, teacher_cache: TeacherCacheLookup | None = None,
                  cross_vocab: CrossVocabTerms | None = None,
-                 teacher_shard: str = "auto", **kwargs):
+                 teacher_shard: Sequence[str] = ("auto",), **kwargs):
         super().__init__(*args, **kwargs)
-        if teacher is not None and self.is_deepspeed_enabled and teacher_shard != "never" and not is_sharded(teacher):
-            # Under ZeRO-3 the teacher gets its own inference engine (partitioned like the student); once per run,
-            # since later stages share the same teacher.
-            teacher = deepspeed_teacher(teacher, self.accelerator)
+        if teacher is not None and self.is_deepspeed_enabled:
+            # Under ZeRO-3 each teacher whose `shard` setting (teacher_shard: one per teacher) allows it gets its own
+            # inference engine, partitioned like the student.
+            teacher = deepspeed_teachers(teacher, teacher_shard, self.accelerator)
         if objective.needs_teacher and teacher is None and teacher_cache is None:
             raise TrainingError("the stage's losses need a teacher, but neither a live teacher nor a cache was given")
         if fused and (reason := fused_blocker(self.model, teacher, self.args.device, self.is_fsdp_enabled)):
