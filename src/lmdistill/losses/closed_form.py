@@ -67,32 +67,29 @@ class _Distributions:
     def __init__(self, work: Workspace, masked: bool) -> None:
         self.work, self.masked = work, masked
         self._done: dict[tuple[str, float, int], tuple[Tensor, Tensor]] = {}
-        self._floored: list[Tensor] = []  # the log-probs that hold floored (-inf) entries
+        self._floored: list[Tensor] = []  # the log-probs floored (masked: -inf entries may be there)
 
     def get(self, which: str, logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-        """(log softmax(logits / T), softmax(logits / T)), each [n, V]; log-probs floored where logits are -inf."""
+        """(log softmax(logits / T), softmax(logits / T)), each [n, V]; log-probs floored when masked."""
         key = (which, temperature, logits.shape[-1])
         if key not in self._done:
             name = f"{which}{len(self._done)}"
             log_probs = self.work.get(name + "_log", logits)
-            # masked: some block may hold -inf logits; a min (read only) tells whether this one does, so a block
-            # without is neither floored nor checked for +inf terms
-            floored = self.masked and bool(logits.amin() == -math.inf)
             if temperature != 1.0:
                 logits = torch.div(logits, temperature, out=self.work.get("scaled", logits))
             torch.log_softmax(logits, -1, out=log_probs)
-            if floored:
+            if self.masked:
                 self._floored.append(log_probs.clamp_min_(torch.finfo(log_probs.dtype).min))
             self._done[key] = log_probs, torch.exp(log_probs, out=self.work.get(name, logits))
         return self._done[key]
 
     def floored(self, log_probs: Tensor) -> bool:
-        """Whether log_probs (from `get`) hold floored entries: tokens with no mass."""
+        """Whether log_probs (from `get`) were floored: they may hold tokens with no mass."""
         return any(log_probs is done for done in self._floored)
 
     def kl_sum(self, value: Tensor, mass: Tensor, log_probs: Tensor, scratch: Tensor) -> Tensor:
         """value, a sum of KL(mass || b) with b's log_probs, or +inf where mass falls on a token b gives none (its
-        log-prob floored), as `divergences` gives it. Free when b has no such token."""
+        log-prob floored), as `divergences` gives it. Free unless masked; no value is read back to the host."""
         if not self.floored(log_probs):
             return value
         missing = torch.eq(log_probs, torch.finfo(log_probs.dtype).min, out=scratch)  # 1 where b has no mass
@@ -161,7 +158,7 @@ def block_terms(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Ten
     """Each term's sum over one block of counted tokens, and d (coeffs . sums) / d student.
 
     student [n, Vs] and teacher [n, Vt] float logits (teacher None when no term needs it; read only); labels [n];
-    coeffs one per spec; masked False promises that no logit is -inf (skips looking for them). KD terms
+    coeffs one per spec; masked False promises that no logit is -inf (skips the floor and the +inf checks). KD terms
     compare the shared vocabulary prefix, as `divergences.score_rows` does. out: where the gradient goes [n, Vs]; it
     may be the student logits' own memory (they are read before it is written), which saves a copy of each block.
     Returns ([terms] sums, gradient [n, Vs]: out, or a workspace buffer overwritten by the next block).

@@ -35,6 +35,12 @@ def closed_logit_terms(specs: Sequence[TermSpec], coeffs: Sequence[float], stude
     return _ClosedLogits.apply(tuple(specs), tuple(coeffs), counted, student, teacher, labels)
 
 
+def _any_neg_inf(*logits: Tensor | None) -> bool:
+    """Whether any logit is -inf: one value read back per call, not one per block. Models rarely mask tokens, and
+    blocks without one need neither the log-prob floor nor the +inf checks."""
+    return bool(torch.stack([torch.isneginf(t).any() for t in logits if t is not None]).any())
+
+
 def _score(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Tensor, teacher: Tensor | None,
            labels: Tensor | None, counted: Tensor | None) -> tuple[Tensor, Tensor]:
     """(sums [terms], d (coeffs . sums) / d student [N, V] in student's dtype, zero on rows not counted)."""
@@ -42,12 +48,13 @@ def _score(specs: Sequence[TermSpec], coeffs: Sequence[float], student: Tensor, 
             for t in (student, teacher, labels)]
     s_rows, t_rows, l_rows = rows
     grad = torch.empty_like(s_rows)
+    masked = _any_neg_inf(s_rows, t_rows)
 
     def score(block: slice, work: Workspace) -> Tensor:
         s_logits = upcast(s_rows[block])
         target = grad[block]  # float32 logits get their gradient written in place, others through a copy
         sums, block_grad = block_terms(specs, coeffs, s_logits, upcast(t_rows[block]) if t_rows is not None else None,
-                                       l_rows[block] if l_rows is not None else None, work,
+                                       l_rows[block] if l_rows is not None else None, work, masked,
                                        out=target if target.dtype == s_logits.dtype else None)
         if block_grad is not target:
             target.copy_(block_grad)
