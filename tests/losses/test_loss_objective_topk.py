@@ -79,6 +79,17 @@ def test_accumulated_micro_batches_equal_one_big_batch(chunk_size):
     torch.testing.assert_close(g_acc, g_big, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_no_counted_row_gives_zero_terms(requires_grad):
+    """A micro-batch with no counted label (under several processes, a round of filler rows): the student's logits
+    at no position, [0, V], against the teacher's or a cache at none, give zero terms, not a reshape error."""
+    objective = DistillObjective([LossTerm("forward_kl", 0.5), LossTerm("cross_entropy", 0.5)])
+    student, labels = torch.zeros(0, 16, requires_grad=requires_grad), torch.zeros(0, dtype=torch.long)
+    live = objective(student, torch.zeros(0, 16), labels, num_items=5)
+    cached = objective.cached(student, torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4), labels, num_items=5)
+    assert live.total.item() == 0 and cached.total.item() == 0
+
+
 def test_seed_form_is_alpha_ce_plus_one_minus_alpha_kd():
     student, teacher, labels = random_case((2, 5), 30, seed=8)
     out = DistillObjective.seed_form(alpha=0.3, temperature=4.0)(student, teacher, labels)

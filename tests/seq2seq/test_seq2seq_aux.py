@@ -142,6 +142,17 @@ def test_attention_term_is_the_mean_of_encoder_decoder_and_cross_attention(t5_pa
     torch.testing.assert_close(got, WEIGHT * sum(sides.values()) / 3, rtol=1e-5, atol=1e-6)
 
 
+def test_a_row_with_no_counted_label_counts_in_no_term(t5_pair, tmp_path, attention):
+    """A row whose labels are all -100 (a filler completing the processes' last round, data/rounds.py) adds nothing
+    to any side, the encoder's included: the term is the one without that row."""
+    teacher, student = t5_pair
+    batch = _batch()
+    with_filler = {key: torch.cat([value, value[:1]]) for key, value in batch.items()}
+    with_filler["labels"][-1] = -100
+    torch.testing.assert_close(_aux_term(student, teacher, tmp_path, attention, with_filler),
+                               _aux_term(student, teacher, tmp_path, attention, batch))
+
+
 def test_padding_on_either_side_counts_in_no_term(t5_pair, contrastive, attention):
     """Garbage at padded source positions and at target positions past the labels leaves both terms unchanged;
     the same garbage at one counted position changes them (so the check bites)."""

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from lmdistill.config import GenerationSettings, OnPolicySettings
 from lmdistill.data.collate import DistillCollator
+from lmdistill.data.rounds import FILLER
 from lmdistill.losses import DistillObjective, LossTerm
 from lmdistill.train.onpolicy import OnPolicyTrainer, ReplayBuffer, batch_prompts, sample_batch
 from lmdistill.train.stage import ListDataset
@@ -116,6 +117,17 @@ def test_lmbda_picks_student_teacher_or_dataset_and_counts_tokens(tmp_path, mode
         half.state.global_step = step
         half.policy_batch(batch, 0)
     assert 4 <= half._counts["student"] <= 12 and half._counts["student"] + half._counts["dataset"] == 16
+
+
+def test_the_completion_of_a_filler_row_counts_nothing(tmp_path, models, examples, tokenizer):
+    """Under several processes the last round may hold filler rows (data/rounds.py): the completion sampled for a
+    filler's prompt trains no label, and the step's token count leaves it out."""
+    trainer = _trainer(tmp_path, models, examples, tokenizer, lmbda=1.0)
+    batch = DistillCollator(tokenizer.pad_token_id)([*examples[:-1], {**examples[-1], FILLER: True}])
+    (sampled,), count = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    assert FILLER not in sampled and FILLER not in batch
+    assert (sampled["labels"][-1] == -100).all() and (sampled["labels"][:-1] != -100).any(-1).all()
+    assert int(count) == int((sampled["labels"][:, 1:] != -100).sum())
 
 
 def test_replay_buffer_is_bounded_and_reused(tmp_path, models, examples, tokenizer):

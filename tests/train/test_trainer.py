@@ -122,6 +122,20 @@ def test_a_token_the_teacher_gives_no_mass_makes_reverse_kl_infinite_and_skips_t
     assert "non-finite loss term(s) reverse_kl; skipping this step" in caplog.text
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_micro_batch_with_no_counted_label_adds_nothing(student_dir, teacher, tmp_path, fused):
+    """A micro-batch whose labels are all -100 (under several processes, a round of filler rows, data/rounds.py):
+    the logits are formed at no position, and the loss is 0 with no gradient, not an error."""
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    objective = DistillObjective([LossTerm("forward_kl", 0.7, {}), LossTerm("cross_entropy", 0.3, {})])
+    trainer = _loss_trainer(student, teacher, tmp_path, objective, fused=fused)
+    batch = DistillCollator(0)(_examples(2))
+    batch["labels"][:] = -100
+    loss = trainer.compute_loss(student, dict(batch), num_items_in_batch=torch.tensor(7))
+    loss.backward()
+    assert loss.item() == 0 and all(p.grad is None or not p.grad.any() for p in student.parameters())
+
+
 def test_three_nonfinite_in_a_row_stop_the_run_naming_the_term(student_dir, tmp_path):
     bad_teacher = AutoModelForCausalLM.from_pretrained(student_dir).eval().requires_grad_(False)
     with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmdistill.data.rounds import FILLER, filler_rows
 from lmdistill.data.tokenize import IGNORE_INDEX, TASK_TYPES
 from lmdistill.errors import DataError
 
@@ -22,8 +23,9 @@ class DistillCollator:
     """Right-pads examples into a batch.
 
     Returns input_ids [B, T] (pad_token_id), attention_mask [B, T] (1 on real tokens), labels [B, T] for
-    causal or [B, T_target] for seq2seq (-100 on padding), and example_id [B] when every example has one
-    (MixtureDataset items do). Other keys (source, bucket, prompt_length) stay out of the batch.
+    causal or [B, T_target] for seq2seq (-100 on padding), example_id [B] when every example has one
+    (MixtureDataset items do), and filler [B] bool when some example only completes the processes' last round
+    (rounds.py). Other keys (source, bucket, prompt_length) stay out of the batch.
     """
 
     def __init__(self, pad_token_id: int, task_type: str = "causal") -> None:
@@ -41,6 +43,8 @@ class DistillCollator:
         }
         if all("example_id" in e for e in examples):
             batch["example_id"] = torch.tensor([e["example_id"] for e in examples], dtype=torch.long)
+        if (fillers := filler_rows(examples)) is not None:  # rows that count nothing (rounds.py)
+            batch[FILLER] = fillers
         return batch
 
     def collate_prompts(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

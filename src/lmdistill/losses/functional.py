@@ -88,7 +88,8 @@ def cache_rows(student: Tensor, what: str, vocab: int, teacher_ids: Tensor | Non
             raise LossInputError(f"teacher_tail {tuple(teacher_tail.shape)} must be shaped like teacher_ids "
                                  f"without their last dimension, {tuple(teacher_ids.shape[:-1])}")
         tails = teacher_tail.reshape(n_rows)  # [N]
-    return teacher_ids.reshape(n_rows, -1), teacher_logprobs.reshape(n_rows, -1), tails  # [N, k], [N, k]
+    k = teacher_ids.shape[-1]
+    return teacher_ids.reshape(n_rows, k), teacher_logprobs.reshape(n_rows, k), tails  # [N, k], [N, k], also for N = 0
 
 
 def logit_rows(student_logits: Tensor, teacher_logits: Tensor | None,
@@ -100,7 +101,7 @@ def logit_rows(student_logits: Tensor, teacher_logits: Tensor | None,
     teacher = None
     if teacher_logits is not None:
         _check_pair(student_logits, teacher_logits, "logits")
-        teacher = teacher_logits.reshape(student.shape[0], -1)  # [N, V']
+        teacher = teacher_logits.reshape(student.shape[0], teacher_logits.shape[-1])  # [N, V'], also for N = 0
     return student, teacher, flat_labels, counted, count
 
 

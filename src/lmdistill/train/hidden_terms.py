@@ -3,9 +3,10 @@ makes them parts of the same mean as the logit terms.
 
 They count the tokens the logit terms count: the response tokens of the label mask (a causal LM's position t carries
 the prediction of label t + 1, so it counts when that label does); an encoder-decoder's encoder side covers the source
-tokens. Each module gives a mean over this micro-batch's counted tokens; weighted by the micro-batch's share of the
-tokens counted in `num_items` (the whole accumulated batch, over every process), it becomes a sum over counted tokens
-divided by num_items, exactly as a logit term, so N micro-batches accumulate to the loss of one batch N times larger.
+tokens of the rows with a counted label. Each module gives a mean over this micro-batch's counted tokens; weighted by
+the micro-batch's share of the tokens counted in `num_items` (the whole accumulated batch, over every process), it
+becomes a sum over counted tokens divided by num_items, exactly as a logit term, so N micro-batches accumulate to the
+loss of one batch N times larger.
 
 The contrastive term scores this process's examples against every process's (its negatives are gathered): it is one
 value over all processes, with gradient through this process's rows only. `global_share` turns it into the per-process
@@ -51,7 +52,9 @@ def hidden_terms(aux: AuxTerms, task_type: str, student_out, teacher_out, inputs
     if task_type == "seq2seq":
         # Every term covers both stacks (the EncoderDecoder* modules): encoder outputs over source tokens, decoder
         # outputs over counted labels (the decoder mask, not the encoder's); attention adds cross-attention.
-        enc_mask, dec_mask = inputs["attention_mask"], (target != -100).long()
+        dec_mask = (target != -100).long()
+        # a row with no counted label (a filler completing the last round, data/rounds.py) adds no source token either
+        enc_mask = inputs["attention_mask"] * dec_mask.any(-1, keepdim=True)
         hidden = (s.encoder_hidden_states, t.encoder_hidden_states, enc_mask,
                   s.decoder_hidden_states, t.decoder_hidden_states, dec_mask)
         attentions = (s.encoder_attentions, t.encoder_attentions, enc_mask, s.decoder_attentions,

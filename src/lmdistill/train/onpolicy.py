@@ -8,9 +8,9 @@ so `DistillationTrainer.compute_loss` scores exactly the sampled tokens with the
 default) and the teacher's logits over them. A served teacher (teacher.endpoint: teacher/served_scoring.py) gives its
 top-k log-probs over them instead, and samples seq_kd's completions on its server.
 
-The swap happens in `get_batch_samples`, the hook where Trainer gathers the micro-batches of one optimiser step and
-counts their label tokens: counting after the swap keeps the loss a mean over the tokens actually trained on, across
-the whole accumulated batch.
+The swap happens in `step_batches`, the hook where the trainer remakes the micro-batches of one optimiser step before
+Trainer counts their label tokens: counting after the swap keeps the loss a mean over the tokens actually trained on,
+across the whole accumulated batch.
 
 DistiLLM-style replay (`replay_size > 0`): sampled batches go into a bounded buffer, and an on-policy micro-batch is
 taken from the buffer instead of sampled anew with probability `replay_ratio` (sampling is the expensive part).
@@ -33,6 +33,7 @@ from torch import nn
 
 from lmdistill.config import GenerationSettings, OnPolicySettings, PipelineConfig, StageSettings
 from lmdistill.data.collate import DistillCollator
+from lmdistill.data.rounds import FILLER, drop_fillers
 from lmdistill.data.completion import text_prompt_length, text_prompt_words
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError, TrainingError
@@ -182,7 +183,7 @@ class OnPolicyTrainer(DistillationTrainer):
         self._collator = DistillCollator(self.processing_class.pad_token_id, task_type="causal")
         self._counts = {"student": 0, "replayed": 0, "teacher": 0, "dataset": 0}
         self._sample_tokens, self._sample_seconds = 0, 0.0
-        # Resume: the checkpoint whose rng state Trainer has yet to restore / that get_batch_samples restored early.
+        # Resume: the checkpoint whose rng state Trainer has yet to restore / that step_batches restored early.
         self._rng_pending: str | None = None
         self._rng_restored_early: str | None = None
 
@@ -214,7 +215,7 @@ class OnPolicyTrainer(DistillationTrainer):
     def _load_rng_state(self, checkpoint: str | None) -> None:
         # Trainer restores the rng state at the start of the resumed epoch (before any batch), or, resuming mid-epoch,
         # only after the first step's batches are gathered: too late for the samples drawn while gathering them.
-        # get_batch_samples restores it before sampling then, and this later call must not rewind it.
+        # step_batches restores it before sampling then, and this later call must not rewind it.
         if checkpoint is not None and checkpoint == self._rng_restored_early:
             self._rng_restored_early = None
             return
@@ -222,17 +223,17 @@ class OnPolicyTrainer(DistillationTrainer):
         super()._load_rng_state(checkpoint)
 
     # ------------------------------------------------------------------ the hook: swap micro-batches, then count
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+    def step_batches(self, batches: list[dict]) -> list[dict]:
         if self._rng_pending is not None:  # the first step of a mid-epoch resume: sample as the uninterrupted run did
             super()._load_rng_state(self._rng_pending)
             self._rng_restored_early, self._rng_pending = self._rng_pending, None
-        batches = [self.policy_batch(batch, index) for index, batch in enumerate(batches)]
+        # A batch sampled for the read rows' prompts has their rows: a filler's completion counts nothing either.
+        batches = [drop_fillers(self.policy_batch(batch, index), batch) for index, batch in enumerate(batches)]
         if self.teacher_cache is not None and self.objective.needs_teacher:
             # A served teacher (the only top-k one a policy stage takes) scores the whole step at once: every row of
             # every micro-batch in flight together, not one micro-batch after another.
             self.teacher_cache.prefetch(batches)
-        return batches, self._get_num_items_in_batch(batches, device)
+        return batches
 
     def policy_batch(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
         """One micro-batch as trained: student samples (fresh or replayed), teacher samples, or the batch itself."""
@@ -240,6 +241,7 @@ class OnPolicyTrainer(DistillationTrainer):
         if _uniform(self.seed, "lmbda", step, index) < self.lmbda:
             if self.replay and _uniform(self.seed, "replay", step, index) < self.onpolicy.replay_ratio:
                 self._counts["replayed"] += 1
+                batch.pop(FILLER, None)  # the replayed rows are not the read ones: none of them is a filler
                 return self.replay.draw(_uniform(self.seed, "draw", step, index), batch["input_ids"].device)
             sampled = self._sample(self._student_samples, batch, step, index)
             if self.replay is not None:
