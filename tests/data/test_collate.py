@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmdistill.config import GenerationSettings
 from lmdistill.data.collate import DistillCollator
 from lmdistill.errors import DataError
+from lmdistill.teacher.generations import with_text_prompt
 
 EXAMPLES = [
     {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9], "prompt_length": 2, "row_id": 0, "example_id": 10},
@@ -44,9 +46,21 @@ def test_seq2seq_batch_and_prompts():
     assert ids.tolist() == [[4, 5, 1], [6, 1, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
-def test_text_examples_have_no_prompt():
-    with pytest.raises(DataError, match=r"row_id \[3\] have no prompt"):
-        DistillCollator(0).collate_prompts([{"input_ids": [5, 1], "labels": [5, 1], "prompt_length": 0, "row_id": 3}])
+def test_examples_without_a_prompt_are_refused_saying_what_to_do():
+    text = {"input_ids": [5, 6, 7, 1], "labels": [5, 6, 7, 1], "prompt_length": 0, "row_id": 3, "text_tokens": 3}
+    empty = {"input_ids": [8, 1], "labels": [8, 1], "prompt_length": 0, "row_id": 4}
+    with pytest.raises(DataError) as refused:
+        DistillCollator(0).collate_prompts([text, EXAMPLES[0], empty])
+    message = str(refused.value)
+    assert message.startswith("nothing to generate from: plain-text examples with row_id [3] have no prompt yet: make "
+                              "the first part of each text its prompt first with "
+                              "lmdistill.teacher.generations.with_text_prompt")
+    assert message.endswith("examples with row_id [4] have an empty prompt (their prompt gave no tokens and the "
+                            "tokenizer puts no bos token or chat template before it): give those rows a prompt")
+    assert "\n" not in message
+    # What the message says to do works: the first half of the text becomes its prompt.
+    ids, mask = DistillCollator(0).collate_prompts([with_text_prompt(text, GenerationSettings())])
+    assert ids.tolist() == [[5, 6]] and mask.tolist() == [[1, 1]]
 
 
 def test_eos_used_as_pad_keeps_its_label():

@@ -57,12 +57,28 @@ class DistillCollator:
             prompts = [e["input_ids"] for e in examples]
         else:
             prompts = [e["input_ids"][:e["prompt_length"]] for e in examples]
-            empty = [e.get("row_id") for e, p in zip(examples, prompts) if not p]
+            empty = [e for e, p in zip(examples, prompts) if not p]
             if empty:
-                raise DataError(f"examples with row_id {empty} have no prompt (plain text rows): generation needs "
-                                f"prompt/response or chat rows.")
+                raise DataError(_no_prompt(empty))
         left = self.task_type == "causal"
         return _pad(prompts, self.pad_token_id, left=left), _pad([[1] * len(p) for p in prompts], 0, left=left)
+
+
+def _no_prompt(examples: list[dict]) -> str:
+    """Why causal examples with an empty prompt (prompt_length 0) cannot be generated from, and what to do. The
+    commands never pass one: `generate` and policy stages first take the first part of a plain text as its prompt, and
+    `generate` leaves out rows whose prompt is empty. Code that calls this directly can."""
+    texts = [e.get("row_id") for e in examples if "text_tokens" in e]
+    others = [e.get("row_id") for e in examples if "text_tokens" not in e]
+    reasons = []
+    if texts:
+        reasons.append(f"plain-text examples with row_id {texts} have no prompt yet: make the first part of each text "
+                       "its prompt first with lmdistill.teacher.generations.with_text_prompt (as `lmdistill generate` "
+                       "and policy stages do; generation.text_prompt_fraction / text_prompt_tokens say how much)")
+    if others:
+        reasons.append(f"examples with row_id {others} have an empty prompt (their prompt gave no tokens and the "
+                       "tokenizer puts no bos token or chat template before it): give those rows a prompt")
+    return "nothing to generate from: " + "; ".join(reasons)
 
 
 class CrossTokenizerCollator(DistillCollator):
