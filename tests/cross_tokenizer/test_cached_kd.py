@@ -122,8 +122,14 @@ def test_matching_run_opens_and_looks_up_pairs(cross_config, cross_cache):
     labels = torch.tensor([example["labels"]])
     rows, positions, ids, logprobs, tail = teacher.lookup.lookup(torch.tensor([example["example_id"]]), labels)
     assert len(rows) == len(positions) == len(ids) > 0 and (labels[0, positions + 1] != -100).all()
+    changed = labels.clone()
+    changed[0, positions[0] + 1] = -100
     with pytest.raises(CacheError, match="has cached pairs at tokens the batch does not train on"):
-        teacher.lookup.lookup(torch.tensor([example["example_id"]]), torch.full_like(labels, -100))
+        teacher.lookup.lookup(torch.tensor([example["example_id"]]), changed)
+    # a row that trains nothing (a filler completing the processes' last round, data/rounds.py) has no pairs
+    rows, *_ = teacher.lookup.lookup(torch.tensor([example["example_id"]] * 2),
+                                     torch.cat([labels, torch.full_like(labels, -100)]))
+    assert rows.tolist() == [0] * len(positions)
 
 
 def test_cache_for_another_student_tokenizer_is_refused(cross_config, cross_cache, student_dir, tmp_path):

@@ -44,3 +44,11 @@ def test_a_batch_made_from_the_read_rows_masks_their_fillers():
     out = drop_fillers(sampled, read)
     assert FILLER not in read and FILLER not in out
     assert (out["labels"][0] == -100).all() and (out["labels"][1] == 1).all()
+
+
+def test_a_fillers_aligned_pairs_with_a_teacher_are_dropped():
+    """Cross-tokenizer batches align student and teacher positions in pairs (-1: none): a filler's count none."""
+    batch = {"labels": torch.ones(2, 4, dtype=torch.long), "pairs": torch.ones(2, 3, 2, dtype=torch.long),
+             FILLER: torch.tensor([True, False])}
+    out = drop_fillers(batch)
+    assert (out["pairs"][0] == -1).all() and (out["pairs"][1] == 1).all() and (out["labels"][0] == -100).all()

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from lmdistill.config import config_from_dict
 from lmdistill.errors import CacheError
@@ -66,6 +67,21 @@ def _open(config_dict):
 def test_matching_run_opens(teacher_config, topk_cache):
     lookup, eval_examples, vocab = _open(teacher_config(teacher_cache={"path": str(topk_cache)}))
     assert vocab == lookup.cache.manifest.vocab_size and all("example_id" in ex for ex in eval_examples)
+
+
+def test_a_row_that_trains_nothing_looks_nothing_up(teacher_config, topk_cache):
+    """A row whose labels are all -100 (a filler completing the processes' last round, data/rounds.py) gets zeros,
+    not a "data no longer matches" error; a row whose counted tokens changed still gets one."""
+    lookup, eval_examples, _ = _open(teacher_config(teacher_cache={"path": str(topk_cache)}))
+    example = eval_examples[0]
+    labels = torch.tensor([example["labels"][1:]])  # after the causal shift
+    ids, logprobs, tail = lookup.lookup({"example_id": torch.tensor([example["example_id"]] * 2)},
+                                        torch.cat([labels, torch.full_like(labels, -100)]))
+    assert logprobs[0].any() and not ids[1].any() and not logprobs[1].any() and not tail[1].any()
+    changed = labels.clone()
+    changed[0, int((labels[0] != -100).nonzero()[0])] = -100
+    with pytest.raises(CacheError, match="the data no longer matches"):
+        lookup.lookup({"example_id": torch.tensor([example["example_id"]])}, changed)
 
 
 def test_other_tokenizer_is_refused(teacher_config, topk_cache, fixture_paths, tmp_path):

@@ -53,11 +53,13 @@ def filler_rows(examples: list[dict]) -> torch.Tensor | None:
 
 def drop_fillers(batch: dict, read: dict | None = None) -> dict:
     """`batch` with the labels of the rows that `read` (default: batch itself; the batch as read, when `batch` was
-    made from it row for row) marks as fillers set to -100, and the mark removed from both."""
+    made from it row for row) marks as fillers set to -100, their aligned pairs with a teacher's tokens (if any) to
+    -1 (none), and the mark removed from both."""
     fillers = (batch if read is None else read).pop(FILLER, None)
     batch.pop(FILLER, None)
     if fillers is not None:
-        labels = batch["labels"]
-        batch["labels"] = labels.masked_fill(fillers.to(labels.device).view(-1, *[1] * (labels.dim() - 1)),
-                                             IGNORE_INDEX)
+        for key, none in (("labels", IGNORE_INDEX), ("pairs", -1)):
+            if key in batch:
+                rows = fillers.to(batch[key].device).view(-1, *[1] * (batch[key].dim() - 1))
+                batch[key] = batch[key].masked_fill(rows, none)
     return batch

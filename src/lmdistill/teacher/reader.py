@@ -184,8 +184,10 @@ class CacheLookup:
         for b, example_id in enumerate(example_ids.tolist()):
             source, row = split_example_id(example_id)
             key = self.keys[source]
-            row_ids, lps, row_tail = self.cache.example(key, self.positions[key][row])
             where = counted[b].nonzero().squeeze(1)
+            if not len(where):  # a row that trains nothing (a filler completing the processes' last round)
+                continue
+            row_ids, lps, row_tail = self.cache.example(key, self.positions[key][row])
             if len(where) != len(row_ids):
                 raise CacheError(f"teacher cache {self.cache.path}: row {row} of {key!r} has {len(row_ids)} cached "
                                  f"tokens but the batch counts {len(where)}; the data no longer matches: {REBUILD}")
@@ -218,6 +220,8 @@ class PairedCacheLookup:
             key = self.keys[source]
             position = self.positions[key][row]
             pairs, (ids, lps, tail) = self.cache.example_pairs(key, position), self.cache.example(key, position)
+            if not bool((labels[b] != IGNORE_INDEX).any()):  # a row that trains nothing (a filler): no pairs
+                pairs, ids, lps, tail = pairs[:0], ids[:0], lps[:0], tail[:0]
             after = pairs[:, 0] + 1
             if len(pairs) and (int(after.max()) >= labels.shape[1]
                                or bool((labels[b, after.to(labels.device)] == IGNORE_INDEX).any())):
