@@ -70,6 +70,6 @@ def test_each_of_several_teachers_loads_its_tokenizer_with_its_trust_remote_code
     _recording(monkeypatch, stage_models, calls, "load_tokenizer")
     first = load.load_model(config.teacher, "causal", device=torch.device("cpu"))
     prep = SimpleNamespace(task_type="causal", tokenizer=tokenizer, teacher=first, pool=stage_models.TeacherPool(),
-                           student=config.student)
+                           student=config.student, teacher_processes=1)
     stage_models.stage_teacher(config, prep, config.stages[0], tmp_path)
     assert calls == [("load_tokenizer", str(teacher_dir), True)]
