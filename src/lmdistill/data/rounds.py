@@ -51,6 +51,18 @@ def filler_rows(examples: list[dict]) -> torch.Tensor | None:
     return torch.tensor([bool(e.get(FILLER)) for e in examples])
 
 
+def without_fillers(batch: dict, read: dict) -> dict | None:
+    """The rows of `batch` (made from the batch `read`, row for row) that `read` does not mark as fillers, unmarked;
+    None when every row is one. `read` keeps its mark."""
+    fillers = read.get(FILLER)
+    rows = {key: value for key, value in batch.items() if key != FILLER}
+    if fillers is None:
+        return rows
+    if fillers.all():
+        return None
+    return {key: value[~fillers.to(value.device)] for key, value in rows.items()}
+
+
 def drop_fillers(batch: dict, read: dict | None = None) -> dict:
     """`batch` with the labels of the rows that `read` (default: batch itself; the batch as read, when `batch` was
     made from it row for row) marks as fillers set to -100, their aligned pairs with a teacher's tokens (if any) to

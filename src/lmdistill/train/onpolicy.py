@@ -12,7 +12,8 @@ The swap happens in `step_batches`, the hook where the trainer remakes the micro
 Trainer counts their label tokens: counting after the swap keeps the loss a mean over the tokens actually trained on,
 across the whole accumulated batch.
 
-DistiLLM-style replay (`replay_size > 0`): sampled batches go into a bounded buffer, and an on-policy micro-batch is
+DistiLLM-style replay (`replay_size > 0`): sampled batches go into a bounded buffer (without the rows sampled for
+fillers, data/rounds.py, which count nothing), and an on-policy micro-batch is
 taken from the buffer instead of sampled anew with probability `replay_ratio` (sampling is the expensive part).
 Each process keeps its own buffer and saves it in every checkpoint (`replay_buffer_R.safetensors` for process R,
 beside Trainer's `rng_state_R.pth`); a resumed run starts from it instead of from an empty buffer.
@@ -33,7 +34,7 @@ from torch import nn
 
 from lmdistill.config import GenerationSettings, OnPolicySettings, PipelineConfig, StageSettings
 from lmdistill.data.collate import DistillCollator
-from lmdistill.data.rounds import FILLER, drop_fillers
+from lmdistill.data.rounds import FILLER, drop_fillers, without_fillers
 from lmdistill.data.completion import text_prompt_length, text_prompt_words
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.errors import DataError, TrainingError
@@ -244,8 +245,9 @@ class OnPolicyTrainer(DistillationTrainer):
                 batch.pop(FILLER, None)  # the replayed rows are not the read ones: none of them is a filler
                 return self.replay.draw(_uniform(self.seed, "draw", step, index), batch["input_ids"].device)
             sampled = self._sample(self._student_samples, batch, step, index)
-            if self.replay is not None:
-                self.replay.add(sampled)
+            # A filler's completion stays out of the buffer: replayed, it would no longer be marked, and would train.
+            if self.replay is not None and (kept := without_fillers(sampled, batch)) is not None:
+                self.replay.add(kept)
             self._counts["student"] += 1
             return sampled
         if self.onpolicy.seq_kd:
