@@ -15,6 +15,7 @@ import yaml
 from lmdistill.eval.evaluate import KNOWN_ROLES
 from lmdistill.eval.plots import eval_curves, loss_curves, role_bars
 from lmdistill.eval.run_files import RunData, load_run
+from lmdistill.eval.seeds import SeedRuns
 from lmdistill.export import format_value
 
 REPORT_FILE = "report.html"
@@ -96,10 +97,11 @@ def _compare(key: str, mine: float, theirs: float) -> tuple[str, str]:
     return ("better", "better") if better else ("worse", "worse")
 
 
-def baseline_verdict(metrics: Mapping[str, Mapping[str, float]]) -> str | None:
+def baseline_verdict(metrics: Mapping[str, Mapping[str, float]], seeds: int = 1) -> str | None:
     """One sentence on the distilled student against the CE-only baseline over their shared quality metrics,
     e.g. "Against the CE-only baseline, student_after is better on 2 of 3 quality metrics (exact_match,
-    perplexity/domain) and worse on rouge_l." None unless both were evaluated."""
+    perplexity/domain) and worse on rouge_l." None unless both were evaluated. With several `seeds`, `metrics` are
+    the means over them and the sentence says so."""
     mine, theirs = metrics.get("student_after"), metrics.get("baseline")
     if mine is None or theirs is None:
         return None
@@ -109,22 +111,33 @@ def baseline_verdict(metrics: Mapping[str, Mapping[str, float]]) -> str | None:
     verdicts = {k: _compare(k, mine[k], theirs[k])[0] for k in keys}
     better = [k for k in keys if verdicts[k] == "better"]
     worse = [k for k in keys if verdicts[k] == "worse"]
-    text = f"Against the CE-only baseline, student_after is better on {len(better)} of {len(keys)} quality metrics"
+    over = f"Over {seeds} training seeds (means), against" if seeds > 1 else "Against"
+    text = f"{over} the CE-only baseline, student_after is better on {len(better)} of {len(keys)} quality metrics"
     text += f" ({', '.join(better)})" if better else ""
     return text + (f" and worse on {', '.join(worse)}." if worse else ".")
 
 
-def metrics_table(metrics: Mapping[str, Mapping[str, float]], keys: Sequence[str]) -> str:
+def metrics_table(metrics: Mapping[str, Mapping[str, float]], keys: Sequence[str],
+                  spread: Mapping[str, Mapping[str, float]] | None = None) -> str:
     """HTML table, metrics as rows and roles as columns; with both a distilled student and a baseline, a last
-    column says whether the distilled student is better, direction-aware (lower perplexity and KL win)."""
+    column says whether the distilled student is better, direction-aware (lower perplexity and KL win). With
+    `spread` (standard deviations over seeds; `metrics` are then their means), each cell reads "mean ± std"."""
     roles = ordered_roles(metrics)
+
+    def cell(role: str, key: str) -> str:
+        if key not in metrics[role]:
+            return "–"
+        text = format_value(metrics[role][key])
+        if spread is not None and key in spread.get(role, {}):
+            text += f" ± {format_value(spread[role][key])}"
+        return html.escape(text)
+
     versus = "student_after" in metrics and "baseline" in metrics
     head = "".join(f"<th>{html.escape(r)}</th>" for r in roles) + ("<th>after vs baseline</th>" if versus else "")
     rows = []
     for key in keys:
         hint = _HINTS.get(key.split("/")[0], "") + (" (lower is better)" if _lower_is_better(key) else "")
-        cells = "".join(f"<td>{html.escape(format_value(metrics[r][key])) if key in metrics[r] else '–'}</td>"
-                        for r in roles)
+        cells = "".join(f"<td>{cell(r, key)}</td>" for r in roles)
         if versus:
             mine, theirs = metrics["student_after"].get(key), metrics["baseline"].get(key)
             word, css = _compare(key, mine, theirs) if _finite(mine) and _finite(theirs) else ("–", "")
@@ -174,25 +187,46 @@ def _eval_sets_note(config_yaml: str | None) -> str:
             "never trained on (data.eval_holdout).</p>")
 
 
+def _seeds_note(seeds: SeedRuns) -> str:
+    listed = ", ".join(map(str, seeds.seeds))
+    if len(seeds.seeds) == 1:
+        return (f"<p>One training seed ({listed}), so no spread: a tiny model's scores move between seeds; "
+                "<code>lmdistill demo --seeds K</code> gives the mean ± std over K of them.</p>")
+    return (f"<p>Mean ± sample standard deviation over {len(seeds.seeds)} training seeds ({listed}); each seed "
+            f"trained and evaluated the students anew. Seed {seeds.seeds[0]}'s run alone follows the plot.</p>")
+
+
+def _keys(metrics: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[str]]:
+    """(quality metrics, size and speed metrics) that any role has, in table order."""
+    all_keys = list(dict.fromkeys(k for r in ordered_roles(metrics) for k in metrics[r]))
+    return [k for k in all_keys if k not in SIZE_SPEED_KEYS], [k for k in SIZE_SPEED_KEYS if k in all_keys]
+
+
 def render_report(run: RunData, headline_metric: str | None = None, max_samples: int = 6) -> str:
-    """The whole report page as an HTML string."""
-    metrics = run.metrics
+    """The whole report page as an HTML string. A run repeated over seeds (seeds.json) shows means ± standard
+    deviations, and its summary sentences are about the means."""
+    repeated = run.seeds is not None and len(run.seeds.seeds) > 1
+    metrics, spread = run.seeds.mean_std() if repeated else (run.metrics, None)
     roles = ordered_roles(metrics)
-    all_keys = list(dict.fromkeys(k for r in roles for k in metrics[r]))
-    quality = [k for k in all_keys if k not in SIZE_SPEED_KEYS]
-    size_speed = [k for k in SIZE_SPEED_KEYS if k in all_keys]
-    summary = [s for s in (headline(metrics, headline_metric), baseline_verdict(metrics)) if s]
+    quality, size_speed = _keys(metrics)
+    verdict = baseline_verdict(metrics, seeds=len(run.seeds.seeds) if repeated else 1)
+    summary = [s for s in (headline(metrics, headline_metric), verdict) if s]
     parts = [f"<h1>Distillation report</h1><p>{html.escape(str(run.run_dir))}</p>",
              f'<p class="headline">{"<br>".join(html.escape(s) for s in summary)}</p>' if summary else ""]
     if run.stages:
         parts += ["<h2>Stages</h2>", _stages_table(run.stages)]
     parts.append("<h2>Evaluation: teacher, student before, student after, baseline</h2>")
     parts.append(_eval_sets_note(run.config_yaml))
-    parts.append(metrics_table(metrics, quality) if quality else '<p class="missing">No quality metrics.</p>')
+    parts.append(_seeds_note(run.seeds) if run.seeds is not None else "")
+    parts.append(metrics_table(metrics, quality, spread) if quality else '<p class="missing">No quality metrics.</p>')
     parts.append(_img(role_bars(metrics, roles, quality[:9]), "quality metrics per model", ""))
+    if repeated and run.metrics:
+        first_seed = metrics_table(run.metrics, _keys(run.metrics)[0])
+        parts += [f"<h3>Training seed {run.seeds.seeds[0]} alone</h3>", first_seed]
     parts.append("<h2>Size and speed</h2>")
     if size_speed:
-        parts += [metrics_table(metrics, size_speed), _img(role_bars(metrics, roles, size_speed), "size and speed", "")]
+        parts += [metrics_table(metrics, size_speed, spread),
+                  _img(role_bars(metrics, roles, size_speed), "size and speed", "")]
     else:
         parts.append('<p class="missing">No size or speed measured.</p>')
     parts += ["<h2>Training loss per stage and per term</h2>",

@@ -12,6 +12,7 @@ from lmdistill.config import CONFIG_FILE
 from lmdistill.errors import LmdistillError
 from lmdistill.eval.evaluate import read_metrics
 from lmdistill.eval.samples import read_samples
+from lmdistill.eval.seeds import SeedRuns, read_seed_runs
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class RunData:
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> Trainer log_history
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> metrics
     samples: list[dict[str, Any]] = field(default_factory=list)
+    seeds: SeedRuns | None = None  # seeds.json: the run repeated over training seeds
     missing: list[str] = field(default_factory=list)
 
 
@@ -81,6 +83,10 @@ def load_run(run_dir: str | Path) -> RunData:
         run.missing.append("no metrics.json: run `lmdistill eval` to compare teacher and students")
     if "baseline" not in run.metrics:
         run.missing.append("no CE-only baseline was evaluated in this run")
+    try:
+        run.seeds = read_seed_runs(run_dir)
+    except LmdistillError as err:
+        run.missing.append(str(err))
     run.samples = read_samples(run_dir)
     if not run.samples:
         run.missing.append("no samples.jsonl: no teacher vs student generations to show")

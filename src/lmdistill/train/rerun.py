@@ -21,9 +21,10 @@ NEUTRAL_KEYS = {"output_dir", "training.logging_steps", "training.report_to", "t
                 "training.dataloader_num_workers", "evaluation.report", "evaluation.num_samples", "data.num_proc",
                 "data.cache_dir", "data.tokenized_cache"}
 # What a run writes into its directory, besides one folder per stage. Teacher outputs (teacher_cache/, the
-# generations file) stay: they are costly, and the cache checks the teacher and data it was made from.
+# generations file) stay: they are costly, and the cache checks the teacher and data it was made from. seeds.json:
+# the metrics of the run repeated over training seeds (`lmdistill demo --seeds K`).
 RUN_FILES = ("pipeline_state.json", "metrics.json", "eval_metrics.json", "samples.jsonl", "report.html", "final",
-             "student_init")
+             "student_init", "seeds.json")
 _MISSING = "(unset)"
 
 
