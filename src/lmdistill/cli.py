@@ -362,13 +362,16 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit codes
+    except Exception as err:
         import click
+        from typer.exceptions import TyperException
 
-        if isinstance(err, click.exceptions.ClickException):
+        # Usage errors (no command, an unknown option, a bad value) show themselves and carry their exit codes. typer
+        # from 0.2x raises those of the click it vendors (TyperExceptions), not click's own.
+        if isinstance(err, (click.exceptions.ClickException, TyperException)) and hasattr(err, "show"):
             err.show()
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Exit):
+        if isinstance(err, (click.exceptions.Exit, typer.Exit)):
             sys.exit(err.exit_code)
         raise
 

@@ -156,3 +156,13 @@ def test_use_wandb_logs_offline(tmp_path, teacher_dir, student_dir, text_jsonl, 
                          env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(env_dir)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert list(env_dir.rglob("*.wandb"))  # the offline run file W&B syncs later
+
+
+def test_usage_errors_show_the_usage_not_a_traceback():
+    """typer raises the exceptions of the click it vendors: they were not caught as click's and ended in a traceback."""
+    for args, says in ((["demo", "--seeds", "0"], "Invalid value for '--seeds': Input should be greater than or equal "
+                                                  "to 1"),
+                       (["run", "--bogus"], "No such option: --bogus")):
+        out = cli(*args)
+        assert out.returncode == 2 and says in out.stderr and "Usage: lmdistill" in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
