@@ -16,11 +16,33 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from lmdistill.config import TrainingSettings
 from lmdistill.errors import ConfigError, LmdistillError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+
+class _PlainFlags:
+    """typer's rich help prints a value type beside every option, flags and --help included ("--yes <bool>"), as if a
+    flag took a value; an empty metavar leaves a flag's type column blank."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class PlainFlagsCommand(_PlainFlags, TyperCommand):
+    """A command whose flags show as flags in --help."""
+
+
+class PlainFlagsGroup(_PlainFlags, TyperGroup):
+    """The command group, its --help shown as a flag too."""
+
+
+app = typer.Typer(cls=PlainFlagsGroup, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Distill a large language model (teacher) into a smaller one (student).")
 console = Console(stderr=True)
 PRESETS = {"multistage": "multistage.yaml", "strong-to-weak": "strong_to_weak.yaml", "simple": "simple.yaml",
@@ -51,7 +73,7 @@ def _opt(*names: str, help: str, **kw):
 
 
 # ------------------------------------------------------------------------------------------------ init
-@app.command()
+@app.command(cls=PlainFlagsCommand)
 def init(preset: str = typer.Option("simple", "--preset", "-p", help=f"One of: {', '.join(PRESETS)}."),
          output: Path = typer.Option(Path("lmdistill.yaml"), "--output", "-o", help="Where to write the config.")):
     """Write a commented config for a preset (as main_distillation.py --create_config does)."""
@@ -67,7 +89,7 @@ def _write_new(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command(cls=PlainFlagsCommand, context_settings={"help_option_names": ["-h", "--help"]})
 def run(
     config: Optional[Path] = typer.Argument(None, help="Pipeline config (YAML or JSON). Without one the flags "
                                                        "describe the run, as in run_distillation.py and llm_kd.py: "
@@ -109,12 +131,12 @@ def run(
     save_every: Optional[int] = _opt("save_every", help="Checkpoint every N steps."),
     log_interval: Optional[int] = _opt("log_interval", help="Log every N steps."),
     seed: Optional[int] = _opt("seed", help="Seed for everything."),
-    fp16: bool = typer.Option(False, "--fp16", help="fp16 mixed precision (CUDA only)."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 mixed precision."),
+    fp16: bool = typer.Option(False, "--fp16", help="Train in fp16 mixed precision (CUDA only)."),
+    bf16: bool = typer.Option(False, "--bf16", help="Train in bf16 mixed precision."),
     no_cuda: bool = typer.Option(False, "--no-cuda", "--no_cuda", help="Train on CPU even with a GPU."),
     use_lora: bool = typer.Option(False, "--use-lora", "--use_lora", help="Train LoRA adapters on the student."),
     use_wandb: bool = typer.Option(False, "--use-wandb", "--use_wandb", help="Also log to Weights & Biases."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad data row."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad data row (default: skip it)."),
     start_stage: Optional[int] = _opt("start_stage", help="First stage to run (1-based)."),
     end_stage: Optional[int] = _opt("end_stage", help="Last stage to run (1-based)."),
     checkpoint_path: Optional[str] = _opt("checkpoint_path", help="Student checkpoint the first run stage starts from."),
@@ -167,16 +189,16 @@ def _preset_dict(name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ data
-@app.command()
+@app.command(cls=PlainFlagsCommand)
 def data(path: str = typer.Argument(..., help="File, folder, datasets folder or hub dataset name."),
          tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder or hub name."),
          max_length: int = typer.Option(512, "--max-length", "--max_length", help="Max tokens per example."),
-         strict: bool = typer.Option(False, "--strict", help="Fail on the first bad row."),
+         strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row (default: skip it)."),
          columns: Optional[str] = typer.Option(None, "--columns", help="Map roles to your column names, e.g. "
                                                "prompt=context,response=target (as data.sources.NAME.columns)."),
          train_on: str = typer.Option("all_assistant", "--train-on", help="all_assistant (every assistant turn of "
                                       "a chat) or last_assistant (the last only), as data.train_on."),
-         as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")):
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object.")):
     """Detect a dataset's format, load and tokenize it, and summarise what training would see."""
     from lmdistill.data.columns import parse_mapping
     from lmdistill.data.summary import summarize_data
@@ -203,7 +225,7 @@ _ENDPOINT_HELP = ("Base URL of a vLLM (OpenAI-compatible) server serving the tea
                   "asked instead of loading the teacher here (teacher.endpoint).")
 
 
-@app.command("cache-teacher")
+@app.command("cache-teacher", cls=PlainFlagsCommand)
 def cache_teacher(config: Path = typer.Argument(..., help="Pipeline config (YAML or JSON)."),
                   k: Optional[int] = typer.Option(None, "--k", min=1, help="Log-probs kept per token "
                                                                             "(default: teacher_cache.k, 64)."),
@@ -226,7 +248,7 @@ def cache_teacher(config: Path = typer.Argument(..., help="Pipeline config (YAML
                   f"{manifest.bytes_per_token():.1f} bytes per token)")
 
 
-@app.command()
+@app.command(cls=PlainFlagsCommand)
 def generate(config: Path = typer.Argument(..., help="Pipeline config (YAML or JSON)."),
              num_samples: Optional[int] = typer.Option(None, "--num-samples", "--num_samples", min=1,
                                                        help="Generations per prompt (default: generation.num_samples)."),
@@ -248,7 +270,7 @@ def generate(config: Path = typer.Argument(..., help="Pipeline config (YAML or J
 
 
 # ------------------------------------------------------------------------------------------------ eval / report / push
-@app.command("eval")
+@app.command("eval", cls=PlainFlagsCommand)
 def eval_command(target: str = typer.Argument(..., help="A run directory (its final/ student and teacher, loaded as "
                                                         "the run loaded them, on its eval sets) or a model folder / "
                                                         "hub name (with --data)."),
@@ -290,7 +312,7 @@ def eval_command(target: str = typer.Argument(..., help="A run directory (its fi
         console.print(f"metrics written to {result.written}")
 
 
-@app.command()
+@app.command(cls=PlainFlagsCommand)
 def report(run_dir: Path = typer.Argument(..., help="Run directory written by `lmdistill run`.")):
     """Write RUN_DIR/report.html (loss curves, metrics, size and speed, samples)."""
     from lmdistill.eval.report import write_report
@@ -300,10 +322,11 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `l
     console.print(f"wrote {write_report(run_dir)}")
 
 
-@app.command()
+@app.command(cls=PlainFlagsCommand)
 def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every default answer without asking (scripts)."),
-           answers: list[str] = typer.Option([], "--set", help="KEY=VALUE: the default answer to one question (its "
-                                                               "key is shown after it), e.g. --set approach=distill."),
+           answers: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                             help="The default answer to one question (its key is shown after it), "
+                                                  "e.g. --set approach=distill; repeat it for several questions."),
            restart: bool = typer.Option(False, "--restart", help="Start over: replace an earlier config file and "
                                                                  "delete what an earlier run wrote to the output "
                                                                  "directory (as `lmdistill run CONFIG --restart`). "
@@ -321,10 +344,10 @@ def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every defau
     run_wizard(Console(), yes=yes, defaults=defaults, restart=restart)
 
 
-@app.command()
+@app.command(cls=PlainFlagsCommand)
 def push(run_dir: Path = typer.Argument(..., help="Run directory; only its final/ is uploaded."),
          repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, e.g. me/my-distilled-model."),
-         private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+         private: bool = typer.Option(False, "--private", help="Create the Hub repository as private."),
          token: Optional[str] = typer.Option(None, "--token", help="Hub access token with write rights (default: "
                                                                    "HF_TOKEN, or the one `hf auth login` saved).")):
     """Upload the exported student (final/) to the Hugging Face Hub."""
@@ -333,9 +356,9 @@ def push(run_dir: Path = typer.Argument(..., help="Run directory; only its final
     console.print(f"uploaded: {push_to_hub(run_dir, repo_id, token=token, private=private)}")
 
 
-@app.command()
+@app.command(cls=PlainFlagsCommand)
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the demo writes its runs and report."),
-         quick: bool = typer.Option(False, "--quick", help="A smaller, few-minute version (used by the tests)."),
+         quick: bool = typer.Option(False, "--quick", help="Run a smaller, few-minute version (the tests run it)."),
          seed: int = typer.Option(TrainingSettings.model_fields["seed"].default, "--seed", metavar="N",
                                   help="Training seed (training.seed) of the teacher and the students: the order and "
                                        "mix of their training batches; the data and initial weights stay the same. "

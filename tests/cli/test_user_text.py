@@ -33,3 +33,14 @@ def test_no_seed_numbers_in_help_presets_or_config_descriptions():
 @pytest.mark.parametrize("text", ["(seed 003's --create_config)", "seeds 000/001", "Seed-002 sugar", "seed 2"])
 def test_the_scan_catches_seed_numbers(text):
     assert SEED_WORD.search(text)
+
+
+def test_flags_show_as_plain_flags_saying_what_they_do():
+    texts = _help_texts()
+    assert not {where for where, text in texts.items() if "<bool>" in text}
+    rows = texts["wizard"].splitlines()
+    for flag, says in (("--yes", "Take every default answer without asking"),
+                       ("--restart", "Start over: replace an earlier config file")):
+        row = next(line for line in rows if flag in line)
+        assert says in row, row
+    assert "KEY=VALUE" in next(line for line in rows if "--set" in line)
