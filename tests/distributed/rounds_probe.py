@@ -1,8 +1,9 @@
 """One epoch of DistillationTrainer under torchrun (2 processes, gloo), for test_ddp_rounds.py (not a test module).
 
-argv: student_dir teacher_dir out_dir rows batch. The training set is `rows` examples; each process writes
-out_dir/rank{R}.json: per training micro-batch, its example ids, each row's counted labels (after the causal shift)
-and the step's token count over both processes (num_items_in_batch).
+argv: student_dir teacher_dir out_dir rows batch eval_rows. The training set is `rows` examples, the eval set the
+first `eval_rows`, evaluated before training (batch `batch` per process). Each process writes out_dir/rank{R}.json:
+per training micro-batch, its example ids, each row's counted labels (after the causal shift) and the step's token
+count over both processes (num_items_in_batch); and out_dir/eval{R}.json: the evaluation's metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from lmdistill.data.collate import DistillCollator
 from lmdistill.losses import DistillObjective, LossTerm
 from lmdistill.train.trainer import DistillationTrainer
+
+
+OBJECTIVE = DistillObjective([LossTerm("forward_kl", 0.5), LossTerm("cross_entropy", 0.5)])
 
 
 def examples(rows: int) -> list[dict]:
@@ -42,17 +46,19 @@ class Probe(DistillationTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def main(student_dir: str, teacher_dir: str, out: str, rows: str, batch: str) -> None:
+def main(student_dir: str, teacher_dir: str, out: str, rows: str, batch: str, eval_rows: str) -> None:
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval().requires_grad_(False)
     args = TrainingArguments(output_dir=str(Path(out) / "run"), per_device_train_batch_size=int(batch),
+                             per_device_eval_batch_size=int(batch),
                              num_train_epochs=1, learning_rate=1e-3, report_to="none", use_cpu=True,
                              train_sampling_strategy="sequential", remove_unused_columns=False, save_strategy="no",
                              logging_steps=1)
-    objective = DistillObjective([LossTerm("forward_kl", 0.5), LossTerm("cross_entropy", 0.5)])
+    objective = OBJECTIVE
     trainer = Probe(model=student, args=args, train_dataset=examples(int(rows)), data_collator=DistillCollator(0),
-                    objective=objective, teacher=teacher)
+                    eval_dataset=examples(int(eval_rows)), objective=objective, teacher=teacher)
+    Path(out, f"eval{os.environ['RANK']}.json").write_text(json.dumps(trainer.evaluate()))
     trainer.train()
     Path(out, f"rank{os.environ['RANK']}.json").write_text(json.dumps(Probe.seen))
 

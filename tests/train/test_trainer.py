@@ -136,6 +136,24 @@ def test_a_micro_batch_with_no_counted_label_adds_nothing(student_dir, teacher, 
     assert loss.item() == 0 and all(p.grad is None or not p.grad.any() for p in student.parameters())
 
 
+def test_eval_loss_is_the_mean_over_every_eval_token(student_dir, teacher, tmp_path):
+    """eval_loss is the objective over all the eval set's counted tokens, however its rows fall into batches (so
+    also under several processes, test_ddp_rounds.py). Trainer's own, a mean of the batches' losses weighted by
+    their rows, gives a short last batch's tokens more weight."""
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    trainer = _loss_trainer(student, teacher, tmp_path, DistillObjective([LossTerm("cross_entropy", 1.0, {})]))
+    trainer.args.per_device_eval_batch_size = 2
+    rows = _examples(5)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in rows:
+            labels = torch.tensor(ex["labels"][1:])
+            logits = student(torch.tensor([ex["input_ids"]])).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            count += int((labels != -100).sum())
+    assert trainer.evaluate(rows)["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
 def test_three_nonfinite_in_a_row_stop_the_run_naming_the_term(student_dir, tmp_path):
     bad_teacher = AutoModelForCausalLM.from_pretrained(student_dir).eval().requires_grad_(False)
     with torch.no_grad():

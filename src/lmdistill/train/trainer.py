@@ -6,9 +6,10 @@ clipped and cleared here as Trainer does for the model's; a step whose loss was 
 are saved beside each checkpoint (`_save` / `_load_from_checkpoint`). The student's and the teacher's forward passes
 (logits only at scored positions, or the fused loss's head inputs) are `forward.py`'s. A loss balancer acts on
 training steps only (`balancing.py`). An out-of-memory error names the settings that lower the memory (`memory.py`).
-Under several processes no row trains twice to even out the last round (`whole_rounds.py`). Accumulation,
-precision, optimizers, schedules, clipping of the model, checkpoints, resume and logging are Trainer's own; AdaLoRA's
-rank budget is allocated after each optimizer step and checkpointed for resume, its regulariser added (`adalora.py`).
+Under several processes no row trains or is evaluated twice to even out the last round, and eval_loss is the
+objective's mean over every eval token (`whole_rounds.py`). Accumulation, precision, optimizers, schedules, clipping
+of the model, checkpoints, resume and logging are Trainer's own; AdaLoRA's rank budget is allocated after each
+optimizer step and checkpointed for resume, its regulariser added (`adalora.py`).
 
 Normalisation: every logit term is a sum over counted tokens divided by `num_items_in_batch`, which Trainer counts over
 the whole accumulated batch (after the causal shift), so N micro-batches give the same update as one batch N times
@@ -36,7 +37,7 @@ from lmdistill.train.forward import ForwardPasses
 from lmdistill.train.heads import fused_blocker, head_rows, logit_scale, output_layer, softcap
 from lmdistill.train.hidden_terms import AuxTerms, hidden_terms
 from lmdistill.train.memory import out_of_memory_hint
-from lmdistill.train.whole_rounds import WholeRoundTraining
+from lmdistill.train.whole_rounds import WholeRoundEvaluation, WholeRoundTraining
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class _StepEnd(TrainerCallback):
         self.trainer._end_step()
 
 
-class DistillationTrainer(BalancedTraining, AdaLoraBudget, WholeRoundTraining, Trainer):
+class DistillationTrainer(BalancedTraining, AdaLoraBudget, WholeRoundTraining, WholeRoundEvaluation, Trainer):
     def __init__(self, *args, objective: DistillObjective, teacher: nn.Module | None = None,
                  aux: AuxTerms | None = None, balancer=None, task_type: str = "causal",
                  shared_vocab: int | None = None, fused: bool = False, teacher_cache: TeacherCacheLookup | None = None,
