@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -41,6 +42,42 @@ def test_teacher_is_prompted_with_its_own_template_and_the_student_trains_on_its
     assert prompt == f"<|im_start|>user\n{line['messages'][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
     answer = [t for t in first["labels"] if t != -100]
     assert tokenizer.decode(answer) == f"{line['completion']}<|im_end|>{tokenizer.eos_token}"
+
+
+def test_the_teachers_answer_is_the_students_message_without_its_word_start_marker(
+        cross_config, metaspace_tokenizer, tokenizer, monkeypatch):
+    """Each turn is tokenised on its own, so the metaspace teacher's answers start with a word-start marker ('▁')
+    that stands for no character of the answer. A teacher that answers each prompt with the very tokens it trains
+    on for the reference answer writes that answer, with no leading space, and the student trains on exactly its
+    own tokens of the reference conversation."""
+    from transformers import LlamaForCausalLM
+
+    from lmdistill.data.tokenize import encode_rows
+    from lmdistill.teacher.retokenize import teacher_sources
+
+    config = config_from_dict(cross_config(CE_ONLY))
+    reference = teacher_sources(config, metaspace_tokenizer, "causal", ["domain"])["domain"]
+    # by prompt (rows that ask the same question get one of their answers)
+    answers = {tuple(ex["input_ids"][:ex["prompt_length"]]): (ex["input_ids"][ex["prompt_length"]:], ex["answer"])
+               for ex in reference}
+    assert all(metaspace_tokenizer.convert_ids_to_tokens(ids[0]).startswith("▁") for ids, _ in answers.values())
+
+    def answer(self, input_ids, attention_mask, **kwargs):
+        rows = [answers[tuple(ids[mask.bool()].tolist())][0] for ids, mask in zip(input_ids, attention_mask)]
+        width = max(map(len, rows))
+        pad = metaspace_tokenizer.pad_token_id
+        return torch.tensor([ids.tolist() + row + [pad] * (width - len(row)) for ids, row in zip(input_ids, rows)])
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", answer)
+    path, _ = generate(config)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    written = [answers[tuple(line["prompt_ids"])][1] for line in lines]
+    assert [line["completion"] for line in lines] == written and not any(text[0].isspace() for text in written)
+    examples = load_generations(path, tokenizer_hash(tokenizer), 48, "causal", tokenizer=tokenizer)
+    rows = [{"messages": line["messages"] + [{"role": "assistant", "content": text}], "row_id": number}
+            for number, (line, text) in enumerate(zip(lines, written))]
+    expected = encode_rows(rows, tokenizer, max_length=48, task_type="causal", source_name="reference").examples
+    assert [(ex["input_ids"], ex["labels"]) for ex in examples] == [(ex["input_ids"], ex["labels"]) for ex in expected]
 
 
 def test_lmdistill_run_distils_across_tokenizers_on_the_teachers_text(cross_config, tmp_path):

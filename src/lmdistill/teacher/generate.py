@@ -6,13 +6,16 @@ One line per (source, row, sample):
      "settings": {"temperature", "top_k", "top_p", "max_new_tokens", "do_sample"}, "thinking": bool | None}
 A teacher on a server (endpoint.py) adds "served_by": {"endpoint", "model"}. `thinking` is the row's mode (see
 thinking.py; None when generation.thinking_prob is unset), already applied to `prompt_ids`. `completion_ids` end with
-eos when the teacher stopped by itself (`finished`). `text` is the prompt and completion decoded together, `prompt`
-and `completion` its two parts split at the exact boundary (prompt + completion == text, a leading space of the
-completion kept), without the ids the tokenizer adds itself in front (BOS) or the completion's special tokens (its
-eos): a file the student can train on as it is. Lines are appended and flushed per batch; a rerun keeps the rows
-whose samples are all present (dropping a half-written last line or a row cut in the middle of its samples) and
-generates only the rest, if its teacher and sampling settings are the file's (else it stops, naming what differs;
-a finished file made with other settings is used as it is, with a warning).
+eos when the teacher stopped by itself (`finished`). `text` is prompt + completion, without the ids the tokenizer
+adds itself in front (BOS) or the completion's special tokens (its eos): a file the student can train on as it is.
+The two are split at the exact boundary of the text decoded together (a leading space of the completion kept),
+except in a line that keeps its conversation (`messages`, below): there the completion is the answer decoded on its
+own, the assistant message's content for the student's template. Each turn is tokenised on its own, so a
+SentencePiece-style teacher starts its answer with a word-start marker that decoding in context would turn into a
+space the content does not have. Lines are appended and flushed per batch; a rerun keeps the rows whose samples are
+all present (dropping a half-written last line or a row cut in the middle of its samples) and generates only the
+rest, if its teacher and sampling settings are the file's (else it stops, naming what differs; a finished file made
+with other settings is used as it is, with a warning).
 
 A teacher whose tokenizer differs from the student's reads prompts rendered with its own tokenizer and chat template;
 its lines also hold "messages" (the conversation without the answer), from which the student's examples are rendered
@@ -141,14 +144,18 @@ def _completion(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
     return ids, False
 
 
-def split_text(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> tuple[str, str]:
-    """(prompt, completion) text with the exact boundary: both decoded together and cut where the prompt's own text
-    ends (decoding the completion alone loses a leading space with some tokenizers). The ids the tokenizer puts in
-    front of a text by itself are left out, so re-tokenising the text puts them back once."""
+def split_text(tokenizer, prompt_ids: list[int], completion_ids: list[int], chat: bool = False) -> tuple[str, str]:
+    """(prompt, completion) text. A text row's continuation has the exact boundary: both decoded together and cut
+    where the prompt's own text ends (decoding the continuation alone loses a leading space with some tokenizers). A
+    chat answer (`chat`) is decoded alone: it was a turn tokenised alone, where such a tokenizer's leading word-start
+    marker is no space of the content. The ids the tokenizer puts in front of a text by itself are left out of the
+    prompt, so re-tokenising the text puts them back once."""
     lead = special_prefix(tokenizer)
     body = prompt_ids[len(lead):] if lead and prompt_ids[:len(lead)] == lead else prompt_ids
-    prompt, full = tokenizer.decode(body), tokenizer.decode(body + completion_ids)
-    return (prompt, full[len(prompt):]) if full.startswith(prompt) else (prompt, tokenizer.decode(completion_ids))
+    prompt = tokenizer.decode(body)
+    if not chat and (full := tokenizer.decode(body + completion_ids)).startswith(prompt):
+        return prompt, full[len(prompt):]
+    return prompt, tokenizer.decode(completion_ids)
 
 
 def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: str | Path, *, task_type: str,
@@ -207,7 +214,8 @@ def generate_responses(model, tokenizer, sources: dict[str, list[dict]], out: st
                 prompt_ids = ex["input_ids"][: ex["prompt_length"]] if task_type == "causal" else ex["input_ids"]
                 completion_ids, finished = _completion(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 answer = [t for t in completion_ids if t not in special]  # as skip_special_tokens would
-                prompt, completion = split_text(tokenizer, prompt_ids, answer) if task_type == "causal" else \
+                prompt, completion = split_text(tokenizer, prompt_ids, answer, chat="messages" in ex) \
+                    if task_type == "causal" else \
                     (tokenizer.decode(prompt_ids, skip_special_tokens=True), tokenizer.decode(answer))
                 line = {"prompt": prompt, "completion": completion, "text": prompt + completion,
                         "prompt_ids": prompt_ids, "completion_ids": completion_ids, "finished": finished, "source": name,
