@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lmdistill.train.ema import EMA_FILE
+from lmdistill.train.pipeline import last_checkpoint
 
 KD = [{"name": "forward_kl", "weight": 0.8}, {"name": "cross_entropy", "weight": 0.2}]
 
@@ -63,9 +64,9 @@ def _finish(proc: multiprocessing.Process, out: Path) -> None:
 
 
 def _kill_at_first_checkpoint(proc: multiprocessing.Process, out: Path, stage: str) -> None:
-    """SIGKILL the run once a checkpoint of `stage` is complete (Trainer writes trainer_state.json last)."""
+    """SIGKILL the run once a checkpoint of `stage` is complete (Trainer writes trainer_state.json last; whole)."""
     deadline = time.time() + 120
-    while not list((out / stage).glob("checkpoint-*/trainer_state.json")):
+    while last_checkpoint(out / stage) is None:
         assert proc.is_alive(), _log(out)[-3000:]
         assert time.time() < deadline, "no checkpoint within 120 s"
         time.sleep(0.005)
@@ -131,3 +132,14 @@ def test_ema_self_distillation_with_lora_after_sigkill(tiny_pipeline, tmp_path):
     ema = [load_file(run / "self" / "checkpoint-4" / EMA_FILE) for run in (resumed, whole)]
     _same(*ema)
     _same(_student(resumed), _student(whole))
+
+
+def test_a_checkpoint_whose_trainer_state_a_kill_cut_short_is_passed_over(tmp_path):
+    """Trainer writes trainer_state.json last but not atomically: killed while writing it, the newest checkpoint
+    holds a file cut short, and the run resumes from the one before (it failed to parse the file)."""
+    state = json.dumps({"global_step": 2, "log_history": []}, indent=2)
+    for step, text in ((2, state), (4, state[:len(state) // 2]), (6, "")):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(text)
+    (tmp_path / "checkpoint-8").mkdir()  # killed before its trainer state
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"

@@ -100,9 +100,19 @@ def _copy_checkpoint_model(checkpoint: Path, tokenizer, target: Path) -> None:
     replace_dir_atomic(tmp, target)
 
 
-def _last_checkpoint(stage_dir: Path) -> Path | None:
-    checkpoints = [p for p in stage_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+def last_checkpoint(stage_dir: Path) -> Path | None:
+    """The stage's newest complete checkpoint. Trainer writes trainer_state.json last, and not atomically: a run
+    killed while writing it leaves the file cut short (not JSON), and that checkpoint is passed over."""
+    checkpoints = [p for p in stage_dir.glob("checkpoint-*") if _complete(p)]
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def stage_callbacks(config: PipelineConfig, prep: Prepared, stage: StageSettings, stage_dir: Path, train_dataset,
@@ -188,7 +198,7 @@ def run_stage(config: PipelineConfig, prep: Prepared, index: int, stage: StageSe
         trainer.add_callback(callback)
         if isinstance(callback, EvalDrivenSampling):
             trainer.checkpoint_writers.append(callback.save)
-    resume = _last_checkpoint(stage_dir)
+    resume = last_checkpoint(stage_dir)
     if resume:
         log.info("stage %s: resuming from %s", stage.name, resume)
     if ema is not None:
