@@ -132,24 +132,32 @@ def test_the_completion_of_a_filler_row_counts_nothing(tmp_path, models, example
 
 def test_a_fillers_completion_stays_out_of_the_replay_buffer(tmp_path, models, examples, tokenizer):
     """Replayed at a later step, a completion sampled for a filler's prompt would no longer be marked, and would
-    train: only the read rows' completions enter the buffer (a micro-batch of fillers only adds nothing)."""
-    trainer = _trainer(tmp_path, models, examples, tokenizer, lmbda=1.0, replay_size=4, replay_ratio=0.9)
+    train: only the read rows' completions enter the buffer. A micro-batch of fillers only (one process's share of the
+    last round) still adds one, with every label masked: each process's buffer grows at the same steps, so a process
+    does not sample anew (a collective generate for a sharded student) while the others replay."""
     collate = DistillCollator(tokenizer.pad_token_id)
+    fillers = [{**ex, FILLER: True} for ex in examples]
 
-    def step(rows):
+    def step(trainer, rows):
         (trained,), count = trainer.get_batch_samples(iter([collate(rows)]), 1, torch.device("cpu"))
         assert int(count) == int((trained["labels"][:, 1:] != -100).sum())
         return trained
 
-    fillers = [{**ex, FILLER: True} for ex in examples]
-    assert (step(fillers)["labels"] == -100).all() and len(trainer.replay) == 0
-    sampled = step([*examples[:2], *fillers[2:]])  # buffer empty: sampled anew
+    trainer = _trainer(tmp_path, models, examples, tokenizer, lmbda=1.0, replay_size=4, replay_ratio=0.9)
+    sampled = step(trainer, [*examples[:2], *fillers[2:]])  # buffer empty: sampled anew
     assert (sampled["labels"][:2] != -100).any(-1).all() and (sampled["labels"][2:] == -100).all()
     assert trainer._counts["replayed"] == 0 and len(trainer.replay) == 1
-    replayed = step(examples)  # drawn from the buffer (at step 0, a draw below replay_ratio)
+    replayed = step(trainer, examples)  # drawn from the buffer (at step 0, a draw below replay_ratio)
     assert trainer._counts["replayed"] == 1
     assert torch.equal(replayed["input_ids"], sampled["input_ids"][:2])
     assert torch.equal(replayed["labels"], sampled["labels"][:2])
+
+    only_fillers = _trainer(tmp_path, models, examples, tokenizer, lmbda=1.0, replay_size=4, replay_ratio=0.9)
+    assert (step(only_fillers, fillers)["labels"] == -100).all()
+    assert len(only_fillers.replay) == 1  # as the process that read real rows at this step
+    replayed = step(only_fillers, examples)  # replayed, as that process does: the masked batch trains nothing
+    assert only_fillers._counts == {"student": 1, "replayed": 1, "teacher": 0, "dataset": 0}
+    assert (replayed["labels"] == -100).all()
 
 
 def test_replay_buffer_is_bounded_and_reused(tmp_path, models, examples, tokenizer):

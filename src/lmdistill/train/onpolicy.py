@@ -245,9 +245,14 @@ class OnPolicyTrainer(DistillationTrainer):
                 batch.pop(FILLER, None)  # the replayed rows are not the read ones: none of them is a filler
                 return self.replay.draw(_uniform(self.seed, "draw", step, index), batch["input_ids"].device)
             sampled = self._sample(self._student_samples, batch, step, index)
-            # A filler's completion stays out of the buffer: replayed, it would no longer be marked, and would train.
-            if self.replay is not None and (kept := without_fillers(sampled, batch)) is not None:
-                self.replay.add(kept)
+            if self.replay is not None:
+                # A filler's completion stays out of the buffer: replayed, it would no longer be marked, and would
+                # train. A micro-batch of fillers only still adds one, its labels masked (replayed, it trains nothing):
+                # every process's buffer then fills at the same steps, so all of them replay, or sample, together (a
+                # student sharded over the processes samples collectively; one process sampling alone would hang).
+                kept = without_fillers(sampled, batch)
+                self.replay.add(kept if kept is not None else
+                                {**sampled, "labels": torch.full_like(sampled["labels"], IGNORE_INDEX)})
             self._counts["student"] += 1
             return sampled
         if self.onpolicy.seq_kd:
