@@ -12,7 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdistill.config import config_from_dict
-from lmdistill.train.pipeline import run_pipeline
+from lmdistill.train.pipeline import last_checkpoint, run_pipeline
 
 KD = [{"name": "forward_kl", "weight": 0.8}, {"name": "cross_entropy", "weight": 0.2}]
 
@@ -151,8 +151,9 @@ def test_resume_after_sigkill(tiny_pipeline, tmp_path):
     cmd = [sys.executable, "-m", "lmdistill.cli", "run", str(cfg)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    # Any complete checkpoint of stage b (rotation deletes older ones, so do not wait for a particular step).
-    while time.time() < deadline and not list((run_dir / "b").glob("checkpoint-*/trainer_state.json")):
+    # Any complete checkpoint of stage b (rotation deletes older ones, so do not wait for a particular step); one whose
+    # trainer_state.json is still being written is not complete, and the resumed run would rightly pass it over.
+    while time.time() < deadline and last_checkpoint(run_dir / "b") is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
