@@ -16,35 +16,22 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from typer.core import TyperCommand, TyperGroup
 
+from lmdistill.cli_help import PlainFlagsCommand, PlainFlagsGroup
 from lmdistill.config import TrainingSettings
 from lmdistill.errors import ConfigError, LmdistillError
-
-
-class _PlainFlags:
-    """typer's rich help prints a value type beside every option, flags and --help included ("--yes <bool>"), as if a
-    flag took a value; an empty metavar leaves a flag's type column blank."""
-
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False):
-                param.metavar = ""
-        return params
-
-
-class PlainFlagsCommand(_PlainFlags, TyperCommand):
-    """A command whose flags show as flags in --help."""
-
-
-class PlainFlagsGroup(_PlainFlags, TyperGroup):
-    """The command group, its --help shown as a flag too."""
 
 
 app = typer.Typer(cls=PlainFlagsGroup, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Distill a large language model (teacher) into a smaller one (student).")
 console = Console(stderr=True)
+
+
+def command(name: str | None = None, **settings):
+    """app.command, its flags shown as flags in --help."""
+    return app.command(name, cls=PlainFlagsCommand, **settings)
+
+
 PRESETS = {"multistage": "multistage.yaml", "strong-to-weak": "strong_to_weak.yaml", "simple": "simple.yaml",
            "finetune": "finetune.yaml", "progressive": "progressive.yaml"}
 
@@ -73,7 +60,7 @@ def _opt(*names: str, help: str, **kw):
 
 
 # ------------------------------------------------------------------------------------------------ init
-@app.command(cls=PlainFlagsCommand)
+@command()
 def init(preset: str = typer.Option("simple", "--preset", "-p", help=f"One of: {', '.join(PRESETS)}."),
          output: Path = typer.Option(Path("lmdistill.yaml"), "--output", "-o", help="Where to write the config.")):
     """Write a commented config for a preset (as main_distillation.py --create_config does)."""
@@ -89,7 +76,7 @@ def _write_new(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run
-@app.command(cls=PlainFlagsCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@command(context_settings={"help_option_names": ["-h", "--help"]})
 def run(
     config: Optional[Path] = typer.Argument(None, help="Pipeline config (YAML or JSON). Without one the flags "
                                                        "describe the run, as in run_distillation.py and llm_kd.py: "
@@ -189,7 +176,7 @@ def _preset_dict(name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ data
-@app.command(cls=PlainFlagsCommand)
+@command()
 def data(path: str = typer.Argument(..., help="File, folder, datasets folder or hub dataset name."),
          tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder or hub name."),
          max_length: int = typer.Option(512, "--max-length", "--max_length", help="Max tokens per example."),
@@ -225,7 +212,7 @@ _ENDPOINT_HELP = ("Base URL of a vLLM (OpenAI-compatible) server serving the tea
                   "asked instead of loading the teacher here (teacher.endpoint).")
 
 
-@app.command("cache-teacher", cls=PlainFlagsCommand)
+@command("cache-teacher")
 def cache_teacher(config: Path = typer.Argument(..., help="Pipeline config (YAML or JSON)."),
                   k: Optional[int] = typer.Option(None, "--k", min=1, help="Log-probs kept per token "
                                                                             "(default: teacher_cache.k, 64)."),
@@ -248,7 +235,7 @@ def cache_teacher(config: Path = typer.Argument(..., help="Pipeline config (YAML
                   f"{manifest.bytes_per_token():.1f} bytes per token)")
 
 
-@app.command(cls=PlainFlagsCommand)
+@command()
 def generate(config: Path = typer.Argument(..., help="Pipeline config (YAML or JSON)."),
              num_samples: Optional[int] = typer.Option(None, "--num-samples", "--num_samples", min=1,
                                                        help="Generations per prompt (default: generation.num_samples)."),
@@ -270,7 +257,7 @@ def generate(config: Path = typer.Argument(..., help="Pipeline config (YAML or J
 
 
 # ------------------------------------------------------------------------------------------------ eval / report / push
-@app.command("eval", cls=PlainFlagsCommand)
+@command("eval")
 def eval_command(target: str = typer.Argument(..., help="A run directory (its final/ student and teacher, loaded as "
                                                         "the run loaded them, on its eval sets) or a model folder / "
                                                         "hub name (with --data)."),
@@ -312,7 +299,7 @@ def eval_command(target: str = typer.Argument(..., help="A run directory (its fi
         console.print(f"metrics written to {result.written}")
 
 
-@app.command(cls=PlainFlagsCommand)
+@command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory written by `lmdistill run`.")):
     """Write RUN_DIR/report.html (loss curves, metrics, size and speed, samples)."""
     from lmdistill.eval.report import write_report
@@ -322,7 +309,7 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `l
     console.print(f"wrote {write_report(run_dir)}")
 
 
-@app.command(cls=PlainFlagsCommand)
+@command()
 def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every default answer without asking (scripts)."),
            answers: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                              help="The default answer to one question (its key is shown after it), "
@@ -344,7 +331,7 @@ def wizard(yes: bool = typer.Option(False, "--yes", "-y", help="Take every defau
     run_wizard(Console(), yes=yes, defaults=defaults, restart=restart)
 
 
-@app.command(cls=PlainFlagsCommand)
+@command()
 def push(run_dir: Path = typer.Argument(..., help="Run directory; only its final/ is uploaded."),
          repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, e.g. me/my-distilled-model."),
          private: bool = typer.Option(False, "--private", help="Create the Hub repository as private."),
@@ -356,7 +343,7 @@ def push(run_dir: Path = typer.Argument(..., help="Run directory; only its final
     console.print(f"uploaded: {push_to_hub(run_dir, repo_id, token=token, private=private)}")
 
 
-@app.command(cls=PlainFlagsCommand)
+@command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Where the demo writes its runs and report."),
          quick: bool = typer.Option(False, "--quick", help="Run a smaller, few-minute version (the tests run it)."),
          seed: int = typer.Option(TrainingSettings.model_fields["seed"].default, "--seed", metavar="N",
